@@ -1,0 +1,330 @@
+"""Typed configuration: a dataclass tree filled from a YAML preset, then `key.sub=value` overrides.
+
+Every run goes through `load_config`, which is strict (an unknown key is an error naming the closest
+valid one, a wrong type is an error naming the expected type) and validates once, so the rest of the
+code can trust a `Config`. `save_config` writes the resolved tree next to every output.
+
+Geometry (tokens per frame, cache length, blocks) is never written in a preset: `Config.geometry`
+derives it from the resolution, the VAE stride and the patch size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from hiar.flow import NUM_TRAIN_TIMESTEPS
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration the user must change; the message says what to change."""
+
+
+@dataclass
+class ModelConfig:
+    """Wan DiT sizes (DESIGN.md section 2, 'Model sizes'); defaults are Wan2.1-T2V-1.3B."""
+
+    num_layers: int = 30
+    num_heads: int = 12
+    head_dim: int = 128
+    ffn_dim: int = 8960
+    in_channels: int = 16
+    out_channels: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_dim: int = 4096  # umT5-XXL hidden size
+    text_len: int = 512  # prompts are zero-padded to this many tokens
+    freq_dim: int = 256  # sinusoidal timestep embedding width
+    eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # "auto": flash-attn when installed, on CUDA and without a mask; SDPA otherwise (and always on CPU).
+    attention_backend: Literal["auto", "sdpa"] = "auto"
+
+    @property
+    def dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+
+@dataclass
+class VideoConfig:
+    """Pixel resolution, VAE stride and the block structure of the causal student."""
+
+    height: int = 480
+    width: int = 832
+    vae_stride: tuple[int, int, int] = (4, 8, 8)  # (time, height, width) compression of the VAE
+    num_latent_frames: int = 21  # training / default generation length
+    frames_per_block: int = 3  # k in the paper
+    # Local attention window W in latent frames, counted back from the end of the current block, the
+    # block included (W = 21, k = 3: a block sees the 18 frames before it). 0 = unbounded.
+    window_frames: int = 0
+    sink_frames: int = 0  # first frames that stay visible to every block (attention sink)
+
+
+@dataclass
+class ScheduleConfig:
+    """The student's denoising steps (DESIGN.md section 2, 'Hyper-parameters')."""
+
+    denoising_steps: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)
+    # Warp the step list through the shifted-sigma map: [1000, 750, 500, 250] -> [1000, 937.5, 833.3, 625].
+    warp: bool = True
+    shift: float = 5.0
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Token geometry derived from a `Config`; the only place token counts come from."""
+
+    latent_height: int
+    latent_width: int
+    tokens_per_frame: int
+    frames_per_block: int
+    num_latent_frames: int
+    window_frames: int  # 0 = unbounded
+    sink_frames: int
+
+    @property
+    def num_blocks(self) -> int:
+        return self.num_latent_frames // self.frames_per_block
+
+    @property
+    def cache_frames(self) -> int:
+        """Frames a KV cache must hold: the window, or the whole video without one."""
+        return self.window_frames or self.num_latent_frames
+
+    @property
+    def cache_tokens(self) -> int:
+        return self.cache_frames * self.tokens_per_frame
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    @property
+    def geometry(self) -> Geometry:
+        v, m = self.video, self.model
+        latent_height = v.height // v.vae_stride[1]
+        latent_width = v.width // v.vae_stride[2]
+        tokens = (latent_height // m.patch_size[1]) * (latent_width // m.patch_size[2])
+        return Geometry(
+            latent_height=latent_height,
+            latent_width=latent_width,
+            tokens_per_frame=tokens,
+            frames_per_block=v.frames_per_block,
+            num_latent_frames=v.num_latent_frames,
+            window_frames=v.window_frames,
+            sink_frames=v.sink_frames,
+        )
+
+    def validate(self) -> Config:
+        """Check cross-field consistency; raise `ConfigError` saying what to change."""
+        m, v, s = self.model, self.video, self.schedule
+        if m.head_dim % 2 or m.head_dim < 6:
+            raise ConfigError(f"model.head_dim={m.head_dim} must be even and at least 6 (3-axis RoPE)")
+        if m.patch_size[0] != 1:
+            raise ConfigError(f"model.patch_size={list(m.patch_size)}: the temporal patch must be 1 "
+                              "so that blocks are made of whole latent frames")
+        for axis, pixels in (("height", v.height), ("width", v.width)):
+            i = 1 if axis == "height" else 2
+            unit = v.vae_stride[i] * m.patch_size[i]
+            if pixels % unit:
+                raise ConfigError(
+                    f"video.{axis}={pixels} must be divisible by vae_stride[{i}] * patch_size[{i}] = {unit}: "
+                    f"use {max(unit, pixels // unit * unit)}")
+        k = v.frames_per_block
+        if k < 1:
+            raise ConfigError(f"video.frames_per_block={k} must be at least 1")
+        if v.num_latent_frames < k or v.num_latent_frames % k:
+            fix = max(k, v.num_latent_frames // k * k)
+            raise ConfigError(
+                f"video.num_latent_frames={v.num_latent_frames} is not a multiple of video.frames_per_block={k}: "
+                f"use {fix} or {fix + k}")
+        if v.sink_frames < 0 or v.window_frames < 0:
+            raise ConfigError("video.window_frames and video.sink_frames must be >= 0 (0 window = unbounded)")
+        if v.window_frames and v.window_frames < k + v.sink_frames:
+            raise ConfigError(
+                f"video.window_frames={v.window_frames} must be at least frames_per_block + sink_frames = "
+                f"{k + v.sink_frames} (the window holds the sink and the current block)")
+        if v.sink_frames and not v.window_frames:
+            raise ConfigError("video.sink_frames only makes sense with a window: set video.window_frames")
+        steps = list(s.denoising_steps)
+        if not steps or any(not 0 < t <= NUM_TRAIN_TIMESTEPS for t in steps) or steps != sorted(steps, reverse=True) \
+                or len(set(steps)) != len(steps):
+            raise ConfigError(f"schedule.denoising_steps={steps} must be strictly decreasing within "
+                              f"(0, {NUM_TRAIN_TIMESTEPS}]")
+        if s.shift <= 0:
+            raise ConfigError(f"schedule.shift={s.shift} must be positive")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a dataclass tree from plain data, strictly.
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.0)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Return `value` as type `tp`, or raise a ConfigError naming `path` and the expected type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+
+    def wrong() -> ConfigError:
+        return ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise wrong()
+        return _build(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError:
+                pass
+        raise wrong()
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise wrong()
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{path}: expected {len(args)} values, got {len(value)}: {value!r}")
+        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise wrong()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise wrong()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise wrong()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise wrong()
+    raise TypeError(f"{path}: unsupported config field type {tp!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}'{_closest(key, names)}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.c = value` in a nested dict, checking every name against the Config schema."""
+    cls: Any = Config
+    node = tree
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(cls)]
+        if part not in names:
+            where = ".".join(parts[:i]) or "the top level"
+            raise ConfigError(f"unknown config key '{dotted}': no '{part}' in {where}{_closest(part, names)}")
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        cls = typing.get_type_hints(cls)[part]
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"config key '{dotted}': '{part}' is a value, not a section")
+        node = node.setdefault(part, {})
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'model.num_layers=4' -> ('model.num_layers', 4); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def preset_path(preset: str | os.PathLike) -> Path:
+    """A preset name ('toy') resolves to configs/toy.yaml; anything else is a path."""
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return path
+    named = PRESET_DIR / f"{preset}.yaml"
+    if not named.is_file():
+        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown preset '{preset}'{_closest(str(preset), known)}; presets: {', '.join(known)}")
+    return named
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    return _build(Config, data).validate()
+
+
+def load_config(preset: str | os.PathLike = "toy", overrides: typing.Iterable[str] = ()) -> Config:
+    """Preset YAML, then `key.sub=value` overrides, strictly typed and validated once."""
+    path = preset_path(preset)
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    for text in overrides:
+        _set_path(data, *parse_override(text))
+    try:
+        return config_from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    def plain(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML, atomically (a crash never leaves half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+    os.replace(f.name, path)
+    return path

@@ -1,0 +1,160 @@
+"""Who attends to whom: the block-causal window rule, the three attention modes, RoPE and the kernel.
+
+The rule (DESIGN.md section 2, 'Semantics a published checkpoint expects'): latent frames are cut into
+blocks of k frames from frame 0. A query frame in the block [b, b + k) sees every frame of its own
+block and earlier frames, limited by a local window of W frames counted back from the block's end,
+the block included, plus an optional sink of the first frames that stays visible forever. One
+function, `BlockCausalWindow.frame_mask`, states it; the masked full-sequence forward and the KV
+cache both follow it, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from hiar.config import VideoConfig
+    from hiar.models.cache import KVCache
+
+
+@dataclass(frozen=True)
+class BlockCausalWindow:
+    frames_per_block: int
+    window_frames: int = 0  # W; 0 = unbounded
+    sink_frames: int = 0
+
+    @classmethod
+    def from_config(cls, video: VideoConfig) -> BlockCausalWindow:
+        return cls(video.frames_per_block, video.window_frames, video.sink_frames)
+
+    def block_end(self, frame: torch.Tensor) -> torch.Tensor:
+        k = self.frames_per_block
+        return (frame // k + 1) * k
+
+    def frame_mask(self, query_frames: torch.Tensor, key_frames: torch.Tensor) -> torch.Tensor:
+        """[Fq, Fk] bool: may query frame q see key frame f? Frames are absolute indices."""
+        end = self.block_end(query_frames)[:, None]  # [Fq, 1]
+        key = key_frames[None, :]  # [1, Fk]
+        visible = key < end
+        if self.window_frames:
+            recent = key >= end - (self.window_frames - self.sink_frames)
+            visible &= recent | (key < self.sink_frames)
+        return visible
+
+    def context_frames(self, start: int, end: int) -> list[int]:
+        """Frames before `start` that some query frame in [start, end) sees, in increasing order.
+
+        The first block of the range sees the most (later blocks' windows start later), so its window
+        bounds the union. Equal to the columns < start that `frame_mask` opens for those queries.
+        """
+        if start % self.frames_per_block:
+            raise ValueError(f"a cached call must start on a block boundary; frame {start} is not a multiple "
+                             f"of frames_per_block={self.frames_per_block}")
+        if not self.window_frames:
+            return list(range(start))
+        first_end = start + self.frames_per_block
+        recent_from = max(self.sink_frames, first_end - (self.window_frames - self.sink_frames))
+        return list(range(min(self.sink_frames, start))) + list(range(recent_from, start))
+
+
+# -- attention modes of the Wan DiT -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bidirectional:
+    """Every frame sees every frame: the teacher, the critic and the forward-KL regulariser."""
+
+
+@dataclass(frozen=True)
+class BlockCausal:
+    """One forward over the whole sequence with the block-causal mask: training and ODE init."""
+
+    window: BlockCausalWindow
+
+
+@dataclass(frozen=True)
+class Cached:
+    """Frames [start_frame, start_frame + F) attend to the cache's earlier frames and to themselves
+    (block-causally if the call spans several blocks). The first `write_frames` frames' K/V are then
+    stored in the cache, overwriting what it held for them."""
+
+    cache: KVCache
+    start_frame: int
+    write_frames: int = 0
+
+
+AttentionMode = Bidirectional | BlockCausal | Cached
+
+
+# -- rotary position embedding ------------------------------------------------------------------
+
+
+class RotaryEmbedding:
+    """3-axis RoPE (frame, row, column) of Wan, computed from absolute positions on the fly.
+
+    There is no position table, so frame indices have no upper limit (multi-hour videos). Head
+    channels are split as in Wan: rows and columns get 2 * (head_dim // 6) each, frames the rest.
+    """
+
+    def __init__(self, head_dim: int, theta: float):
+        hw = 2 * (head_dim // 6)
+        self.axis_dims = (head_dim - 2 * hw, hw, hw)
+        self.theta = theta
+
+    def _angles(self, positions: torch.Tensor, dim: int) -> torch.Tensor:
+        freqs = self.theta ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim)
+        return positions.to(torch.float64)[:, None] * freqs[None, :]  # [P, dim / 2]
+
+    def __call__(self, frames: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [F * height * width, 1, head_dim / 2] (float32) for frame indices `frames`."""
+        device = frames.device
+        f, h, w = (self._angles(p, d) for p, d in zip(
+            (frames, torch.arange(height, device=device), torch.arange(width, device=device)), self.axis_dims))
+        nf = len(frames)
+        angles = torch.cat([
+            f[:, None, None].expand(nf, height, width, -1),
+            h[None, :, None].expand(nf, height, width, -1),
+            w[None, None, :].expand(nf, height, width, -1),
+        ], dim=-1).reshape(nf * height * width, 1, -1)
+        return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (2i, 2i + 1) of x [B, L, H, D] by the angles behind cos/sin [L, 1, D / 2]."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x1, x2 = pairs[..., 0], pairs[..., 1]
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+# -- kernel ---------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _flash_attn_func():
+    """flash-attn's kernel if the package is installed (GPU machines only), else None."""
+    try:
+        return importlib.import_module("flash_attn").flash_attn_func
+    except ImportError:
+        return None
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+           backend: str = "auto") -> torch.Tensor:
+    """Softmax attention. q [B, Lq, H, D], k/v [B, Lk, H, D], mask [Lq, Lk] bool -> [B, Lq, H, D].
+
+    flash-attn serves unmasked half-precision CUDA calls when installed and `backend` is "auto";
+    PyTorch SDPA serves everything else and is the tested path.
+    """
+    if backend == "auto" and mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        flash = _flash_attn_func()
+        if flash is not None:
+            return flash(q, k, v)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)

@@ -1,0 +1,256 @@
+"""The Wan2.1 DiT, one implementation for teacher, critic and causal student.
+
+Parameter names equal those of diffusers' `WanTransformer3DModel`, so diffusers-layout weights load
+with `load_state_dict`. What differs is the interface:
+* latents are [B, F, C, H, W] (frames first, as everywhere in HiAR) and timesteps are per frame [B, F];
+* the attention mode (`Bidirectional`, `BlockCausal`, `Cached`, see attention.py) is an argument;
+* RoPE positions are absolute frame indices without a table, so a video may run for hours.
+
+Plain single-device PyTorch: parallelism, activation checkpointing and compilation are applied from
+outside.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hiar.config import ModelConfig
+from hiar.models.attention import (
+    AttentionMode,
+    Bidirectional,
+    BlockCausal,
+    Cached,
+    RotaryEmbedding,
+    apply_rope,
+    attend,
+)
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the weights' dtype, as Wan does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
+
+
+def timestep_sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """[cos | sin] embedding of (float) timesteps t [...] -> [..., dim], computed in float64 as Wan does."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = t.to(torch.float64)[..., None] * freqs
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+class _MLP(nn.Module):
+    """Linear -> activation -> Linear, with diffusers' attribute names `linear_1`, `linear_2`."""
+
+    def __init__(self, dim_in: int, dim: int, activation: nn.Module):
+        super().__init__()
+        self.linear_1 = nn.Linear(dim_in, dim)
+        self.act = activation
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class ConditionEmbedder(nn.Module):
+    """Timestep -> (embedding, 6 modulation vectors); umT5 text states -> model width."""
+
+    def __init__(self, dim: int, freq_dim: int, text_dim: int):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.time_embedder = _MLP(freq_dim, dim, nn.SiLU())
+        self.time_proj = nn.Linear(dim, 6 * dim)
+        self.text_embedder = _MLP(text_dim, dim, nn.GELU(approximate="tanh"))
+
+    def forward(self, t: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # t [B, F] -> temb [B, F, D], modulation [B, F, 6, D]; text [B, Lt, text_dim] -> [B, Lt, D]
+        temb = self.time_embedder(timestep_sinusoid(t, self.freq_dim).to(self.time_embedder.linear_1.weight.dtype))
+        modulation = self.time_proj(F.silu(temb)).unflatten(-1, (6, -1))
+        return temb, modulation, self.text_embedder(text)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with RMS-normed queries and keys (diffusers' `WanAttention` names)."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float, backend: str):
+        super().__init__()
+        self.num_heads = num_heads
+        self.backend = backend
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # a list only to keep diffusers' key 'to_out.0'
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+
+    def qkv(self, x: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries from x [B, L, D], keys/values from source [B, Ls, D]; each [B, L(s), H, D/H]."""
+        q = self.norm_q(self.to_q(x)).unflatten(-1, (self.num_heads, -1))
+        k = self.norm_k(self.to_k(source)).unflatten(-1, (self.num_heads, -1))
+        v = self.to_v(source).unflatten(-1, (self.num_heads, -1))
+        return q, k, v
+
+    def output(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return self.to_out[0](attend(q, k, v, mask, self.backend).flatten(-2).type_as(q))
+
+
+class _InputProjection(nn.Module):
+    """Holds the feed-forward's first Linear as `proj`, where diffusers' GELU module keeps it."""
+
+    def __init__(self, dim: int, ffn_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, ffn_dim)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, ffn_dim: int):
+        super().__init__()
+        # diffusers' layout: net.0.proj (in), net.1 (dropout), net.2 (out); Identity keeps the indices.
+        self.net = nn.ModuleList([_InputProjection(dim, ffn_dim), nn.Identity(), nn.Linear(ffn_dim, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+
+
+class SelfAttentionContext:
+    """What one forward's self-attention layers share: RoPE angles, mask, and the cache traffic.
+
+    Built once per forward by `WanModel`; each layer calls `__call__` with its own projections.
+    """
+
+    def __init__(self, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                 mode: AttentionMode, context_frames: list[int]):
+        self.rope = rope  # cos, sin [F*T, 1, Dh/2] at this call's absolute frame positions
+        self.mask = mask
+        self.mode = mode
+        self.context_frames = context_frames
+
+    def __call__(self, layer: int, attn: Attention, x: torch.Tensor) -> torch.Tensor:
+        # x [B, F, T, D] -> [B, F, T, D]
+        b, f, t, _ = x.shape
+        q, k, v = attn.qkv(x.flatten(1, 2), x.flatten(1, 2))  # [B, F*T, H, Dh]
+        q, k = apply_rope(q, *self.rope), apply_rope(k, *self.rope)
+        k_all, v_all = k, v
+        if isinstance(self.mode, Cached):
+            cache = self.mode.cache
+            if self.context_frames:
+                k_ctx, v_ctx = cache.read(layer, self.context_frames)
+                k_all, v_all = torch.cat([k_ctx, k], dim=1), torch.cat([v_ctx, v], dim=1)
+            if self.mode.write_frames:
+                n = self.mode.write_frames
+                cache.write(layer, self.mode.start_frame, k.unflatten(1, (f, t))[:, :n], v.unflatten(1, (f, t))[:, :n])
+        return attn.output(q, k_all, v_all, self.mask).unflatten(1, (f, t))
+
+
+class WanBlock(nn.Module):
+    """Self-attention, cross-attention to the prompt, feed-forward; AdaLN-modulated per frame."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.norm1 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.attn1 = Attention(dim, cfg.num_heads, cfg.eps, cfg.attention_backend)
+        self.norm2 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=True)  # Wan's cross-attention norm
+        self.attn2 = Attention(dim, cfg.num_heads, cfg.eps, cfg.attention_backend)
+        self.norm3 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.ffn = FeedForward(dim, cfg.ffn_dim)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, layer: int, x: torch.Tensor, modulation: torch.Tensor, text: torch.Tensor,
+                self_attention: SelfAttentionContext) -> torch.Tensor:
+        # x [B, F, T, D]; modulation [B, F, 6, D] (float32); text [B, Lt, D]
+        shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + modulation.float()).unsqueeze(3).unbind(2)
+
+        # 1. self-attention over frames (mode-dependent), gated per frame
+        h = (self.norm1(x.float()) * (1 + scale) + shift).type_as(x)
+        x = (x.float() + self_attention(layer, self.attn1, h).float() * gate).type_as(x)
+
+        # 2. cross-attention to every prompt token (padding included, as Wan does: no text mask)
+        h = self.norm2(x.float()).type_as(x).flatten(1, 2)
+        q, k, v = self.attn2.qkv(h, text)
+        x = x + self.attn2.output(q, k, v, None).unflatten(1, x.shape[1:3])
+
+        # 3. feed-forward, gated per frame
+        h = (self.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
+        return (x.float() + self.ffn(h).float() * c_gate).type_as(x)
+
+
+class WanModel(nn.Module):
+    """Wan2.1 text-to-video DiT predicting the flow v = eps - x0."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        dim = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.condition_embedder = ConditionEmbedder(dim, cfg.freq_dim, cfg.text_dim)
+        self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
+        self.norm_out = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(dim, cfg.out_channels * math.prod(cfg.patch_size))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+
+    def _self_attention(self, mode: AttentionMode, num_frames: int, grid: tuple[int, int],
+                        device: torch.device) -> SelfAttentionContext:
+        """Positions, mask and cache context of one call with `num_frames` frames."""
+        start = mode.start_frame if isinstance(mode, Cached) else 0
+        frames = torch.arange(start, start + num_frames, device=device)
+        rope = self.rope(frames, *grid)
+        tokens = grid[0] * grid[1]
+        if isinstance(mode, Bidirectional):
+            return SelfAttentionContext(rope, None, mode, [])
+        window = mode.window if isinstance(mode, BlockCausal) else mode.cache.window
+        context = window.context_frames(start, start + num_frames) if isinstance(mode, Cached) else []
+        keys = torch.cat([torch.tensor(context, dtype=frames.dtype, device=device), frames])
+        mask = window.frame_mask(frames, keys)
+        # Expand the frame mask to tokens; drop it when it opens everything (one block: no mask,
+        # which keeps the fast kernels).
+        mask = None if bool(mask.all()) else mask.repeat_interleave(tokens, 0).repeat_interleave(tokens, 1)
+        return SelfAttentionContext(rope, mask, mode, context)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, text: torch.Tensor,
+                attention: AttentionMode = Bidirectional()) -> torch.Tensor:
+        """x [B, F, C, H, W] noisy latents, t scalar / [B] / [B, F] timesteps (floats in [0, 1000]),
+        text [B, Lt, text_dim] prompt states -> predicted flow [B, F, C_out, H, W]."""
+        cfg = self.config
+        b, f, _, height, width = x.shape
+        _, ph, pw = cfg.patch_size
+        grid = (height // ph, width // pw)
+        t = torch.as_tensor(t, device=x.device, dtype=torch.float64 if not torch.is_tensor(t) else None)
+        t = t.reshape(-1, 1).expand(b, f) if t.ndim < 2 else t  # [B, F]
+
+        # 1. patchify: [B, F, C, H, W] -> tokens [B, F, T, D]
+        weight = self.patch_embedding.weight
+        tokens = self.patch_embedding(x.to(weight.dtype).transpose(1, 2))  # [B, D, F, h, w]
+        tokens = tokens.flatten(3).permute(0, 2, 3, 1)
+
+        # 2. condition: per-frame timestep embedding and modulation, projected prompt
+        temb, modulation, text = self.condition_embedder(t, text.to(weight.dtype))
+
+        # 3. transformer blocks; the attention mode decides what each frame sees
+        self_attention = self._self_attention(attention, f, grid, x.device)
+        for layer, block in enumerate(self.blocks):
+            tokens = block(layer, tokens, modulation, text, self_attention)
+
+        # 4. output head: per-frame AdaLN, projection, unpatchify -> [B, F, C_out, H, W]
+        shift, scale = (self.scale_shift_table + temb.float().unsqueeze(2)).unsqueeze(3).unbind(2)
+        tokens = (self.norm_out(tokens.float()) * (1 + scale) + shift).type_as(tokens)
+        out = self.proj_out(tokens)  # [B, F, T, pt*ph*pw*C]
+        out = out.reshape(b, f, *grid, 1, ph, pw, cfg.out_channels)
+        return out.permute(0, 1, 4, 7, 2, 5, 3, 6).reshape(b, f, cfg.out_channels, height, width)
+
+
+def diffusers_transformer_config(cfg: ModelConfig) -> dict:
+    """Keyword arguments of diffusers' `WanTransformer3DModel` for the same architecture."""
+    return dict(patch_size=tuple(cfg.patch_size), num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+                in_channels=cfg.in_channels, out_channels=cfg.out_channels, text_dim=cfg.text_dim,
+                freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=cfg.eps)

@@ -1,0 +1,36 @@
+import pytest
+import torch
+
+from hiar.config import load_config
+from hiar.models import WanModel
+
+
+def random_model(cfg, seed: int = 0) -> WanModel:
+    """A model whose every parameter (norm weights included) is random, so a misplaced one shows."""
+    torch.manual_seed(seed)
+    model = WanModel(cfg.model).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture
+def tiny():
+    return load_config("tiny")
+
+
+@pytest.fixture
+def tiny_model(tiny):
+    return random_model(tiny)
+
+
+@pytest.fixture
+def tiny_inputs(tiny):
+    """Latents [2, 9, 4, 4, 4], per-frame timesteps that differ by block, prompt states [2, 8, 24]."""
+    g = torch.Generator().manual_seed(1)
+    m, geo = tiny.model, tiny.geometry
+    x = torch.randn(2, geo.num_latent_frames, m.in_channels, geo.latent_height, geo.latent_width, generator=g)
+    t = torch.tensor([[937.5] * 3 + [833.3] * 3 + [625.0] * 3, [1000.0] * 3 + [250.0] * 3 + [0.0] * 3])
+    text = torch.randn(2, m.text_len, m.text_dim, generator=g)
+    return x, t, text
