@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,9 +21,15 @@ from typing import Any, Literal
 
 import yaml
 
+from hiar.atomic import atomic_path
 from hiar.flow import NUM_TRAIN_TIMESTEPS
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+# What each codec and text encoder produces, checked against the model's sizes in `Config.validate`.
+CODEC_LAYOUT = {"wan_vae": (16, 16, (4, 8, 8)), "toy_dct": (16, 16, (1, 8, 8))}
+TEXT_DIMS = {"umt5-xxl": 4096, "all-minilm-l6-v2": 384}
 
 
 class ConfigError(ValueError):
@@ -42,7 +47,8 @@ class ModelConfig:
     in_channels: int = 16
     out_channels: int = 16
     patch_size: tuple[int, int, int] = (1, 2, 2)
-    text_dim: int = 4096  # umT5-XXL hidden size
+    text_encoder: Literal["umt5-xxl", "all-minilm-l6-v2"] = "umt5-xxl"
+    text_dim: int = 4096  # the text encoder's hidden size
     text_len: int = 512  # prompts are zero-padded to this many tokens
     freq_dim: int = 256  # sinusoidal timestep embedding width
     eps: float = 1e-6
@@ -61,7 +67,10 @@ class VideoConfig:
 
     height: int = 480
     width: int = 832
-    vae_stride: tuple[int, int, int] = (4, 8, 8)  # (time, height, width) compression of the VAE
+    # wan_vae: Wan2.1's VAE (16 channels, stride 4, 8, 8); toy_dct: the toy world's parameter-free codec.
+    codec: Literal["wan_vae", "toy_dct"] = "wan_vae"
+    vae_stride: tuple[int, int, int] = (4, 8, 8)  # (time, height, width) compression of the codec
+    fps: int = 16  # frames per second of the decoded video
     num_latent_frames: int = 21  # training / default generation length
     frames_per_block: int = 3  # k in the paper
     # Local attention window W in latent frames, counted back from the end of the current block, the
@@ -78,6 +87,29 @@ class ScheduleConfig:
     # Warp the step list through the shifted-sigma map: [1000, 750, 500, 250] -> [1000, 937.5, 833.3, 625].
     warp: bool = True
     shift: float = 5.0
+
+
+@dataclass
+class SamplingConfig:
+    """How the (block, step) cells are ordered and stepped at inference (DESIGN.md section 1)."""
+
+    # frame_first: Self-Forcing's block-first order; timestep_first: HiAR's step-first order;
+    # hybrid_block0: the first `num_frame_first_blocks` blocks frame-first, the rest step-first.
+    method: Literal["frame_first", "timestep_first", "hybrid_block0"] = "timestep_first"
+    # Execution of the step-first cells: step_major sweeps every block at step 0, then step 1, ...
+    # (the reference); wavefront runs anti-diagonals, keeps S caches of one window each and streams
+    # blocks out S cells after they start. Both give the same video.
+    schedule: Literal["step_major", "wavefront"] = "wavefront"
+    num_frame_first_blocks: int = 1
+    # Noise level of the step-first context written at step j: "next" = t_{j+1} (HiAR; clean after the
+    # last step), "current" = t_j, "clean" = 0 (ablations).
+    context_level: Literal["next", "current", "clean"] = "next"
+    # Timestep of the context that frame_first writes after a block's last step (Self-Forcing: 0).
+    frame_first_context_t: float = 0.0
+    # sde: re-noise x0 with fresh noise to the next level (the default); ode: deterministic Euler step.
+    stepping: Literal["sde", "ode"] = "sde"
+    # Paper section 3.2: one forward for block n's cache write and block n+1's denoise at a step.
+    fused: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,6 +143,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     @property
     def geometry(self) -> Geometry:
@@ -143,6 +176,14 @@ class Config:
                 raise ConfigError(
                     f"video.{axis}={pixels} must be divisible by vae_stride[{i}] * patch_size[{i}] = {unit}: "
                     f"use {max(unit, pixels // unit * unit)}")
+        codec_shape = CODEC_LAYOUT[v.codec]
+        if (m.in_channels, m.out_channels, tuple(v.vae_stride)) != codec_shape:
+            raise ConfigError(
+                f"video.codec={v.codec} makes {codec_shape[0]}-channel latents with stride {list(codec_shape[2])}: "
+                f"set model.in_channels/out_channels={codec_shape[0]} and video.vae_stride={list(codec_shape[2])}")
+        if m.text_dim != TEXT_DIMS[m.text_encoder]:
+            raise ConfigError(f"model.text_encoder={m.text_encoder} gives {TEXT_DIMS[m.text_encoder]}-d states: "
+                              f"set model.text_dim={TEXT_DIMS[m.text_encoder]}")
         k = v.frames_per_block
         if k < 1:
             raise ConfigError(f"video.frames_per_block={k} must be at least 1")
@@ -166,6 +207,11 @@ class Config:
                               f"(0, {NUM_TRAIN_TIMESTEPS}]")
         if s.shift <= 0:
             raise ConfigError(f"schedule.shift={s.shift} must be positive")
+        if self.sampling.num_frame_first_blocks < 0:
+            raise ConfigError(f"sampling.num_frame_first_blocks={self.sampling.num_frame_first_blocks} must be >= 0")
+        if not 0 <= self.sampling.frame_first_context_t < NUM_TRAIN_TIMESTEPS:
+            raise ConfigError(f"sampling.frame_first_context_t={self.sampling.frame_first_context_t} must lie in "
+                              f"[0, {NUM_TRAIN_TIMESTEPS})")
         return self
 
 
@@ -295,12 +341,33 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return _build(Config, data).validate()
 
 
-def load_config(preset: str | os.PathLike = "toy", overrides: typing.Iterable[str] = ()) -> Config:
-    """Preset YAML, then `key.sub=value` overrides, strictly typed and validated once."""
-    path = preset_path(preset)
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_preset(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A preset's data; `base: name-or-path` pulls in another preset underneath it."""
+    if path in seen:
+        raise ConfigError(f"{path}: 'base' presets form a cycle")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    relative = path.parent / str(base)
+    base_path = relative if relative.suffix in (".yaml", ".yml") and relative.is_file() else preset_path(base)
+    return _merge(_read_preset(base_path, (*seen, path)), data)
+
+
+def load_config(preset: str | os.PathLike = "toy", overrides: typing.Iterable[str] = ()) -> Config:
+    """Preset YAML (with its `base` presets), then `key.sub=value` overrides, strictly typed and
+    validated once."""
+    path = preset_path(preset)
+    data = _read_preset(path)
     for text in overrides:
         _set_path(data, *parse_override(text))
     try:
@@ -322,9 +389,6 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 def save_config(cfg: Config, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML, atomically (a crash never leaves half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
-    os.replace(f.name, path)
-    return path
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return Path(path)

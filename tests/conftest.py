@@ -15,6 +15,14 @@ def random_model(cfg, seed: int = 0) -> WanModel:
     return model
 
 
+def random_inputs(cfg, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random latents [B, F, C, h, w] of the config's geometry and prompt states [B, Lt, D]."""
+    g = torch.Generator().manual_seed(seed)
+    m, geo = cfg.model, cfg.geometry
+    x = torch.randn(batch, geo.num_latent_frames, m.in_channels, geo.latent_height, geo.latent_width, generator=g)
+    return x, torch.randn(batch, m.text_len, m.text_dim, generator=g)
+
+
 @pytest.fixture
 def tiny():
     return load_config("tiny")
@@ -27,10 +35,7 @@ def tiny_model(tiny):
 
 @pytest.fixture
 def tiny_inputs(tiny):
-    """Latents [2, 9, 4, 4, 4], per-frame timesteps that differ by block, prompt states [2, 8, 24]."""
-    g = torch.Generator().manual_seed(1)
-    m, geo = tiny.model, tiny.geometry
-    x = torch.randn(2, geo.num_latent_frames, m.in_channels, geo.latent_height, geo.latent_width, generator=g)
+    """Latents [2, 9, C, h, w], per-frame timesteps that differ by block, prompt states [2, Lt, D]."""
+    x, text = random_inputs(tiny, batch=2, seed=1)
     t = torch.tensor([[937.5] * 3 + [833.3] * 3 + [625.0] * 3, [1000.0] * 3 + [250.0] * 3 + [0.0] * 3])
-    text = torch.randn(2, m.text_len, m.text_dim, generator=g)
     return x, t, text

@@ -4,7 +4,7 @@ import torch
 from hiar.config import load_config
 from hiar.models import BlockCausal, BlockCausalWindow, Cached, CacheMissError, KVCache
 
-from conftest import random_model
+from conftest import random_inputs, random_model
 
 
 def rollout(model, window, x, t, text, k=3):
@@ -32,10 +32,8 @@ def test_sliding_window_with_sink_equals_banded_mask(window_frames, sink_frames)
                                f"video.sink_frames={sink_frames}"])
     model = random_model(cfg)
     window = BlockCausalWindow.from_config(cfg.video)
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(1, 18, 4, 4, 4, generator=g)
+    x, text = random_inputs(cfg, batch=1, seed=2)
     t = torch.linspace(1000, 100, 18)[None]
-    text = torch.randn(1, 8, 24, generator=g)
     with torch.no_grad():
         full = model(x, t, text, BlockCausal(window))
         cached, held = rollout(model, window, x, t, text)

@@ -32,6 +32,13 @@ class KVCache:
         """Frame indices currently held for `layer`, in order."""
         return sorted(self._layers[layer])
 
+    def copy(self) -> KVCache:
+        """A cache holding the same frames; the tensors are shared, which is safe as none is ever
+        modified in place."""
+        twin = KVCache(self.num_layers, self.window)
+        twin._layers = [dict(store) for store in self._layers]
+        return twin
+
     def clear(self) -> None:
         for store in self._layers:
             store.clear()

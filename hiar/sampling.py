@@ -1,0 +1,254 @@
+"""The (block n, step j) cell and the orders that schedule it (DESIGN.md section 1).
+
+A cell denoises block n at step j:
+1. x0 = denoise(x_n at t_j | context of the blocks before n)     one forward
+2. x_n <- advance(x0 to t_{j+1}) for j < S - 1, else x0 is the block's output
+3. the block's context for later blocks, advance(x0 to the context level), is written into a
+   KV cache by one more forward of it.
+
+Orders differ only in which cache a cell reads and writes, and at what level:
+* frame_first (Self-Forcing): one cache; each block runs its S cells, then writes its clean output.
+* timestep_first (HiAR): one cache per step; cell (n, j) reads cache j, where every earlier block
+  sits at t_{j+1}, the level this step produces, and writes itself there at t_{j+1} (the very tensor it
+  takes as input at step j + 1).
+* hybrid_block0: the first K blocks frame-first, then their clean context seeds every step's cache.
+
+Step 3 is deferred: a cache write waits in its cache until the next read of that cache, which is
+always the next block at the same step. It is then run as its own forward or, with `fused`, in one
+forward together with that read (paper, section 3.2). A write nobody reads (the last block's) is
+never run. Cells on an anti-diagonal are independent, so the step-first cells can run step by step
+(`step_major`) or diagonal by diagonal (`wavefront`: S live caches, blocks stream out); both execute
+identical forwards on identical tensors, so they give bit-identical videos.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from hiar.config import Config
+from hiar.flow import FlowMatching
+from hiar.models import BlockCausalWindow, Cached, KVCache, WanModel
+
+# -- deterministic noise ------------------------------------------------------------------------
+
+
+class CellNoise:
+    """Gaussian noise as a pure function of (seed, sample index, block, step).
+
+    `initial(n)` is block n's starting noise at t_0; `renoise(n, j)` is the fresh noise of cell
+    (n, j). Each is drawn on the CPU from its own generator, so any order of cells, any process
+    layout and any device see the same numbers. Returns [B, k, C, h, w], one row per sample.
+    """
+
+    def __init__(self, seed: int, samples: Sequence[int], block_shape: Sequence[int],
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.seed = seed
+        self.samples = list(samples)
+        self.block_shape = tuple(block_shape)
+        self.device, self.dtype = torch.device(device), dtype
+
+    def _draw(self, block: int, step: int) -> torch.Tensor:
+        rows = []
+        for sample in self.samples:
+            key = hashlib.blake2b(f"{self.seed}/{sample}/{block}/{step}".encode(), digest_size=8).digest()
+            g = torch.Generator().manual_seed(int.from_bytes(key, "little") & (2**63 - 1))
+            rows.append(torch.randn(self.block_shape, generator=g))
+        return torch.stack(rows).to(self.device, self.dtype)
+
+    def initial(self, block: int) -> torch.Tensor:
+        return self._draw(block, -1)
+
+    def renoise(self, block: int, step: int) -> torch.Tensor:
+        return self._draw(block, step)
+
+
+# -- the cell -------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplerStats:
+    """Model forwards of one generation. A fused forward counts once, for the block it denoises; a
+    cache write that no later block reads (the final block's) is skipped and not counted."""
+
+    forwards: int = 0
+    frames: int = 0  # latent frames through the model, summed over forwards
+    per_block: Counter = field(default_factory=Counter)
+
+
+@dataclass
+class _Write:
+    block: int
+    x: torch.Tensor  # the block's context input [B, k, C, h, w]
+    t: float  # its level
+
+
+class Context:
+    """One KV cache and the write that waits for its next read."""
+
+    def __init__(self, kv: KVCache):
+        self.kv = kv
+        self.pending: _Write | None = None
+
+    def copy(self) -> Context:
+        assert self.pending is None, "flush a context before copying it"
+        return Context(self.kv.copy())
+
+
+class CellRunner:
+    """Runs cells of one batch of prompts: the denoise forward, the step, the deferred cache write."""
+
+    def __init__(self, model: WanModel, text: torch.Tensor, cfg: Config, noise: CellNoise,
+                 stats: SamplerStats | None = None, on_cell: Callable[[], None] | None = None):
+        self.model, self.text, self.noise, self.on_cell = model, text, noise, on_cell
+        self.options = cfg.sampling
+        self.flow = FlowMatching(cfg.schedule.shift)
+        self.timesteps = self.flow.denoising_timesteps(cfg.schedule.denoising_steps, cfg.schedule.warp).tolist()
+        self.k = cfg.video.frames_per_block
+        self.window = BlockCausalWindow.from_config(cfg.video)
+        self.stats = stats if stats is not None else SamplerStats()
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def new_context(self) -> Context:
+        return Context(KVCache(self.model.config.num_layers, self.window))
+
+    def context_level(self, step: int) -> float:
+        """The level at which step-first writes a block's context at `step`."""
+        level = self.options.context_level
+        if level == "clean":
+            return 0.0
+        if level == "current":
+            return self.timesteps[step]
+        return self.timesteps[step + 1] if step + 1 < self.num_steps else 0.0
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor | float, ctx: Context, block: int, start_frame: int,
+                 write_frames: int) -> torch.Tensor:
+        self.stats.forwards += 1
+        self.stats.frames += x.shape[1]
+        self.stats.per_block[block] += 1
+        return self.model(x, t, self.text, Cached(ctx.kv, start_frame, write_frames))
+
+    def flush(self, ctx: Context) -> None:
+        """Run the pending cache write of `ctx` on its own."""
+        if ctx.pending is not None:
+            w, ctx.pending = ctx.pending, None
+            self._forward(w.x, w.t, ctx, w.block, w.block * self.k, self.k)
+
+    def denoise(self, ctx: Context, block: int, step: int, x: torch.Tensor) -> torch.Tensor:
+        """x0 prediction of block `block` at `step`, reading `ctx` (and running its pending write)."""
+        t, k, w = self.timesteps[step], self.k, ctx.pending
+        if self.options.fused and w is not None and w.block == block - 1:
+            # [context of block n at its level | block n+1 at t_j]: n+1 sees n's fresh K/V, n is stored.
+            ctx.pending = None
+            levels = torch.tensor([w.t] * k + [t] * k, dtype=torch.float64).expand(x.shape[0], -1)
+            flow = self._forward(torch.cat([w.x, x], dim=1), levels, ctx, block, w.block * k, k)[:, k:]
+        else:
+            self.flush(ctx)
+            flow = self._forward(x, t, ctx, block, block * k, 0)
+        return self.flow.x0_from_flow(x, flow, t)
+
+    def advance(self, x: torch.Tensor, x0: torch.Tensor, block: int, step: int, t_to: float) -> torch.Tensor:
+        """Take block `block` from t_step (input x, prediction x0) to level t_to."""
+        if self.options.stepping == "ode":
+            return self.flow.ode_step(x, x0, self.timesteps[step], t_to)
+        return self.flow.sde_step(x0, self.noise.renoise(block, step), t_to)
+
+    def cell(self, ctx: Context, block: int, step: int, x: torch.Tensor,
+             context_t: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One cell: returns (x0, the block's input for the next step, or x0 after the last step).
+        With `context_t`, the block's context at that level waits in `ctx` for the next read."""
+        x0 = self.denoise(ctx, block, step, x)
+        last = step == self.num_steps - 1
+        x_next = x0 if last else self.advance(x, x0, block, step, self.timesteps[step + 1])
+        if context_t is not None:
+            reuse = not last and context_t == self.timesteps[step + 1]  # the same tensor, same noise draw
+            ctx.pending = _Write(block, x_next if reuse else self.advance(x, x0, block, step, context_t), context_t)
+        if self.on_cell is not None:
+            self.on_cell()
+        return x0, x_next
+
+
+# -- orders -----------------------------------------------------------------------------------------
+
+Blocks = Iterator[tuple[int, torch.Tensor]]  # (block index, clean latents [B, k, C, h, w]) as they finish
+
+
+def frame_first(runner: CellRunner, ctx: Context, blocks: Iterable[int]) -> Blocks:
+    """Block-first: each block runs all its steps against the clean context of the blocks before it."""
+    last = runner.num_steps - 1
+    for n in blocks:
+        x = runner.noise.initial(n)
+        for j in range(runner.num_steps):
+            x0, x = runner.cell(ctx, n, j, x, runner.options.frame_first_context_t if j == last else None)
+        yield n, x
+
+
+def timestep_first(runner: CellRunner, contexts: list[Context], blocks: Iterable[int], schedule: str) -> Blocks:
+    """Step-first: cell (n, j) reads contexts[j], where earlier blocks sit at the level of step j's output."""
+    if schedule == "step_major":
+        xs = {n: runner.noise.initial(n) for n in blocks}
+        for j in range(runner.num_steps):
+            for n in xs:
+                _, xs[n] = runner.cell(contexts[j], n, j, xs[n], runner.context_level(j))
+        yield from xs.items()
+        return
+    # Wavefront: each pass admits one new block and advances every live block by one step, oldest
+    # first, so every cell finds its two inputs, (n, j-1) and (m < n, j), done on the pass before.
+    live: dict[int, tuple[int, torch.Tensor]] = {}
+    source = iter(blocks)
+    while True:
+        n_new = next(source, None)
+        if n_new is not None:
+            live[n_new] = (0, runner.noise.initial(n_new))
+        if not live:
+            return
+        for n in list(live):
+            j, x = live[n]
+            _, x = runner.cell(contexts[j], n, j, x, runner.context_level(j))
+            if j == runner.num_steps - 1:
+                del live[n]
+                yield n, x
+            else:
+                live[n] = (j + 1, x)
+
+
+def generate(model: WanModel, text: torch.Tensor, cfg: Config, noise: CellNoise, num_blocks: int | None,
+             stats: SamplerStats | None = None, on_cell: Callable[[], None] | None = None) -> Blocks:
+    """Blocks of one batch of prompts in the configured order, yielded as they finish.
+
+    `num_blocks=None` streams forever (frame_first, or a wavefront schedule). `on_cell` is called
+    after every cell (progress bars).
+    """
+    opts = cfg.sampling
+    if num_blocks is None and opts.schedule == "step_major" and opts.method != "frame_first":
+        raise ValueError("an unbounded stream needs the wavefront schedule (sampling.schedule=wavefront)")
+    runner = CellRunner(model, text, cfg, noise, stats, on_cell)
+    blocks = range(num_blocks) if num_blocks is not None else itertools.count()
+    first = runner.new_context()
+    if opts.method == "frame_first":
+        yield from frame_first(runner, first, blocks)
+        return
+    num_ff = opts.num_frame_first_blocks if opts.method == "hybrid_block0" else 0
+    if num_blocks is not None:
+        num_ff = min(num_ff, num_blocks)
+    yield from frame_first(runner, first, itertools.islice(blocks, num_ff))
+    runner.flush(first)
+    # The frame-first blocks' clean context is the same in every step's cache: share it, no recompute.
+    contexts = [first.copy() for _ in range(runner.num_steps)]
+    rest = range(num_ff, num_blocks) if num_blocks is not None else itertools.count(num_ff)
+    yield from timestep_first(runner, contexts, rest, opts.schedule)
+
+
+def sample_video(model: WanModel, text: torch.Tensor, cfg: Config, noise: CellNoise, num_blocks: int,
+                 stats: SamplerStats | None = None) -> torch.Tensor:
+    """The whole clean latent video [B, num_blocks * k, C, h, w]."""
+    blocks = dict(generate(model, text, cfg, noise, num_blocks, stats))
+    return torch.cat([blocks[n] for n in range(num_blocks)], dim=1)

@@ -1,0 +1,169 @@
+"""Generate videos from text with a HiAR (or Self-Forcing) student.
+
+    python inference.py --config_path configs/toy/hiar.yaml --prompt "a red circle moving left" \
+        --num_output_frames 21 --inference_method timestep_first
+
+Every input is checked before any compute. Under torchrun, prompts are sharded across ranks.
+Trailing `section.key=value` arguments override the config (e.g. video.window_frames=12).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from hiar.checkpoints import CheckpointError, load_model
+from hiar.codecs import build_codec
+from hiar.config import Config, ConfigError, load_config, save_config
+from hiar.models import WanModel
+from hiar.pipeline import render, writable_folder
+from hiar.text import build_text_encoder
+
+DEFAULT_CONFIG = "configs/toy/hiar.yaml"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config_path", default=DEFAULT_CONFIG, help="YAML config or preset name")
+    p.add_argument("--checkpoint_path", help="model weights; without one the model is random (smoke tests)")
+    p.add_argument("--data_path", help="text file, one prompt a line")
+    p.add_argument("--prompt", help="a single prompt (instead of --data_path)")
+    p.add_argument("--output_folder", default="outputs", help="where videos go (created if needed)")
+    p.add_argument("--num_output_frames", type=int, help="latent frames per video (default: the config's)")
+    p.add_argument("--use_ema", action="store_true", help="use the EMA weights of a training checkpoint")
+    p.add_argument("--inference_method", choices=["frame_first", "timestep_first", "hybrid_block0"],
+                   help="order of the (block, step) cells (default: the config's)")
+    p.add_argument("--num_frame_first_blocks", type=int, help="hybrid_block0: blocks denoised frame-first")
+    p.add_argument("--schedule", choices=["step_major", "wavefront"], help="execution of step-first cells")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_samples", type=int, default=1, help="videos per prompt")
+    p.add_argument("--save_with_index", action="store_true", help="name files by prompt index, not prompt text")
+    p.add_argument("--save_latents", action="store_true", help="save final latents beside each mp4")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files instead of picking new names")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    return p.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    for flag, key in (("inference_method", "method"), ("schedule", "schedule"),
+                      ("num_frame_first_blocks", "num_frame_first_blocks")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"sampling.{key}={getattr(args, flag)}")
+    return load_config(args.config_path, overrides)
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    if (args.prompt is None) == (args.data_path is None):
+        raise ValueError("give exactly one of --prompt or --data_path")
+    if args.prompt is not None:
+        prompts = [args.prompt.strip()]
+    else:
+        path = Path(args.data_path)
+        if not path.is_file():
+            raise ValueError(f"prompt file {path} does not exist")
+        prompts = [line.strip() for line in path.read_text().splitlines()]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ValueError(f"no prompts: {'--prompt is empty' if args.prompt is not None else f'{args.data_path} is empty'}")
+    return prompts
+
+
+def check_frames(num_frames: int, k: int) -> int:
+    if num_frames < k or num_frames % k:
+        below = max(k, num_frames // k * k)
+        raise ValueError(f"--num_output_frames={num_frames} is not a multiple of the block size {k}: "
+                         f"use {below} or {below + k}")
+    return num_frames // k
+
+
+def output_stem(prompt: str, index: int, sample: int, by_index: bool) -> str:
+    if by_index:
+        return f"{index}-{sample}"
+    return f"{re.sub(r'[^A-Za-z0-9 ,._-]+', '_', prompt)[:100].strip()}-{sample}"
+
+
+def free_path(folder: Path, stem: str, overwrite: bool, taken: set[Path]) -> Path:
+    """folder/stem.mp4, or the first 'stem (2).mp4', 'stem (3).mp4', ... that does not exist yet."""
+    path, i = folder / f"{stem}.mp4", 1
+    while (not overwrite and path.exists()) or path in taken:
+        i += 1
+        path = folder / f"{stem} ({i}).mp4"
+    taken.add(path)
+    return path
+
+
+def load_generator(args: argparse.Namespace, cfg: Config) -> WanModel:
+    if args.checkpoint_path:
+        if args.use_ema:
+            print("note: HiAR safetensors checkpoints hold one set of weights; --use_ema has nothing to choose",
+                  file=sys.stderr)
+        return load_model(args.checkpoint_path, cfg)[0]
+    print("\n" + "!" * 78 + "\n!! WARNING: no --checkpoint_path: the model has RANDOM weights. The videos show\n"
+          "!! noise, not the prompt. Pass a checkpoint for real results.\n" + "!" * 78 + "\n", file=sys.stderr)
+    torch.manual_seed(0)
+    return WanModel(cfg.model)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    # 1. Check every input before any compute.
+    try:
+        cfg = resolve_config(args)
+        num_frames = args.num_output_frames or cfg.video.num_latent_frames
+        num_blocks = check_frames(num_frames, cfg.video.frames_per_block)
+        prompts = read_prompts(args)
+        if args.num_samples < 1:
+            raise ValueError(f"--num_samples={args.num_samples} must be at least 1")
+        folder = writable_folder(args.output_folder)
+        codec = build_codec(cfg.video)
+        device = torch.device(args.device if world == 1 or args.device == "cpu" else
+                              f"{args.device}:{os.environ.get('LOCAL_RANK', 0)}")
+        text_encoder = build_text_encoder(cfg.model, device)
+        model = load_generator(args, cfg)
+    except (ConfigError, ValueError, OSError, NotImplementedError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    cfg.video.num_latent_frames = num_frames
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = model.to(device, dtype).eval()
+    if rank == 0:
+        save_config(cfg, folder / "config.yaml")
+
+    # 2. This rank's prompts (data parallel under torchrun) and their file names.
+    mine = [(i, p) for i, p in enumerate(prompts) if i % world == rank]
+    taken: set[Path] = set()
+    jobs = [(i, p, [free_path(folder, output_stem(p, i, s, args.save_with_index), args.overwrite, taken)
+                    for s in range(args.num_samples)]) for i, p in mine]
+
+    # 3. Generate, streaming each block to its file.
+    cells = len(jobs) * num_blocks * len(cfg.schedule.denoising_steps)
+    bar = tqdm(total=cells, unit="cell", desc=f"{cfg.sampling.method}", disable=rank != 0 and world > 1)
+    start, frames, written = time.perf_counter(), 0, []
+    for index, prompt, paths in jobs:
+        text = text_encoder([prompt]).to(device, dtype)
+        latents = [p.with_suffix(".latents.safetensors") for p in paths] if args.save_latents else None
+        out = render(model, codec, cfg, text, num_blocks, args.seed, range(args.num_samples), paths, latents,
+                     on_cell=bar.update, metadata={"prompt": prompt, "prompt_index": str(index)})
+        frames += out.video_frames * len(paths)
+        written += paths
+    bar.close()
+    seconds = time.perf_counter() - start
+    for path in written:
+        print(f"wrote {path}")
+    print(f"rank {rank}: {len(written)} videos, {frames} frames in {seconds:.1f} s: "
+          f"{frames / max(seconds, 1e-9):.2f} frames/s ({cfg.sampling.method}, {cfg.sampling.schedule}, {device})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+import torch
+
+from hiar.checkpoints import CheckpointError, load_model, save_model
+from hiar.codecs import ToyDCTCodec
+from hiar.config import load_config
+from hiar.text import MiniLMEncoder, zero_padded
+from hiar.video import VideoWriter, read_video
+
+from conftest import random_inputs, random_model
+
+
+def test_toy_codec_is_an_orthonormal_projection():
+    codec = ToyDCTCodec()
+    torch.testing.assert_close(codec.basis @ codec.basis.T, torch.eye(16), atol=1e-5, rtol=0)
+    # flat-shaded content aligned to the 8x8 grid survives exactly
+    video = torch.full((1, 2, 3, 32, 32), -0.6)
+    video[:, :, 0, 8:24, 16:32] = 0.8
+    torch.testing.assert_close(codec.decode(codec.encode(video)), video, atol=1e-5, rtol=0)
+    # any latent is a fixed point of decode -> encode (while decoding stays within [-1, 1])
+    z = 0.05 * torch.randn(1, 2, 16, 4, 4)
+    torch.testing.assert_close(codec.encode(codec.decode(z)), z, atol=1e-5, rtol=0)
+    assert codec.encode(video).abs().max() < 2
+
+
+def test_video_round_trip(tmp_path):
+    frames = torch.linspace(-1, 1, 6)[:, None, None, None].expand(6, 3, 32, 48).clone()
+    with VideoWriter(tmp_path / "v.mp4", fps=8, height=32, width=48) as writer:
+        writer.write(frames[:3])
+        writer.write(frames[3:])
+    video = read_video(tmp_path / "v.mp4")
+    assert video.shape == (6, 32, 48, 3)
+    expected = ((frames[:, 0, 0, 0] + 1) * 127.5).numpy()
+    assert np.abs(video.mean(axis=(1, 2, 3)) - expected).max() < 3
+
+
+def test_minilm_states_are_zero_padded():
+    encoder = MiniLMEncoder(text_len=16)
+    states = encoder(["a red circle moving left on a dark blue background", "a square"])
+    assert states.shape == (2, 16, 384)
+    real = states.abs().sum(-1) > 0
+    assert real[0, :12].all() and real[1, :4].all() and not real[1, 5:].any()
+    torch.testing.assert_close(encoder(["a square"])[0], states[1], atol=1e-5, rtol=0)
+    states = torch.ones(1, 3, 2)
+    assert zero_padded(states, torch.tensor([[1, 1, 0]]), 4)[0].sum(-1).tolist() == [2, 2, 0, 0]
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    cfg = load_config("tiny")
+    model = random_model(cfg, seed=2)
+    path = save_model(model, cfg, tmp_path / "m.safetensors")
+    loaded, stored = load_model(path)
+    assert stored == cfg
+    x, text = random_inputs(cfg, batch=1, seed=0)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, 500.0, text), model(x, 500.0, text))
+    with pytest.raises(CheckpointError, match=r"another architecture.*model.num_layers: 2 in file, 3 in config"):
+        load_model(path, load_config("tiny", ["model.num_layers=3"]))
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="cut.safetensors"):
+        load_model(truncated)
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): proj_out.bias"):
+        from hiar.checkpoints import load_weights
+
+        state = model.state_dict()
+        del state["proj_out.bias"]
+        load_weights(random_model(cfg), state, "test.safetensors")

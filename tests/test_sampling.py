@@ -1,0 +1,173 @@
+import itertools
+
+import pytest
+import torch
+
+from hiar.config import load_config
+from hiar.models import Cached
+from hiar.sampling import CellNoise, SamplerStats, generate, sample_video
+
+from conftest import random_model
+
+S = 4  # denoising steps of every preset
+
+
+def setup(*overrides, frames=18):
+    cfg = load_config("tiny", [f"video.num_latent_frames={frames}", *overrides])
+    geo = cfg.geometry
+    noise = CellNoise(7, [0, 1], (3, cfg.model.in_channels, geo.latent_height, geo.latent_width))
+    text = torch.randn(2, cfg.model.text_len, cfg.model.text_dim, generator=torch.Generator().manual_seed(5))
+    return cfg, noise, text
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(load_config("tiny"))
+
+
+def run(model, *overrides, frames=18, stats=None):
+    cfg, noise, text = setup(*overrides, frames=frames)
+    with torch.no_grad():
+        return sample_video(model, text, cfg, noise, frames // 3, stats)
+
+
+@pytest.mark.parametrize("extra", [[], ["sampling.fused=true"], ["sampling.stepping=ode"],
+                                   ["sampling.method=hybrid_block0", "sampling.num_frame_first_blocks=2"],
+                                   ["video.window_frames=7", "video.sink_frames=1"]])
+def test_step_major_equals_wavefront_bit_exactly(model, extra):
+    a = run(model, "sampling.schedule=step_major", *extra)
+    b = run(model, "sampling.schedule=wavefront", *extra)
+    assert torch.equal(a, b)
+
+
+def test_hybrid_ends_are_the_pure_orders(model):
+    step_first = run(model, "sampling.method=timestep_first")
+    frame_first = run(model, "sampling.method=frame_first")
+    assert torch.equal(run(model, "sampling.method=hybrid_block0", "sampling.num_frame_first_blocks=0"), step_first)
+    assert torch.equal(run(model, "sampling.method=hybrid_block0", "sampling.num_frame_first_blocks=6"), frame_first)
+    assert (step_first - frame_first).abs().max() > 1e-2  # the order matters
+    mixed = run(model, "sampling.method=hybrid_block0", "sampling.num_frame_first_blocks=2")
+    assert torch.equal(mixed[:, :6], frame_first[:, :6]) and not torch.equal(mixed[:, 6:], frame_first[:, 6:])
+
+
+@pytest.mark.parametrize("method,fused,per_block,last", [("frame_first", False, S + 1, S),
+                                                         ("timestep_first", False, 2 * S, S),
+                                                         ("frame_first", True, S, S),
+                                                         ("timestep_first", True, S, S)])
+def test_forwards_per_block(model, method, fused, per_block, last):
+    """S + 1 = 5 forwards a block for frame_first and 2S = 8 for unfused timestep_first; the final
+    block's cache writes are skipped (nobody reads them). Fused, a block's write rides in the next
+    block's denoise forward: S a block."""
+    stats = SamplerStats()
+    run(model, f"sampling.method={method}", f"sampling.fused={str(fused).lower()}", stats=stats)
+    assert [stats.per_block[n] for n in range(6)] == [per_block] * 5 + [last]
+    assert stats.forwards == sum(stats.per_block.values())
+
+
+@pytest.mark.parametrize("method", ["frame_first", "timestep_first", "hybrid_block0"])
+def test_fused_equals_unfused(model, method):
+    unfused = run(model, f"sampling.method={method}")
+    fused = run(model, f"sampling.method={method}", "sampling.fused=true")
+    torch.testing.assert_close(fused, unfused, atol=1e-4, rtol=0)
+
+
+class Spy:
+    """Wraps the model. Records, for every denoised block, its first frame, its timestep and the
+    levels at which each context frame it attends to was written (instrumented cache writes), and
+    the caches' size after every forward."""
+
+    def __init__(self, model):
+        self.model, self.config = model, model.config
+        self.levels: dict[int, dict[int, float]] = {}  # id(cache) -> frame -> level written
+        self.cells: list[tuple[int, float, list[float]]] = []
+        self.cache_bytes: list[int] = []
+
+    def __call__(self, x, t, text, attention: Cached):
+        f, start, w = x.shape[1], attention.start_frame, attention.write_frames
+        per_frame = torch.as_tensor(t, dtype=torch.float64)
+        per_frame = per_frame.reshape(-1)[:1].expand(f) if per_frame.ndim < 2 else per_frame[0]
+        written = self.levels.setdefault(id(attention.cache), {})
+        if f > w:  # denoises the frames after the ones it writes, which it sees too
+            context = [written[frame] for frame in range(start)] + per_frame[:w].tolist()
+            self.cells.append((start + w, float(per_frame[w]), context))
+        for i in range(w):
+            written[start + i] = float(per_frame[i])
+        out = self.model(x, t, text, attention)
+        self.cache_bytes.append(attention.cache.nbytes())
+        return out
+
+
+STEPS = [1000.0, 937.5, 2500 / 3, 625.0]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("level", ["next", "current", "clean"])
+def test_context_level_each_cell_sees(model, level, fused):
+    cfg, noise, text = setup(f"sampling.context_level={level}", f"sampling.fused={str(fused).lower()}")
+    spy = Spy(model)
+    with torch.no_grad():
+        list(generate(spy, text, cfg, noise, 6))
+    expect = {"next": STEPS[1:] + [0.0], "current": STEPS, "clean": [0.0] * 4}[level]
+    assert len(spy.cells) == 6 * S
+    for first, t, seen in spy.cells:
+        j = STEPS.index(t)
+        # block n at step j sees every earlier block, and all of it at the level step j promises
+        assert len(seen) == first and all(abs(v - expect[j]) < 1e-9 for v in seen), (first, t, seen)
+
+
+def test_frame_first_context_is_clean(model):
+    cfg, noise, text = setup("sampling.method=frame_first")
+    spy = Spy(model)
+    with torch.no_grad():
+        list(generate(spy, text, cfg, noise, 6))
+    assert len(spy.cells) == 6 * S
+    assert all(len(seen) == first and set(seen) <= {0.0} for first, _, seen in spy.cells)
+
+
+def test_window_and_sink_rollout_memory_is_flat(model):
+    """A rollout 10x the window keeps every cache at the size it reaches within one window."""
+    peaks = []
+    for blocks in (3, 24):  # 9 frames, then 72 frames: about 10 windows of 7
+        cfg, noise, text = setup("video.window_frames=7", "video.sink_frames=1", frames=3 * blocks)
+        spy = Spy(model)
+        with torch.no_grad():
+            for _ in generate(spy, text, cfg, noise, blocks):
+                pass
+        peaks.append(max(spy.cache_bytes))
+    frame_bytes = 2 * 2 * model.config.num_layers * 4 * model.config.dim * 4  # K+V, batch 2, 4 tokens, fp32
+    assert peaks[1] == peaks[0] <= 7 * frame_bytes
+
+
+def test_unbounded_stream(model):
+    cfg, noise, text = setup("sampling.schedule=wavefront", "video.window_frames=6")
+    with torch.no_grad():
+        blocks = list(itertools.islice(generate(model, text, cfg, noise, None), 8))
+    assert [n for n, _ in blocks] == list(range(8))
+    with pytest.raises(ValueError, match="wavefront"):
+        next(generate(model, text, load_config("tiny", ["sampling.schedule=step_major"]), noise, None))
+
+
+def test_cell_noise_is_a_pure_function_of_its_coordinates():
+    a = CellNoise(3, [0, 1], (3, 2, 2, 2))
+    b = CellNoise(3, [1], (3, 2, 2, 2))
+    assert torch.equal(a.renoise(4, 2)[1], b.renoise(4, 2)[0])  # sample 1 is sample 1 in any batch
+    b.initial(0), b.renoise(9, 1)  # drawing other cells first changes nothing
+    assert torch.equal(a.initial(5), CellNoise(3, [0, 1], (3, 2, 2, 2)).initial(5))
+    draws = [a.initial(0), a.initial(1), a.renoise(0, 0), a.renoise(0, 1), CellNoise(4, [0, 1], (3, 2, 2, 2)).initial(0)]
+    assert all(not torch.equal(x, y) for x, y in itertools.combinations(draws, 2))
+
+
+def test_batch_rows_are_independent_samples(model):
+    cfg, _, text = setup()
+    geo = cfg.geometry
+    shape = (3, cfg.model.in_channels, geo.latent_height, geo.latent_width)
+    with torch.no_grad():
+        both = sample_video(model, text, cfg, CellNoise(7, [0, 1], shape), 6)
+        second = sample_video(model, text[1:], cfg, CellNoise(7, [1], shape), 6)
+    torch.testing.assert_close(both[1:], second, atol=1e-5, rtol=0)
+
+
+def test_ode_and_sde_stepping_differ_and_both_are_deterministic(model):
+    sde, ode = run(model, "sampling.stepping=sde"), run(model, "sampling.stepping=ode")
+    assert torch.equal(ode, run(model, "sampling.stepping=ode"))
+    assert (sde - ode).abs().max() > 1e-3
