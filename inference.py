@@ -23,7 +23,9 @@ from hiar.checkpoints import CheckpointError, load_model
 from hiar.codecs import build_codec
 from hiar.config import Config, ConfigError, load_config, save_config
 from hiar.models import WanModel
+from hiar.parallel import PipelineError, StageGroup, local_rank_device, pipeline_stage, stage_steps
 from hiar.pipeline import render, writable_folder
+from hiar.sampling import CellRunner, block_noise, generate
 from hiar.text import build_text_encoder
 
 DEFAULT_CONFIG = "configs/toy/hiar.yaml"
@@ -47,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save_with_index", action="store_true", help="name files by prompt index, not prompt text")
     p.add_argument("--save_latents", action="store_true", help="save final latents beside each mp4")
     p.add_argument("--overwrite", action="store_true", help="replace existing files instead of picking new names")
+    p.add_argument("--parallel", choices=["data", "pipeline"], default="data",
+                   help="under torchrun: shard prompts across ranks (data) or run the steps as a pipeline, "
+                        "one stage per rank (pipeline)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return p.parse_args(argv)
@@ -115,8 +120,9 @@ def load_generator(args: argparse.Namespace, cfg: Config) -> WanModel:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    # 1. Check every input before any compute.
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    pipelined = args.parallel == "pipeline"
+    # 1. Check every input before any compute (and before any model is loaded).
     try:
         cfg = resolve_config(args)
         num_frames = args.num_output_frames or cfg.video.num_latent_frames
@@ -124,10 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         prompts = read_prompts(args)
         if args.num_samples < 1:
             raise ValueError(f"--num_samples={args.num_samples} must be at least 1")
+        if pipelined:
+            if cfg.sampling.method != "timestep_first":
+                raise ValueError("--parallel pipeline runs the step-first order: use --inference_method timestep_first")
+            stage_steps(len(cfg.schedule.denoising_steps), world)
         folder = writable_folder(args.output_folder)
         codec = build_codec(cfg.video)
-        device = torch.device(args.device if world == 1 or args.device == "cpu" else
-                              f"{args.device}:{os.environ.get('LOCAL_RANK', 0)}")
+        device = local_rank_device(args.device) if world > 1 else torch.device(args.device)
+        group = StageGroup(len(cfg.schedule.denoising_steps)) if pipelined else None
         text_encoder = build_text_encoder(cfg.model, device)
         model = load_generator(args, cfg)
     except (ConfigError, ValueError, OSError, NotImplementedError, CheckpointError) as err:
@@ -136,33 +146,66 @@ def main(argv: list[str] | None = None) -> int:
     cfg.video.num_latent_frames = num_frames
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = model.to(device, dtype).eval()
+    rank = group.rank if group else int(os.environ.get("RANK", 0))
     if rank == 0:
         save_config(cfg, folder / "config.yaml")
 
-    # 2. This rank's prompts (data parallel under torchrun) and their file names.
-    mine = [(i, p) for i, p in enumerate(prompts) if i % world == rank]
+    # 2. Which prompts this process works on and, if it writes, the files they go to.
+    mine = list(enumerate(prompts)) if pipelined else [(i, p) for i, p in enumerate(prompts) if i % world == rank]
+    writes = group is None or group.is_last
     taken: set[Path] = set()
     jobs = [(i, p, [free_path(folder, output_stem(p, i, s, args.save_with_index), args.overwrite, taken)
-                    for s in range(args.num_samples)]) for i, p in mine]
+                    for s in range(args.num_samples)] if writes else []) for i, p in mine]
 
-    # 3. Generate, streaming each block to its file.
-    cells = len(jobs) * num_blocks * len(cfg.schedule.denoising_steps)
-    bar = tqdm(total=cells, unit="cell", desc=f"{cfg.sampling.method}", disable=rank != 0 and world > 1)
-    start, frames, written = time.perf_counter(), 0, []
-    for index, prompt, paths in jobs:
-        text = text_encoder([prompt]).to(device, dtype)
-        latents = [p.with_suffix(".latents.safetensors") for p in paths] if args.save_latents else None
-        out = render(model, codec, cfg, text, num_blocks, args.seed, range(args.num_samples), paths, latents,
-                     on_cell=bar.update, metadata={"prompt": prompt, "prompt_index": str(index)})
-        frames += out.video_frames * len(paths)
-        written += paths
+    # 3. Generate, streaming each finished block to its file.
+    steps = len(group.steps) if group else len(cfg.schedule.denoising_steps)
+    bar = tqdm(total=len(jobs) * num_blocks * steps, unit="cell", desc=f"{cfg.sampling.method} (rank {rank})",
+               disable=rank != 0)
+    try:
+        frames, seconds, first_block = generate_all(args, cfg, model, text_encoder, codec, group, jobs, num_blocks,
+                                                    device, dtype, bar)
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     bar.close()
-    seconds = time.perf_counter() - start
-    for path in written:
-        print(f"wrote {path}")
-    print(f"rank {rank}: {len(written)} videos, {frames} frames in {seconds:.1f} s: "
-          f"{frames / max(seconds, 1e-9):.2f} frames/s ({cfg.sampling.method}, {cfg.sampling.schedule}, {device})")
+
+    # 4. Report: every data-parallel rank for itself; for a pipeline, rank 0 for the last stage.
+    if group:
+        report = group.send_to_first([frames, seconds, first_block or 0.0])
+        group.close()
+        if report is None:
+            return 0
+        frames, seconds, first_block = report
+    print(f"rank {rank}: {frames:.0f} frames in {seconds:.1f} s: {frames / max(seconds, 1e-9):.2f} frames/s, "
+          f"first block after {first_block or 0:.2f} s ({cfg.sampling.method}, {cfg.sampling.schedule}"
+          f"{f', {world}-stage pipeline' if group else ''}, {device})")
     return 0
+
+
+def generate_all(args, cfg, model, text_encoder, codec, group, jobs, num_blocks, device, dtype, bar):
+    """Run every job of this process; returns (frames written, seconds, first-block latency)."""
+    frames, seconds, first_block = 0, 0.0, None
+    writes = group is None or group.is_last
+    if group:
+        group.barrier()
+    for index, prompt, paths in jobs:
+        text = text_encoder([prompt]).to(device, dtype).expand(args.num_samples, -1, -1)
+        noise = block_noise(cfg, args.seed, range(args.num_samples), device)
+        if group:
+            blocks = pipeline_stage(CellRunner(model, text, cfg, noise, on_cell=bar.update), group, num_blocks)
+        else:
+            blocks = generate(model, text, cfg, noise, num_blocks, on_cell=bar.update)
+        if not writes:
+            for _ in blocks:  # this stage's cells; the last stage writes
+                pass
+            continue
+        latents = [p.with_suffix(".latents.safetensors") for p in paths] if args.save_latents else None
+        out = render(codec, cfg, blocks, paths, latents, {"prompt": prompt, "prompt_index": str(index)})
+        frames, seconds = frames + out.video_frames * len(paths), seconds + out.seconds
+        first_block = first_block if first_block is not None else out.first_block_seconds
+        for path in paths:
+            print(f"wrote {path}")
+    return frames, seconds, first_block
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,56 +16,51 @@ from safetensors.torch import save_file
 from hiar.atomic import atomic_path
 from hiar.codecs import Codec
 from hiar.config import Config, config_to_dict
-from hiar.models import WanModel
-from hiar.sampling import CellNoise, SamplerStats, generate
+from hiar.sampling import Blocks
 
 
 @dataclass
 class Rendered:
     paths: list[Path]
     latent_frames: int
-    video_frames: int
+    video_frames: int  # per video
     seconds: float
-    stats: SamplerStats
+    first_block_seconds: float  # latency until the first block was written
 
 
-@torch.no_grad()
-def render(model: WanModel, codec: Codec, cfg: Config, text: torch.Tensor, num_blocks: int, seed: int,
-           samples: Sequence[int], paths: Sequence[Path], latents_paths: Sequence[Path] | None = None,
-           on_cell: Callable[[], None] | None = None, metadata: dict[str, str] | None = None) -> Rendered:
-    """Generate one video per sample index (all for the prompt states `text` [1, Lt, D]) and write each
-    block to its mp4 as soon as it is clean. With `latents_paths`, the final latents [F, C, h, w]
-    are saved beside the videos (safetensors, with the resolved config)."""
+def render(codec: Codec, cfg: Config, blocks: Blocks, paths: Sequence[Path],
+           latents_paths: Sequence[Path] | None = None, metadata: dict[str, str] | None = None) -> Rendered:
+    """Decode (block, clean latents [B, k, C, h, w]) pairs as they arrive and append sample b's frames
+    to paths[b]. With `latents_paths`, the final latents [F, C, h, w] are saved beside the videos
+    (safetensors, with the resolved config and `metadata`)."""
     from hiar.video import VideoWriter
 
-    geo, device = cfg.geometry, next(model.parameters()).device
-    block_shape = (cfg.video.frames_per_block, model.config.in_channels, geo.latent_height, geo.latent_width)
-    noise = CellNoise(seed, samples, block_shape, device)
-    stats = SamplerStats()
     start = time.perf_counter()
+    first_block_s = None
     decoder = codec.stream_decoder()
     writers = [VideoWriter(p, cfg.video.fps, cfg.video.height, cfg.video.width) for p in paths]
-    blocks: dict[int, torch.Tensor] = {}
+    kept: dict[int, torch.Tensor] = {}
+    num_blocks = 0
     try:
-        texts = text.expand(len(samples), -1, -1)
-        for n, x0 in generate(model, texts, cfg, noise, num_blocks, stats, on_cell):
-            frames = decoder.decode(x0)  # [B, f, 3, H, W]
-            for writer, video in zip(writers, frames):
-                writer.write(video)
-            if latents_paths:
-                blocks[n] = x0.float().cpu()
+        with torch.no_grad():
+            for n, x0 in blocks:
+                for writer, video in zip(writers, decoder.decode(x0)):  # [B, f, 3, H, W]
+                    writer.write(video)
+                first_block_s = first_block_s or time.perf_counter() - start
+                num_blocks += 1
+                if latents_paths:
+                    kept[n] = x0.float().cpu()
     finally:
         for writer in writers:
             writer.close()
     if latents_paths:
-        latents = torch.cat([blocks[n] for n in sorted(blocks)], dim=1)
+        latents = torch.cat([kept[n] for n in sorted(kept)], dim=1)
         info = {"config": yaml.safe_dump(config_to_dict(cfg), sort_keys=False), **(metadata or {})}
-        for path, sample, lat in zip(latents_paths, samples, latents):
+        for path, lat in zip(latents_paths, latents):
             with atomic_path(path) as tmp:
-                save_file({"latents": lat.contiguous()}, str(tmp), metadata={**info, "sample": str(sample),
-                                                                           "seed": str(seed)})
+                save_file({"latents": lat.contiguous()}, str(tmp), metadata=info)
     return Rendered(list(paths), num_blocks * cfg.video.frames_per_block, writers[0].frames,
-                    time.perf_counter() - start, stats)
+                    time.perf_counter() - start, first_block_s or 0.0)
 
 
 def writable_folder(folder: str | os.PathLike) -> Path:

@@ -68,6 +68,13 @@ class CellNoise:
         return self._draw(block, step)
 
 
+def block_noise(cfg: Config, seed: int, samples: Sequence[int], device: torch.device | str = "cpu") -> CellNoise:
+    """The cell noise of a generation with this config's latent geometry."""
+    geo = cfg.geometry
+    shape = (cfg.video.frames_per_block, cfg.model.in_channels, geo.latent_height, geo.latent_width)
+    return CellNoise(seed, samples, shape, device)
+
+
 # -- the cell -------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,153 @@
+"""Pipelined step-first inference across processes; the only module that talks to torch.distributed.
+
+Step-first cell (n, j) depends on (n, j-1) and on (m < n, j), so the S steps form a pipeline (DESIGN.md
+section 1): stage r owns a contiguous group of steps and the KV caches of those steps only. For every
+block, stage r receives the block's latent from stage r-1 (the first stage draws the block's noise
+instead), runs its cells, and sends the result on with a non-blocking send. The cache writes of its
+cells are deferred by the cell runner until the next block reads that cache, so each send leaves
+before its block's cache writes run: the next stage starts while this one writes. Cells draw their
+noise from the shared pure-function `CellNoise`, so the video is bit-identical to the sequential
+run for any number of stages. The last stage yields finished blocks (streaming).
+
+Failures: any stage that fails records "rank r: why" in the process group's store; a stage whose
+neighbour vanishes (gloo reports a closed connection at once) records that rank, and every stage
+stops with the first recorded root cause instead of waiting for a collective timeout.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+from collections import deque
+
+import torch
+import torch.distributed as dist
+
+from hiar.sampling import Blocks, CellRunner
+
+FAILED_KEY = "hiar/pipeline_failed"
+
+
+class PipelineError(RuntimeError):
+    """The pipeline stopped because a stage failed; the message names the failed rank."""
+
+
+def stage_steps(num_steps: int, num_stages: int) -> list[range]:
+    """Split steps 0..S-1 into `num_stages` contiguous groups, sizes differing by at most one."""
+    if not 1 <= num_stages <= num_steps:
+        raise ValueError(f"a pipeline of {num_stages} stages needs 1 to {num_steps} stages: one stage runs at "
+                         f"least one of the {num_steps} denoising steps; use --nproc_per_node <= {num_steps}")
+    base, extra = divmod(num_steps, num_stages)
+    bounds = [0]
+    for r in range(num_stages):
+        bounds.append(bounds[-1] + base + (1 if r < extra else 0))
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+class StageGroup:
+    """This process's place in the pipeline: rank, neighbours, steps, and the messaging between them."""
+
+    def __init__(self, num_steps: int, timeout_s: float = 600.0):
+        if not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.steps = stage_steps(num_steps, self.world)[self.rank]
+        self.is_first, self.is_last = self.rank == 0, self.rank == self.world - 1
+        # Private but stable: the rendezvous store every rank shares (hosted by torchrun's agent).
+        self._store = dist.distributed_c10d._get_default_store()
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    # -- failure bookkeeping ------------------------------------------------------------------------
+
+    def _root_cause(self, fallback: str) -> str:
+        try:
+            if self._store.check([FAILED_KEY]):
+                return self._store.get(FAILED_KEY).decode()
+            self._store.compare_set(FAILED_KEY, "", fallback)
+            return self._store.get(FAILED_KEY).decode()
+        except Exception:  # the store went down with its host: say what this stage knows
+            return fallback
+
+    def fail(self, err: BaseException, peer: int | None) -> PipelineError:
+        """Record the root cause and return the error this stage stops with."""
+        if peer is None:
+            cause = self._root_cause(f"rank {self.rank} ({type(err).__name__}: {err})")
+        else:
+            cause = self._root_cause(f"rank {peer} (its connection closed: it crashed or was killed)")
+        return PipelineError(f"pipeline stage {self.rank} stopped: {cause} failed")
+
+    def _on_sigterm(self, signum, frame) -> None:
+        # torchrun terminates the other workers when one fails; say why before going.
+        raise PipelineError(f"pipeline stage {self.rank} stopped: "
+                            f"{self._root_cause('another stage (see the launcher summary)')} failed")
+
+    # -- messaging -----------------------------------------------------------------------------------
+
+    def recv(self, like: torch.Tensor) -> torch.Tensor:
+        buf = torch.empty_like(like)
+        try:
+            dist.recv(buf, self.rank - 1)
+        except RuntimeError as err:
+            raise self.fail(err, peer=self.rank - 1) from err
+        return buf
+
+    def isend(self, x: torch.Tensor) -> dist.Work:
+        try:
+            return dist.isend(x.contiguous(), self.rank + 1)
+        except RuntimeError as err:
+            raise self.fail(err, peer=self.rank + 1) from err
+
+    def wait(self, work: dist.Work) -> None:
+        try:
+            work.wait()
+        except RuntimeError as err:
+            raise self.fail(err, peer=self.rank + 1) from err
+
+    def send_to_first(self, values: list[float]) -> list[float] | None:
+        """Carry a few numbers from the last stage to rank 0 (reports); others get None."""
+        if self.world == 1:
+            return values
+        buf = torch.tensor(values, dtype=torch.float64)
+        if self.is_last:
+            dist.send(buf, 0)
+        elif self.is_first:
+            dist.recv(buf, self.world - 1)
+            return buf.tolist()
+        return None
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def pipeline_stage(runner: CellRunner, group: StageGroup, num_blocks: int) -> Blocks:
+    """This stage's share of a step-first generation. The last stage yields (block, clean latents)."""
+    contexts = {j: runner.new_context() for j in group.steps}
+    sends: deque = deque()
+    template = runner.noise.initial(0)  # shape and dtype of a block's latent, for receiving
+    for n in range(num_blocks):
+        x = runner.noise.initial(n) if group.is_first else group.recv(template)
+        try:
+            for j in group.steps:
+                _, x = runner.cell(contexts[j], n, j, x, runner.context_level(j))
+        except Exception as err:
+            raise group.fail(err, peer=None) from err
+        if group.is_last:
+            yield n, x
+        else:
+            sends.append(group.isend(x))
+            while len(sends) > 2:  # bound the tensors in flight
+                group.wait(sends.popleft())
+    for work in sends:
+        group.wait(work)
+
+
+def local_rank_device(base: str) -> torch.device:
+    """cuda:LOCAL_RANK under a launcher when `base` is cuda; the CPU stays the CPU."""
+    return torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if base.startswith("cuda") else base)
+
