@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from hiar.checkpoints import CheckpointError, load_model
+from hiar.checkpoints import CheckpointError, load_generator
 from hiar.codecs import build_codec
 from hiar.config import Config, ConfigError, load_config, save_config
 from hiar.models import WanModel
@@ -108,10 +108,7 @@ def free_path(folder: Path, stem: str, overwrite: bool, taken: set[Path]) -> Pat
 
 def load_generator(args: argparse.Namespace, cfg: Config) -> WanModel:
     if args.checkpoint_path:
-        if args.use_ema:
-            print("note: HiAR safetensors checkpoints hold one set of weights; --use_ema has nothing to choose",
-                  file=sys.stderr)
-        return load_model(args.checkpoint_path, cfg)[0]
+        return load_generator(args.checkpoint_path, cfg, args.use_ema)[0]
     print("\n" + "!" * 78 + "\n!! WARNING: no --checkpoint_path: the model has RANDOM weights. The videos show\n"
           "!! noise, not the prompt. Pass a checkpoint for real results.\n" + "!" * 78 + "\n", file=sys.stderr)
     torch.manual_seed(0)

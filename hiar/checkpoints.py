@@ -1,14 +1,24 @@
-"""Model checkpoints that describe themselves: safetensors with the resolved config embedded.
+"""Loading and saving the Wan DiT in every layout users arrive with.
 
-`save_model` writes weights plus the resolved config (YAML in the safetensors metadata) atomically;
-`load_model` needs only the file. Any mismatch stops with one paragraph naming the file, the
-architecture it expects and the first offending keys; nothing is loaded half-way.
+`load_generator(path, cfg, use_ema)` takes any of:
+* our checkpoints: safetensors with the resolved config embedded (`save_model`), needing only the file;
+* HiAR / Self-Forcing training checkpoints: a `.pt` dict with `generator` (and optionally
+  `generator_ema`, `critic`) whose keys may carry `model.`, `_fsdp_wrapped_module.`,
+  `_checkpoint_wrapped_module.`, `_orig_mod.` prefixes and use Wan's original parameter names;
+* an original Wan2.1 folder (`config.json` + `diffusion_pytorch_model*.safetensors`, e.g.
+  wan_models/Wan2.1-T2V-1.3B), whose names diffusers' own `convert_wan_transformer_to_diffusers` maps;
+* a diffusers folder (Wan-AI/Wan2.1-T2V-1.3B-Diffusers, or its `transformer/` sub-folder).
+Any mismatch (architecture, missing or unexpected keys, shapes, unreadable file) stops with one
+paragraph naming the file, the expected architecture and the first offending keys; nothing is
+loaded half-way.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -72,14 +82,8 @@ def load_weights(model: WanModel, state: dict[str, torch.Tensor], source: str) -
     return model
 
 
-def load_model(path: str | os.PathLike, cfg: Config | None = None) -> tuple[WanModel, Config]:
+def _load_own(path: Path, cfg: Config | None) -> tuple[WanModel, Config]:
     """Our checkpoint -> (model, its config). With `cfg`, the stored architecture must equal cfg.model."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if path.suffix != ".safetensors":
-        raise CheckpointError(f"{path}: only HiAR safetensors checkpoints load today; HiAR/Self-Forcing .pt files "
-                              "and Wan2.1 folders need the converter that is not built yet")
     stored = checkpoint_config(path)
     if cfg is not None and dataclasses.replace(cfg.model, attention_backend=stored.model.attention_backend) != stored.model:
         diff = [f"model.{k}: {v} in file, {getattr(cfg.model, k)} in config"
@@ -91,3 +95,116 @@ def load_model(path: str | os.PathLike, cfg: Config | None = None) -> tuple[WanM
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path}: could not read its tensors ({err}); the file may be truncated") from None
     return load_weights(model, state, str(path)), stored
+
+
+# -- foreign layouts -------------------------------------------------------------------------------
+
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def clean_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip training-wrapper prefixes (FSDP, activation checkpointing, torch.compile) and the
+    `model.` of Self-Forcing's wrapper module."""
+    out = {}
+    for key, value in state.items():
+        for prefix in WRAPPER_PREFIXES:
+            key = key.replace(prefix, "")
+        out[key.removeprefix("model.")] = value
+    return out
+
+
+def to_diffusers_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Wan's original parameter names -> diffusers' (ours), with diffusers' own converter."""
+    if not any(".self_attn." in k or k.startswith("head.") for k in state):
+        return state  # already diffusers names
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    return convert_wan_transformer_to_diffusers(dict(state))
+
+
+def architecture_from_json(data: dict) -> dict[str, int | float]:
+    """ModelConfig fields described by a Wan (`dim`, `num_heads`, ...) or diffusers config.json."""
+    if "attention_head_dim" in data:  # diffusers WanTransformer3DModel
+        return dict(num_layers=data["num_layers"], num_heads=data["num_attention_heads"],
+                    head_dim=data["attention_head_dim"], ffn_dim=data["ffn_dim"], in_channels=data["in_channels"],
+                    out_channels=data["out_channels"], text_dim=data["text_dim"], freq_dim=data["freq_dim"])
+    return dict(num_layers=data["num_layers"], num_heads=data["num_heads"], head_dim=data["dim"] // data["num_heads"],
+                ffn_dim=data["ffn_dim"], in_channels=data["in_dim"], out_channels=data["out_dim"],
+                freq_dim=data["freq_dim"], text_len=data.get("text_len", 512))
+
+
+def _check_architecture(source: Path, described: dict, cfg: Config) -> None:
+    wrong = [f"{k}={v} in {source.name}, {getattr(cfg.model, k)} in the config" for k, v in described.items()
+             if getattr(cfg.model, k) != v]
+    if wrong:
+        raise CheckpointError(f"{source} describes another model than the config: {'; '.join(wrong[:4])}. "
+                              "Choose the matching config (e.g. --config_path configs/hiar.yaml for Wan2.1-1.3B).")
+
+
+def _read_folder(folder: Path, cfg: Config) -> dict[str, torch.Tensor]:
+    """A Wan or diffusers transformer folder: check config.json, read every weight shard."""
+    if (folder / "transformer").is_dir():
+        folder = folder / "transformer"
+    config_json = folder / "config.json"
+    shards = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
+    if not config_json.is_file() or not shards:
+        raise CheckpointError(f"{folder}: expected config.json and diffusion_pytorch_model*.safetensors (a Wan2.1 "
+                              "or diffusers model folder); found " + (", ".join(p.name for p in folder.iterdir())
+                                                                       or "nothing"))
+    try:
+        described = architecture_from_json(json.loads(config_json.read_text()))
+    except (json.JSONDecodeError, KeyError) as err:
+        raise CheckpointError(f"{config_json}: not a Wan or diffusers transformer config ({err})") from None
+    _check_architecture(config_json, described, cfg)
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        try:
+            state.update(load_file(str(shard)))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{shard}: could not read its tensors ({err}); the file may be truncated") from None
+    return state
+
+
+def _read_training_checkpoint(path: Path, use_ema: bool) -> dict[str, torch.Tensor]:
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for corrupt or foreign files
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:200]}); is it truncated?") from None
+    if not isinstance(blob, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors or a training checkpoint, got {type(blob).__name__}")
+    if "generator" not in blob:
+        return blob  # a bare state dict
+    key = "generator"
+    if use_ema:
+        if "generator_ema" in blob:
+            key = "generator_ema"
+        else:
+            warnings.warn(f"{path} has no 'generator_ema' weights; --use_ema falls back to 'generator'",
+                          stacklevel=3)
+    return blob[key]
+
+
+def load_generator(path: str | os.PathLike, cfg: Config | None = None,
+                   use_ema: bool = False) -> tuple[WanModel, Config]:
+    """The student from any supported layout (module docstring) -> (model, config).
+
+    Our checkpoints carry their config; every other layout is built from `cfg` and checked against it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_file() and path.suffix == ".safetensors":
+        if use_ema:
+            warnings.warn(f"{path} holds one set of weights; --use_ema has nothing to choose", stacklevel=2)
+        return _load_own(path, cfg)
+    if cfg is None:
+        raise CheckpointError(f"{path}: this layout carries no HiAR config; pass one (e.g. configs/hiar.yaml)")
+    if path.is_dir():
+        state = _read_folder(path, cfg)
+    elif path.suffix in (".pt", ".pth", ".bin"):
+        state = _read_training_checkpoint(path, use_ema)
+    else:
+        raise CheckpointError(f"{path}: unknown checkpoint type; expected .safetensors (HiAR), .pt (HiAR / "
+                              "Self-Forcing training checkpoint) or a Wan2.1 / diffusers model folder")
+    return load_weights(WanModel(cfg.model), to_diffusers_names(clean_keys(state)), str(path)), cfg

@@ -2,13 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from hiar.checkpoints import CheckpointError, load_model, save_model
 from hiar.codecs import ToyDCTCodec
-from hiar.config import load_config
 from hiar.text import MiniLMEncoder, zero_padded
 from hiar.video import VideoWriter, read_video
 
-from conftest import random_inputs, random_model
 
 
 def test_toy_codec_is_an_orthonormal_projection():
@@ -44,26 +41,3 @@ def test_minilm_states_are_zero_padded():
     torch.testing.assert_close(encoder(["a square"])[0], states[1], atol=1e-5, rtol=0)
     states = torch.ones(1, 3, 2)
     assert zero_padded(states, torch.tensor([[1, 1, 0]]), 4)[0].sum(-1).tolist() == [2, 2, 0, 0]
-
-
-def test_checkpoint_round_trip_and_errors(tmp_path):
-    cfg = load_config("tiny")
-    model = random_model(cfg, seed=2)
-    path = save_model(model, cfg, tmp_path / "m.safetensors")
-    loaded, stored = load_model(path)
-    assert stored == cfg
-    x, text = random_inputs(cfg, batch=1, seed=0)
-    with torch.no_grad():
-        assert torch.equal(loaded(x, 500.0, text), model(x, 500.0, text))
-    with pytest.raises(CheckpointError, match=r"another architecture.*model.num_layers: 2 in file, 3 in config"):
-        load_model(path, load_config("tiny", ["model.num_layers=3"]))
-    truncated = tmp_path / "cut.safetensors"
-    truncated.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(CheckpointError, match="cut.safetensors"):
-        load_model(truncated)
-    with pytest.raises(CheckpointError, match=r"missing keys \(1\): proj_out.bias"):
-        from hiar.checkpoints import load_weights
-
-        state = model.state_dict()
-        del state["proj_out.bias"]
-        load_weights(random_model(cfg), state, "test.safetensors")
