@@ -106,7 +106,7 @@ def free_path(folder: Path, stem: str, overwrite: bool, taken: set[Path]) -> Pat
     return path
 
 
-def load_generator(args: argparse.Namespace, cfg: Config) -> WanModel:
+def build_generator(args: argparse.Namespace, cfg: Config) -> WanModel:
     if args.checkpoint_path:
         return load_generator(args.checkpoint_path, cfg, args.use_ema)[0]
     print("\n" + "!" * 78 + "\n!! WARNING: no --checkpoint_path: the model has RANDOM weights. The videos show\n"
@@ -132,16 +132,16 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--parallel pipeline runs the step-first order: use --inference_method timestep_first")
             stage_steps(len(cfg.schedule.denoising_steps), world)
         folder = writable_folder(args.output_folder)
-        codec = build_codec(cfg.video)
         device = local_rank_device(args.device) if world > 1 else torch.device(args.device)
+        codec = build_codec(cfg, device)
         group = StageGroup(len(cfg.schedule.denoising_steps)) if pipelined else None
-        text_encoder = build_text_encoder(cfg.model, device)
-        model = load_generator(args, cfg)
+        text_encoder = build_text_encoder(cfg, device)
+        model = build_generator(args, cfg)
     except (ConfigError, ValueError, OSError, NotImplementedError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     cfg.video.num_latent_frames = num_frames
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = cfg.torch_dtype(device)
     model = model.to(device, dtype).eval()
     rank = group.rank if group else int(os.environ.get("RANK", 0))
     if rank == 0:

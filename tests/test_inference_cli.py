@@ -57,7 +57,8 @@ def test_prompt_file_sharded_across_ranks(tmp_path, monkeypatch):
     (["--prompt", "x", "--data_path", "p.txt"], "exactly one of --prompt or --data_path"),
     (["--prompt", "x", "model.num_layer=3"], "did you mean 'num_layers'"),
     (["--prompt", "x", "--checkpoint_path", "/nonexistent.safetensors"], "does not exist"),
-    (["--prompt", "x", "--config_path", "wan1.3b"], "needs the published weights"),
+    (["--prompt", "x", "--config_path", "wan1.3b", "runtime.base_model=/nonexistent"],
+     "/nonexistent: no Wan VAE (expected vae/ or Wan2.1_VAE.pth)"),
 ])
 def test_bad_input_fails_before_compute(tmp_path, capsys, args, message):
     assert inference.main([*TINY, "--output_folder", str(tmp_path), *args]) == 2

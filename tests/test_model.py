@@ -84,3 +84,9 @@ def test_rope_positions_are_relative_and_unbounded():
         logits.append(torch.einsum("blhd,bmhd->bhlm", apply_rope(q, cos, sin), apply_rope(k, cos, sin)))
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=0)
     torch.testing.assert_close(logits[2], logits[0], atol=1e-3, rtol=0)
+
+
+def test_a_prepared_prompt_equals_raw_states(tiny_model, tiny_inputs):
+    x, t, text = tiny_inputs
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_model(x, t, tiny_model.prompt(text)), tiny_model(x, t, text), atol=0, rtol=0)

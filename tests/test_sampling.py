@@ -77,7 +77,7 @@ class Spy:
     the caches' size after every forward."""
 
     def __init__(self, model):
-        self.model, self.config = model, model.config
+        self.model, self.config, self.prompt = model, model.config, model.prompt
         self.levels: dict[int, dict[int, float]] = {}  # id(cache) -> frame -> level written
         self.cells: list[tuple[int, float, list[float]]] = []
         self.cache_bytes: list[int] = []
@@ -171,3 +171,16 @@ def test_ode_and_sde_stepping_differ_and_both_are_deterministic(model):
     sde, ode = run(model, "sampling.stepping=sde"), run(model, "sampling.stepping=ode")
     assert torch.equal(ode, run(model, "sampling.stepping=ode"))
     assert (sde - ode).abs().max() > 1e-3
+
+
+def test_prompt_key_values_are_computed_once_per_generation(model):
+    """The prompt's cross-attention K/V are projected once, then reused by every forward."""
+    calls = []
+    hooks = [b.attn2.to_k.register_forward_hook(lambda *a: calls.append(1)) for b in model.blocks]
+    stats = SamplerStats()
+    try:
+        run(model, stats=stats)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert stats.forwards > 40 and len(calls) == model.config.num_layers

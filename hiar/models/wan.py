@@ -70,11 +70,10 @@ class ConditionEmbedder(nn.Module):
         self.time_proj = nn.Linear(dim, 6 * dim)
         self.text_embedder = _MLP(text_dim, dim, nn.GELU(approximate="tanh"))
 
-    def forward(self, t: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # t [B, F] -> temb [B, F, D], modulation [B, F, 6, D]; text [B, Lt, text_dim] -> [B, Lt, D]
+    def forward(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # t [B, F] -> temb [B, F, D], modulation [B, F, 6, D]
         temb = self.time_embedder(timestep_sinusoid(t, self.freq_dim).to(self.time_embedder.linear_1.weight.dtype))
-        modulation = self.time_proj(F.silu(temb)).unflatten(-1, (6, -1))
-        return temb, modulation, self.text_embedder(text)
+        return temb, self.time_proj(F.silu(temb)).unflatten(-1, (6, -1))
 
 
 class Attention(nn.Module):
@@ -91,12 +90,14 @@ class Attention(nn.Module):
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
 
-    def qkv(self, x: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries from x [B, L, D], keys/values from source [B, Ls, D]; each [B, L(s), H, D/H]."""
-        q = self.norm_q(self.to_q(x)).unflatten(-1, (self.num_heads, -1))
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, L, D] -> queries [B, L, H, D/H]."""
+        return self.norm_q(self.to_q(x)).unflatten(-1, (self.num_heads, -1))
+
+    def key_value(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """source [B, Ls, D] -> keys, values [B, Ls, H, D/H]."""
         k = self.norm_k(self.to_k(source)).unflatten(-1, (self.num_heads, -1))
-        v = self.to_v(source).unflatten(-1, (self.num_heads, -1))
-        return q, k, v
+        return k, self.to_v(source).unflatten(-1, (self.num_heads, -1))
 
     def output(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return self.to_out[0](attend(q, k, v, mask, self.backend).flatten(-2).type_as(q))
@@ -120,6 +121,20 @@ class FeedForward(nn.Module):
         return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
 
 
+class Prompt:
+    """A prompt as every layer's cross-attention sees it: its keys and values, one pair per layer.
+
+    `WanModel.prompt(states)` builds it once so that inference reuses it for every block and step;
+    a forward given raw states builds it on the fly (training, where the weights change).
+    """
+
+    def __init__(self, model: WanModel, states: torch.Tensor):
+        # states [B, Lt, text_dim] -> per layer (k, v) [B, Lt, H, D/H]
+        embedded = model.condition_embedder.text_embedder(states.to(model.patch_embedding.weight.dtype))
+        self.key_values = [block.attn2.key_value(embedded) for block in model.blocks]
+        self.batch = states.shape[0]
+
+
 class SelfAttentionContext:
     """What one forward's self-attention layers share: RoPE angles, mask, and the cache traffic.
 
@@ -136,7 +151,8 @@ class SelfAttentionContext:
     def __call__(self, layer: int, attn: Attention, x: torch.Tensor) -> torch.Tensor:
         # x [B, F, T, D] -> [B, F, T, D]
         b, f, t, _ = x.shape
-        q, k, v = attn.qkv(x.flatten(1, 2), x.flatten(1, 2))  # [B, F*T, H, Dh]
+        h = x.flatten(1, 2)
+        q, (k, v) = attn.query(h), attn.key_value(h)  # [B, F*T, H, Dh]
         q, k = apply_rope(q, *self.rope), apply_rope(k, *self.rope)
         k_all, v_all = k, v
         if isinstance(self.mode, Cached):
@@ -164,9 +180,9 @@ class WanBlock(nn.Module):
         self.ffn = FeedForward(dim, cfg.ffn_dim)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, layer: int, x: torch.Tensor, modulation: torch.Tensor, text: torch.Tensor,
+    def forward(self, layer: int, x: torch.Tensor, modulation: torch.Tensor, text: Prompt,
                 self_attention: SelfAttentionContext) -> torch.Tensor:
-        # x [B, F, T, D]; modulation [B, F, 6, D] (float32); text [B, Lt, D]
+        # x [B, F, T, D]; modulation [B, F, 6, D] (float32); text: the prompt's K/V for every layer
         shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + modulation.float()).unsqueeze(3).unbind(2)
 
         # 1. self-attention over frames (mode-dependent), gated per frame
@@ -175,8 +191,7 @@ class WanBlock(nn.Module):
 
         # 2. cross-attention to every prompt token (padding included, as Wan does: no text mask)
         h = self.norm2(x.float()).type_as(x).flatten(1, 2)
-        q, k, v = self.attn2.qkv(h, text)
-        x = x + self.attn2.output(q, k, v, None).unflatten(1, x.shape[1:3])
+        x = x + self.attn2.output(self.attn2.query(h), *text.key_values[layer], None).unflatten(1, x.shape[1:3])
 
         # 3. feed-forward, gated per frame
         h = (self.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
@@ -216,10 +231,14 @@ class WanModel(nn.Module):
         mask = None if bool(mask.all()) else mask.repeat_interleave(tokens, 0).repeat_interleave(tokens, 1)
         return SelfAttentionContext(rope, mask, mode, context)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, text: torch.Tensor,
+    def prompt(self, states: torch.Tensor) -> Prompt:
+        """Prompt states [B, Lt, text_dim] -> the cross-attention K/V of every layer, to reuse."""
+        return Prompt(self, states)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, text: torch.Tensor | Prompt,
                 attention: AttentionMode = Bidirectional()) -> torch.Tensor:
         """x [B, F, C, H, W] noisy latents, t scalar / [B] / [B, F] timesteps (floats in [0, 1000]),
-        text [B, Lt, text_dim] prompt states -> predicted flow [B, F, C_out, H, W]."""
+        text: prompt states [B, Lt, text_dim] or a `Prompt` -> predicted flow [B, F, C_out, H, W]."""
         cfg = self.config
         b, f, _, height, width = x.shape
         _, ph, pw = cfg.patch_size
@@ -232,13 +251,14 @@ class WanModel(nn.Module):
         tokens = self.patch_embedding(x.to(weight.dtype).transpose(1, 2))  # [B, D, F, h, w]
         tokens = tokens.flatten(3).permute(0, 2, 3, 1)
 
-        # 2. condition: per-frame timestep embedding and modulation, projected prompt
-        temb, modulation, text = self.condition_embedder(t, text.to(weight.dtype))
+        # 2. condition: per-frame timestep embedding and modulation; the prompt's cross-attention K/V
+        temb, modulation = self.condition_embedder(t)
+        prompt = text if isinstance(text, Prompt) else Prompt(self, text)
 
         # 3. transformer blocks; the attention mode decides what each frame sees
         self_attention = self._self_attention(attention, f, grid, x.device)
         for layer, block in enumerate(self.blocks):
-            tokens = block(layer, tokens, modulation, text, self_attention)
+            tokens = block(layer, tokens, modulation, prompt, self_attention)
 
         # 4. output head: per-frame AdaLN, projection, unpatchify -> [B, F, C_out, H, W]
         shift, scale = (self.scale_shift_table + temb.float().unsqueeze(2)).unsqueeze(3).unbind(2)
