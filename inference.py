@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config_path", default=DEFAULT_CONFIG, help="YAML config or preset name")
     p.add_argument("--checkpoint_path", help="model weights; without one the model is random (smoke tests)")
-    p.add_argument("--data_path", help="text file, one prompt a line")
+    p.add_argument("--data_path", help="text file, one prompt a line (default: the config's runtime.prompts)")
     p.add_argument("--prompt", help="a single prompt (instead of --data_path)")
     p.add_argument("--output_folder", default="outputs", help="where videos go (created if needed)")
     p.add_argument("--num_output_frames", type=int, help="latent frames per video (default: the config's)")
@@ -66,9 +66,12 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return load_config(args.config_path, overrides)
 
 
-def read_prompts(args: argparse.Namespace) -> list[str]:
-    if (args.prompt is None) == (args.data_path is None):
-        raise ValueError("give exactly one of --prompt or --data_path")
+def read_prompts(args: argparse.Namespace, cfg: Config) -> list[str]:
+    """--prompt, or the lines of --data_path (default: the config's runtime.prompts file)."""
+    if args.prompt is not None and args.data_path is not None:
+        raise ValueError("give one of --prompt or --data_path, not both")
+    if args.prompt is None and args.data_path is None:
+        args.data_path = str(Path(__file__).resolve().parent / cfg.runtime.prompts)
     if args.prompt is not None:
         prompts = [args.prompt.strip()]
     else:
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_config(args)
         num_frames = args.num_output_frames or cfg.video.num_latent_frames
         num_blocks = check_frames(num_frames, cfg.video.frames_per_block)
-        prompts = read_prompts(args)
+        prompts = read_prompts(args, cfg)
         if args.num_samples < 1:
             raise ValueError(f"--num_samples={args.num_samples} must be at least 1")
         if pipelined:

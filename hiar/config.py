@@ -123,6 +123,8 @@ class RuntimeConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Encode prompts on the CPU and keep the text encoder there (saves ~11 GB of GPU memory for umT5-XXL).
     offload_text_encoder: bool = False
+    # Prompt file (one a line) used when a program is given no prompt.
+    prompts: str = "data/prompts.txt"
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ def test_prompt_file_sharded_across_ranks(tmp_path, monkeypatch):
     (["--prompt", "x", "--num_output_frames", "10"], "not a multiple of the block size 3: use 9 or 12"),
     (["--data_path", "/nonexistent/prompts.txt"], "prompt file /nonexistent/prompts.txt does not exist"),
     (["--prompt", "  "], "no prompts"),
-    (["--prompt", "x", "--data_path", "p.txt"], "exactly one of --prompt or --data_path"),
+    (["--prompt", "x", "--data_path", "p.txt"], "one of --prompt or --data_path, not both"),
     (["--prompt", "x", "model.num_layer=3"], "did you mean 'num_layers'"),
     (["--prompt", "x", "--checkpoint_path", "/nonexistent.safetensors"], "does not exist"),
     (["--prompt", "x", "--config_path", "wan1.3b", "runtime.base_model=/nonexistent"],
@@ -71,6 +71,12 @@ def test_unwritable_output_folder(tmp_path, capsys):
     blocker.write_text("")
     assert inference.main([*TINY, "--prompt", "x", "--output_folder", str(blocker / "out")]) == 2
     assert "is not writable" in capsys.readouterr().err
+
+
+def test_default_prompts_come_from_the_config(tmp_path):
+    assert inference.main([*TINY, "--output_folder", str(tmp_path), "--num_output_frames", "3",
+                           "--save_with_index"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.mp4")) == ["0-0.mp4", "1-0.mp4", "2-0.mp4"]
 
 
 def test_unknown_method_is_refused():
