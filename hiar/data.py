@@ -1,0 +1,80 @@
+"""Data on disk the way the field keeps it: webdataset shards of samples, and prompt lists.
+
+A toy sample in a shard is one key with `frames.npy` (uint8 [F, H, W, 3]), `caption.txt` and
+`params.json` (the clip's ground truth). Prompts come from a text file (one a line) or from any
+file the `datasets` library reads (json, jsonl, csv, parquet) with a `prompt`, `caption` or `text`
+column.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from hiar.toyworld import ToyClip, sample_clip
+
+
+def toy_samples(seed: int, num_frames: int, height: int, width: int, start: int = 0,
+                count: int | None = None) -> Iterator[dict]:
+    """Clips start, start + 1, ... of the toy world, rendered: the stream train/ programs read."""
+    index = start
+    while count is None or index < start + count:
+        clip = sample_clip(seed, index, height, width)
+        yield {"__key__": f"{index:08d}", "frames": clip.render(num_frames), "caption": clip.caption,
+               "params": clip.params()}
+        index += 1
+
+
+def write_shards(samples: Iterable[dict], folder: str | os.PathLike, per_shard: int = 256) -> list[Path]:
+    """Write samples as webdataset shards folder/shard-000000.tar, ...; returns the shard paths."""
+    import webdataset as wds
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(str(folder / "shard-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for s in samples:
+            buf = io.BytesIO()
+            np.save(buf, s["frames"])
+            sink.write({"__key__": s["__key__"], "frames.npy": buf.getvalue(), "caption.txt": s["caption"],
+                        "params.json": json.dumps(s["params"])})
+    return sorted(folder.glob("shard-*.tar"))
+
+
+def read_shards(paths: Iterable[str | os.PathLike]) -> Iterator[dict]:
+    """Samples back from shards, decoded: frames uint8 array, caption str, params dict."""
+    import webdataset as wds
+
+    for raw in wds.WebDataset([str(p) for p in paths], shardshuffle=False):
+        yield {"__key__": raw["__key__"], "frames": np.load(io.BytesIO(raw["frames.npy"])),
+               "caption": raw["caption.txt"].decode(), "params": json.loads(raw["params.json"])}
+
+
+def toy_clip_of(sample: dict) -> ToyClip:
+    return ToyClip.from_params(sample["params"])
+
+
+def load_prompts(path: str | os.PathLike) -> list[str]:
+    """Prompts from a .txt file (one a line) or a dataset file with a prompt/caption/text column."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"prompt source {path} does not exist")
+    if path.suffix == ".txt":
+        prompts = [line.strip() for line in path.read_text().splitlines()]
+    else:
+        import datasets
+
+        kind = {".jsonl": "json"}.get(path.suffix, path.suffix.lstrip("."))
+        table = datasets.load_dataset(kind, data_files=str(path), split="train")
+        column = next((c for c in ("prompt", "caption", "text") if c in table.column_names), None)
+        if column is None:
+            raise ValueError(f"{path}: no prompt, caption or text column (columns: {table.column_names})")
+        prompts = [str(p).strip() for p in table[column]]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return prompts

@@ -1,0 +1,192 @@
+"""The toy world: procedural, captioned, flat-shaded videos in which every stage of the recipe runs on a CPU.
+
+One or two shapes (circle, square, triangle) in named colours move at constant speed on a named
+background and bounce off the borders. A clip is a pure function of (seed, index); it renders any
+number of frames from any start frame, and the world is stationary, so a long video has the same
+statistics as a short one. Each clip carries its caption ("a red circle moving left on a dark blue
+background") and its ground-truth parameters. `measure_frame` recovers, from any RGB frame, the
+background colour and each object's colour, area and centroid by nearest-palette segmentation: the
+ground-truth fidelity metric of the evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+# Palettes (RGB). Object colours are far from each other and from every background.
+OBJECT_COLOURS = {
+    "red": (220, 40, 40), "green": (40, 190, 70), "blue": (60, 110, 240), "yellow": (240, 220, 40),
+    "white": (245, 245, 245), "orange": (250, 140, 20), "purple": (170, 70, 220), "cyan": (40, 220, 220),
+}
+BACKGROUNDS = {
+    "black": (10, 10, 10), "dark blue": (20, 30, 90), "dark gray": (70, 70, 70), "dark green": (15, 70, 30),
+    "dark purple": (60, 20, 70),
+}
+SHAPES = ("circle", "square", "triangle")
+# Unit direction vectors (x right, y down) and their names in captions.
+DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
+
+
+@dataclass(frozen=True)
+class ToyObject:
+    shape: str
+    colour: str
+    size: float  # half-extent in pixels (circle radius, half side, half base/height of the triangle)
+    x: float  # centre of the bounding box at frame 0
+    y: float
+    direction: str
+    speed: float  # pixels per frame
+
+    @property
+    def area(self) -> float:
+        r = self.size
+        return {"circle": math.pi * r * r, "square": 4 * r * r, "triangle": 2 * r * r}[self.shape]
+
+    def centre(self, frame: float, height: int, width: int) -> tuple[float, float]:
+        """Bounding-box centre at `frame`, bouncing off the borders (a triangle wave in each axis)."""
+        dx, dy = DIRECTIONS[self.direction]
+        return (_bounce(self.x + dx * self.speed * frame, self.size, width),
+                _bounce(self.y + dy * self.speed * frame, self.size, height))
+
+    def centroid(self, frame: float, height: int, width: int) -> tuple[float, float]:
+        """Centre of mass (the triangle's lies a third of its height below the box centre)."""
+        x, y = self.centre(frame, height, width)
+        return x, y + (self.size / 3 if self.shape == "triangle" else 0.0)
+
+
+def _bounce(p: float, margin: float, extent: int) -> float:
+    span = extent - 2 * margin
+    u = (p - margin) % (2 * span)
+    return margin + (u if u <= span else 2 * span - u)
+
+
+@dataclass(frozen=True)
+class ToyClip:
+    background: str
+    objects: tuple[ToyObject, ...]
+    height: int = 64
+    width: int = 64
+
+    @property
+    def caption(self) -> str:
+        things = " and ".join(f"{'an' if o.colour[0] in 'aeiou' else 'a'} {o.colour} {o.shape} moving {o.direction}"
+                              for o in self.objects)
+        return f"{things} on a {self.background} background"
+
+    def params(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_params(params: dict) -> ToyClip:
+        return ToyClip(params["background"], tuple(ToyObject(**o) for o in params["objects"]),
+                       params["height"], params["width"])
+
+    def render(self, num_frames: int, start: int = 0) -> np.ndarray:
+        """Frames start .. start + num_frames - 1 as uint8 [F, H, W, 3]."""
+        ys, xs = np.mgrid[0:self.height, 0:self.width] + 0.5  # pixel centres
+        frames = np.empty((num_frames, self.height, self.width, 3), np.uint8)
+        for i in range(num_frames):
+            frame = frames[i]
+            frame[:] = BACKGROUNDS[self.background]
+            for obj in self.objects:  # later objects are drawn over earlier ones
+                cx, cy = obj.centre(start + i, self.height, self.width)
+                frame[_inside(obj.shape, xs - cx, ys - cy, obj.size)] = OBJECT_COLOURS[obj.colour]
+        return frames
+
+
+def _inside(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+    if shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if shape == "square":
+        return (np.abs(dx) <= r) & (np.abs(dy) <= r)
+    # upright isosceles triangle: apex at the top of the box, base (width 2r) at the bottom
+    return (dy >= -r) & (dy <= r) & (np.abs(dx) <= (dy + r) / 2)
+
+
+def sample_clip(seed: int, index: int, height: int = 64, width: int = 64, max_objects: int = 2) -> ToyClip:
+    """Clip `index` of the world with this seed: a pure function of its arguments."""
+    rng = random.Random(f"toyworld/{seed}/{index}")
+    background = rng.choice(sorted(BACKGROUNDS))
+    colours = rng.sample(sorted(OBJECT_COLOURS), k=rng.randint(1, max_objects))  # distinct colours
+    objects = []
+    for colour in colours:
+        size = rng.uniform(5.0, 9.0)
+        objects.append(ToyObject(shape=rng.choice(SHAPES), colour=colour, size=size,
+                                 x=rng.uniform(size, width - size), y=rng.uniform(size, height - size),
+                                 direction=rng.choice(sorted(DIRECTIONS)), speed=rng.uniform(0.75, 2.5)))
+    return ToyClip(background, tuple(objects), height, width)
+
+
+def clip_to_video(frames: np.ndarray) -> np.ndarray:
+    """uint8 [F, H, W, 3] -> float32 [F, 3, H, W] in [-1, 1], the codecs' input."""
+    return frames.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1
+
+
+# -- captions -----------------------------------------------------------------------------------------
+
+_THING = re.compile(r"an? ([a-z ]+?) (circle|square|triangle) moving (left|right|up|down)")
+
+
+def parse_caption(caption: str) -> dict | None:
+    """'a red circle moving left on a dark blue background' -> {'background', 'objects': [...]}, or None
+    for a caption outside the toy world's grammar."""
+    head, sep, background = caption.strip().rpartition(" on a ")
+    background = background.removesuffix(" background")
+    things = [_THING.fullmatch(part.strip()) for part in head.split(" and ")]
+    if not sep or background not in BACKGROUNDS or not all(things):
+        return None
+    return {"background": background,
+            "objects": [{"colour": m[1], "shape": m[2], "direction": m[3]} for m in things]}
+
+
+# -- measurement --------------------------------------------------------------------------------------
+
+_PALETTE_NAMES = [*BACKGROUNDS, *OBJECT_COLOURS]
+_PALETTE = np.array([*BACKGROUNDS.values(), *OBJECT_COLOURS.values()], dtype=np.float32)  # [P, 3]
+
+
+@dataclass(frozen=True)
+class MeasuredObject:
+    colour: str
+    area: int  # pixels
+    centroid: tuple[float, float]  # (x, y) in pixels
+
+
+@dataclass(frozen=True)
+class FrameMeasurement:
+    background: str
+    background_error: float  # mean RGB distance of the background pixels to the named colour
+    objects: tuple[MeasuredObject, ...]  # by decreasing area
+
+
+def measure_frame(frame: np.ndarray, min_area: int = 6, max_distance: float = 90.0) -> FrameMeasurement:
+    """Segment an RGB frame (uint8 [H, W, 3]) by nearest palette colour.
+
+    The background is the background colour covering most pixels; every object colour covering at least
+    `min_area` pixels is an object, with its area and centroid. Pixels farther than `max_distance` from
+    every palette colour count as neither (generated frames are not exactly flat).
+    """
+    pixels = frame.reshape(-1, 3).astype(np.float32)
+    distance = np.linalg.norm(pixels[:, None, :] - _PALETTE[None], axis=-1)  # [H*W, P]
+    label = distance.argmin(axis=1)
+    label[distance.min(axis=1) > max_distance] = -1
+    counts = np.bincount(label[label >= 0], minlength=len(_PALETTE))
+    nb = len(BACKGROUNDS)
+    bg = int(counts[:nb].argmax())
+    bg_pixels = label == bg
+    bg_error = float(distance[bg_pixels, bg].mean()) if bg_pixels.any() else float("inf")
+    ys, xs = np.divmod(np.arange(len(label)), frame.shape[1])
+    objects = []
+    for p in range(nb, len(_PALETTE)):
+        if counts[p] >= min_area:
+            mask = label == p
+            objects.append(MeasuredObject(_PALETTE_NAMES[p], int(counts[p]),
+                                          (float(xs[mask].mean() + 0.5), float(ys[mask].mean() + 0.5))))
+    objects.sort(key=lambda o: -o.area)
+    return FrameMeasurement(_PALETTE_NAMES[bg], bg_error, tuple(objects))

@@ -1,0 +1,88 @@
+import json
+
+import numpy as np
+import pytest
+
+from hiar.data import load_prompts, read_shards, toy_samples, write_shards
+from hiar.toyworld import (BACKGROUNDS, DIRECTIONS, OBJECT_COLOURS, SHAPES, ToyClip, ToyObject, measure_frame,
+                           parse_caption, sample_clip)
+
+
+def test_measuring_a_rendered_frame_recovers_its_parameters():
+    checked = 0
+    for index in range(60):
+        clip = sample_clip(seed=0, index=index)
+        frame_index = index % 17
+        m = measure_frame(clip.render(1, start=frame_index)[0])
+        assert m.background == clip.background and m.background_error < 1e-3
+        if len(clip.objects) == 2:
+            (x0, y0), (x1, y1) = (o.centre(frame_index, 64, 64) for o in clip.objects)
+            if abs(x0 - x1) < sum(o.size for o in clip.objects) + 1 and abs(y0 - y1) < sum(o.size for o in clip.objects) + 1:
+                continue  # overlapping shapes occlude each other: areas are not the clip's
+        found = {o.colour: o for o in m.objects}
+        assert set(found) == {o.colour for o in clip.objects}
+        for obj in clip.objects:
+            got = found[obj.colour]
+            assert abs(got.area - obj.area) <= 2.5 * obj.size + 4  # rasterisation error ~ the perimeter
+            cx, cy = obj.centroid(frame_index, 64, 64)
+            assert abs(got.centroid[0] - cx) < 0.6 and abs(got.centroid[1] - cy) < 0.6
+        checked += 1
+    assert checked > 40
+
+
+def test_world_is_deterministic_and_covers_its_vocabulary():
+    assert sample_clip(3, 7) == sample_clip(3, 7) and sample_clip(3, 7) != sample_clip(3, 8)
+    clips = [sample_clip(0, i) for i in range(400)]
+    assert {c.background for c in clips} == set(BACKGROUNDS)
+    assert {o.colour for c in clips for o in c.objects} == set(OBJECT_COLOURS)
+    assert {o.shape for c in clips for o in c.objects} == set(SHAPES)
+    assert {len(c.objects) for c in clips} == {1, 2}
+    assert len(OBJECT_COLOURS) >= 6
+
+
+def test_motion_bounces_and_is_stationary_over_long_videos():
+    obj = ToyObject("square", "red", 6.0, 10.0, 30.0, "left", 2.0)
+    xs = [obj.centre(t, 64, 64)[0] for t in range(5000)]
+    assert min(xs) >= 6.0 - 1e-9 and max(xs) <= 58.0 + 1e-9
+    steps = np.abs(np.diff(xs))
+    assert np.allclose(steps[steps > 1.999], 2.0) and (steps > 1.999).mean() > 0.9  # constant speed between bounces
+    assert xs[1] < xs[0]  # starts moving left
+    clip = ToyClip("black", (obj,))
+    late = clip.render(3, start=100_000)
+    assert late.shape == (3, 64, 64, 3) and measure_frame(late[0]).objects[0].colour == "red"
+
+
+def test_captions_round_trip():
+    for i in range(50):
+        clip = sample_clip(1, i)
+        parsed = parse_caption(clip.caption)
+        assert parsed["background"] == clip.background
+        assert [(o["colour"], o["shape"], o["direction"]) for o in parsed["objects"]] == \
+               [(o.colour, o.shape, o.direction) for o in clip.objects]
+    assert parse_caption("A cat sitting on a windowsill") is None
+    assert ToyClip("black", (ToyObject("circle", "orange", 5, 9, 9, "up", 1),)).caption == \
+        "an orange circle moving up on a black background"
+    assert set(DIRECTIONS) == {"left", "right", "up", "down"}
+
+
+def test_webdataset_shards_round_trip(tmp_path):
+    samples = list(toy_samples(seed=2, num_frames=5, height=32, width=32, count=7))
+    shards = write_shards(iter(samples), tmp_path, per_shard=3)
+    assert len(shards) == 3
+    back = list(read_shards(shards))
+    assert [s["__key__"] for s in back] == [s["__key__"] for s in samples]
+    for a, b in zip(samples, back):
+        assert np.array_equal(a["frames"], b["frames"]) and a["caption"] == b["caption"]
+        assert ToyClip.from_params(b["params"]) == ToyClip.from_params(a["params"])
+
+
+def test_prompts_from_text_and_dataset_files(tmp_path):
+    (tmp_path / "p.txt").write_text("one\n\n two \n")
+    assert load_prompts(tmp_path / "p.txt") == ["one", "two"]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"caption": c}) for c in ["a", "b"]) + "\n")
+    assert load_prompts(tmp_path / "p.jsonl") == ["a", "b"]
+    with pytest.raises(FileNotFoundError):
+        load_prompts(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        load_prompts(tmp_path / "empty.txt")
