@@ -127,6 +127,51 @@ class RuntimeConfig:
     prompts: str = "data/prompts.txt"
 
 
+@dataclass
+class TrainConfig:
+    """A training run (teacher, ODE initialisation, distillation): optimisation, DeepSpeed, bookkeeping."""
+
+    output_dir: str = "runs/train"
+    steps: int = 1000
+    batch_size: int = 4  # per rank and micro-step
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    seed: int = 0
+    deepspeed: str = "configs/deepspeed/zero0.json"  # ZeRO stage, offload; batch, clip and precision come from here
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    log_every: int = 10
+    save_every: int = 500
+    sample_every: int = 0  # 0: no sample videos during training
+    max_nonfinite: int = 10  # skipped steps with a non-finite loss before the run aborts
+    wandb: Literal["disabled", "offline", "online"] = "disabled"
+    caption_dropout: float = 0.1  # teacher: empty prompt this often, for classifier-free guidance
+    negative_prompt: str = ""
+    guidance_scale: float = 3.0  # teacher samples and ODE trajectories
+    sample_steps: int = 48  # Euler steps of teacher sampling
+    sample_shift: float = 8.0
+
+
+@dataclass
+class ODEConfig:
+    """Teacher ODE trajectories (for ODE initialisation and the forward-KL regulariser)."""
+
+    teacher: str = "runs/toy/teacher/model.safetensors"
+    prompts: str = "toyworld"  # "toyworld" (captions of the world's clips) or a prompt file
+    num_trajectories: int = 1000
+    steps: int = 48  # Euler steps of the teacher
+    shift: float = 8.0
+    guidance_scale: float = 6.0
+    output_dir: str = "runs/toy/ode_pairs"
+    per_shard: int = 64
+    storage_dtype: Literal["float32", "bfloat16", "float16"] = "float16"
+    seed: int = 0
+    batch_size: int = 4  # trajectories integrated together
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Token geometry derived from a `Config`; the only place token counts come from."""
@@ -160,6 +205,8 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ode: ODEConfig = field(default_factory=ODEConfig)
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.runtime.dtype == "auto":

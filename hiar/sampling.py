@@ -261,3 +261,31 @@ def sample_video(model: WanModel, text: torch.Tensor, cfg: Config, noise: CellNo
     """The whole clean latent video [B, num_blocks * k, C, h, w]."""
     blocks = dict(generate(model, text, cfg, noise, num_blocks, stats))
     return torch.cat([blocks[n] for n in range(num_blocks)], dim=1)
+
+
+# -- the bidirectional teacher ----------------------------------------------------------------------
+
+
+def guided(model: WanModel, text: torch.Tensor, negative: torch.Tensor, scale: float) -> Callable:
+    """Classifier-free guidance as a denoiser: (x, t) -> v_neg + scale * (v_text - v_neg), one batched forward."""
+    prompts = model.prompt(torch.cat([text, negative.expand_as(text)]))
+
+    def flow(x: torch.Tensor, t: float) -> torch.Tensor:
+        v_text, v_neg = model(torch.cat([x, x]), t, prompts).chunk(2)
+        return v_neg + scale * (v_text - v_neg)
+
+    return flow
+
+
+@torch.no_grad()
+def teacher_ode(denoiser: Callable, timesteps: torch.Tensor, noise: torch.Tensor, flow: FlowMatching,
+                keep: Sequence[int] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Euler steps of the probability-flow ODE over `timesteps` (t_0 > ... > t_N = 0) from `noise`
+    [B, F, C, h, w], all frames at once. Returns the clean latents and {i: x at t_i} for i in `keep`."""
+    x, points = noise, {}
+    for i, (t, t_next) in enumerate(zip(timesteps[:-1].tolist(), timesteps[1:].tolist())):
+        if i in keep:
+            points[i] = x
+        x0 = flow.x0_from_flow(x, denoiser(x, t), t)
+        x = flow.ode_step(x, x0, t, t_next) if t_next > 0 else x0
+    return x, points

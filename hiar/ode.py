@@ -1,0 +1,71 @@
+"""Teacher ODE trajectories on disk: which points to keep, how shards are written and read back.
+
+A trajectory is the teacher's Euler integration (`sampling.teacher_ode`) of one prompt from one noise
+draw. It keeps the points whose timesteps lie nearest the student's step list (their exact
+timesteps are stored with them) and the final clean latents. Trajectories are grouped into shards of
+`per_shard`; shard i always holds trajectories i * per_shard ... so a restarted run skips shards that
+exist (each is written to a temporary name and renamed) and never duplicates or corrupts one. Ranks
+take shards i = rank, rank + world, ...; the manifest lists every shard once all are written.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from hiar.atomic import atomic_path
+
+
+def aligned_indices(teacher_timesteps: torch.Tensor, student_timesteps: torch.Tensor) -> list[int]:
+    """For each student timestep, the index of the nearest point of the teacher's schedule."""
+    grid = teacher_timesteps[:-1]  # the last point is t = 0, the output
+    return [int((grid - t).abs().argmin()) for t in student_timesteps]
+
+
+def shard_path(folder: Path, shard: int) -> Path:
+    return folder / f"shard-{shard:06d}.tar"
+
+
+def write_shard(path: Path, records: list[dict], dtype: torch.dtype) -> None:
+    """records: {key, caption, points [K, F, C, h, w], timesteps [K], final [F, C, h, w]} -> one webdataset
+    tar, atomically; latents stored as safetensors in `dtype` (bfloat16 and float16 halve the disk)."""
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w") as tar:
+        for r in records:
+            latents = torch.cat([r["points"], r["final"][None]]).to(dtype).contiguous()  # [K + 1, F, C, h, w]
+            members = {"latents.safetensors": st_save({"latents": latents}), "caption.txt": r["caption"].encode(),
+                       "timesteps.json": json.dumps([float(t) for t in r["timesteps"]]).encode()}
+            for suffix, data in members.items():
+                info = tarfile.TarInfo(f"{r['key']}.{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def read_trajectories(folder: str | os.PathLike) -> Iterator[dict]:
+    """Trajectories of the shards listed in folder/manifest.json: points [K, ...], timesteps [K], final, caption."""
+    import webdataset as wds
+
+    folder = Path(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for raw in wds.WebDataset([str(folder / s["file"]) for s in manifest["shards"]], shardshuffle=False):
+        latents = st_load(raw["latents.safetensors"])["latents"].float()
+        yield {"key": raw["__key__"], "caption": raw["caption.txt"].decode(), "points": latents[:-1],
+               "final": latents[-1], "timesteps": torch.tensor(json.loads(raw["timesteps.json"]))}
+
+
+def write_manifest(folder: Path, num_shards: int, per_shard: int, total: int, info: dict) -> Path:
+    shards = [{"file": shard_path(folder, i).name, "count": min(per_shard, total - i * per_shard)}
+              for i in range(num_shards)]
+    missing = [s["file"] for s in shards if not (folder / s["file"]).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: shards {missing[:4]} are missing; rerun to complete them")
+    with atomic_path(folder / "manifest.json") as tmp:
+        tmp.write_text(json.dumps({**info, "trajectories": total, "shards": shards}, indent=1))
+    return folder / "manifest.json"

@@ -1,0 +1,92 @@
+"""What the toy-world training programs share: batches of rendered clips, cached prompt states, the
+flow-matching loss, and teacher sample videos."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from hiar.codecs import Codec
+from hiar.config import Config
+from hiar.flow import FlowMatching
+from hiar.models import AttentionMode, Bidirectional, WanModel
+from hiar.sampling import guided, teacher_ode
+from hiar.text import TextEncoder
+from hiar.toyworld import clip_to_video, sample_clip
+
+
+class PromptBank:
+    """Prompt states by caption, computed once each (captions repeat across the world)."""
+
+    def __init__(self, encoder: TextEncoder):
+        self._encode = lru_cache(maxsize=65536)(lambda caption: encoder([caption])[0])
+
+    def __call__(self, captions: Sequence[str]) -> torch.Tensor:
+        return torch.stack([self._encode(c) for c in captions])
+
+
+def toy_batch(cfg: Config, codec: Codec, step: int, rank: int, world: int) -> tuple[torch.Tensor, list[str]]:
+    """Latents [B, F, C, h, w] and captions of the clips rank `rank` trains on at `step`."""
+    b, v = cfg.train.batch_size, cfg.video
+    first = (step * world + rank) * b
+    clips = [sample_clip(cfg.train.seed, first + i, v.height, v.width) for i in range(b)]
+    video = torch.stack([torch.from_numpy(clip_to_video(c.render(v.num_latent_frames))) for c in clips])
+    return codec.encode(video), [c.caption for c in clips]
+
+
+def flow_matching_loss(model: torch.nn.Module, x0: torch.Tensor, text: torch.Tensor, flow: FlowMatching,
+                       attention: AttentionMode = Bidirectional()) -> torch.Tensor:
+    """MSE between the predicted and the true flow at shifted-uniform noise levels, one per sample."""
+    sigma = flow.shifted(torch.rand(x0.shape[0]))
+    noise = torch.randn_like(x0)
+    t = flow.timestep(sigma)
+    pred = model(flow.add_noise(x0, noise, t), t, text, attention)
+    return (pred.float() - flow.flow_target(x0, noise).float()).square().mean()
+
+
+def drop_captions(captions: list[str], p: float, negative: str) -> list[str]:
+    """Replace each caption by the negative prompt with probability p (classifier-free guidance)."""
+    return [negative if torch.rand(()) < p else c for c in captions]
+
+
+@torch.no_grad()
+def write_teacher_samples(model: WanModel, codec: Codec, bank: PromptBank, cfg: Config, prompts: Sequence[str],
+                          folder: Path, tag: str) -> list[Path]:
+    """Sample each prompt with the teacher ODE and CFG; write mp4s named <tag>-<i>.mp4."""
+    from hiar.video import VideoWriter
+
+    t, geo = cfg.train, cfg.geometry
+    flow = FlowMatching(t.sample_shift)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(len(prompts), geo.num_latent_frames, cfg.model.in_channels, geo.latent_height,
+                        geo.latent_width, generator=g)
+    denoiser = guided(model, bank(prompts), bank([t.negative_prompt]), t.guidance_scale)
+    x0, _ = teacher_ode(denoiser, flow.sampling_timesteps(t.sample_steps), noise, FlowMatching(t.sample_shift))
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, video in enumerate(codec.decode(x0)):
+        paths.append(folder / f"{tag}-{i}.mp4")
+        with VideoWriter(paths[-1], cfg.video.fps, cfg.video.height, cfg.video.width) as w:
+            w.write(video)
+    return paths
+
+
+def trajectory_batch(trajectories: list[dict], cfg: Config, step: int, rank: int,
+                     world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """The ODE-regression batch of rank `rank` at `step`: for every block a random stored point.
+
+    Returns inputs x [B, F, C, h, w], per-frame timesteps [B, F], targets (the trajectories' clean
+    ends) and captions. Trajectories are taken in order, wrapping around.
+    """
+    b, k = cfg.train.batch_size, cfg.video.frames_per_block
+    chosen = [trajectories[((step * world + rank) * b + i) % len(trajectories)] for i in range(b)]
+    xs, ts = [], []
+    for traj in chosen:
+        num_points, frames = traj["points"].shape[:2]
+        pick = torch.randint(num_points, (frames // k,)).repeat_interleave(k)  # one point per block
+        xs.append(traj["points"][pick, torch.arange(frames)])
+        ts.append(traj["timesteps"][pick])
+    return torch.stack(xs), torch.stack(ts), torch.stack([c["final"] for c in chosen]), [c["caption"] for c in chosen]

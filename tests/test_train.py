@@ -1,0 +1,84 @@
+"""Training programs on the tiny preset: a few steps, then resume; the resumed run equals the straight one."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "train"))
+import teacher  # noqa: E402
+
+TINY_TEACHER = ["--config_path", "tiny", "train.batch_size=2", "train.log_every=1", "train.save_every=2",
+                "train.sample_every=0", "train.warmup_steps=2"]
+
+
+def weights(folder: Path) -> dict:
+    return load_file(folder / "model.safetensors")
+
+
+def test_teacher_resume_equals_an_uninterrupted_run(tmp_path):
+    teacher.main([*TINY_TEACHER, "train.steps=4", f"train.output_dir={tmp_path / 'straight'}"])
+    teacher.main([*TINY_TEACHER, "train.steps=2", f"train.output_dir={tmp_path / 'split'}"])
+    teacher.main([*TINY_TEACHER, "train.steps=4", f"train.output_dir={tmp_path / 'split'}", "--resume"])
+    straight, split = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    assert straight.keys() == split.keys()
+    assert all(torch.equal(straight[k], split[k]) for k in straight)
+    ckpts = tmp_path / "split" / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step-00000004"
+    assert not list(ckpts.glob(".*.tmp"))  # nothing half-written left behind
+    # training moved the weights
+    fresh = teacher.WanModel(teacher.load_config("tiny").model).state_dict()
+    assert any(not torch.equal(fresh[k], straight[k]) for k in fresh if fresh[k].shape == straight[k].shape)
+
+
+def test_teacher_writes_samples(tmp_path):
+    teacher.main([*TINY_TEACHER, "train.steps=1", "train.sample_every=1", "train.sample_steps=2",
+                  f"train.output_dir={tmp_path}"])
+    assert len(list((tmp_path / "samples").glob("step-00000001-*.mp4"))) == 2
+
+
+def test_non_finite_losses_abort_with_a_message(tmp_path, monkeypatch):
+    monkeypatch.setattr(teacher, "flow_matching_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(SystemExit) as exit_info:
+        teacher.main_guard(lambda: teacher.main([*TINY_TEACHER, "train.steps=5", "train.max_nonfinite=2",
+                                                 f"train.output_dir={tmp_path}"]))
+    assert exit_info.value.code == 3
+
+
+def test_ode_pairs_then_ode_init(tmp_path):
+    import ode_init
+    import ode_pairs
+
+    from hiar.checkpoints import save_model
+    from hiar.config import load_config
+    from hiar.ode import read_trajectories
+
+    from conftest import random_model
+
+    cfg = load_config("tiny")
+    teacher_path = save_model(random_model(cfg), cfg, tmp_path / "teacher.safetensors")
+    pairs = ["--config_path", "tiny", f"ode.teacher={teacher_path}", f"ode.output_dir={tmp_path / 'pairs'}",
+             "ode.num_trajectories=5", "ode.per_shard=2", "ode.steps=8", "ode.batch_size=2"]
+    ode_pairs.main(pairs)
+    shards = sorted((tmp_path / "pairs").glob("shard-*.tar"))
+    assert len(shards) == 3
+    # a killed run resumes: a missing shard is made again, finished ones are not touched
+    kept = shards[0].stat().st_mtime_ns
+    shards[1].unlink()
+    ode_pairs.main(pairs)
+    assert shards[1].is_file() and shards[0].stat().st_mtime_ns == kept
+    trajectories = list(read_trajectories(tmp_path / "pairs"))
+    assert [t["key"] for t in trajectories] == [f"{i:08d}" for i in range(5)]
+    t = trajectories[0]
+    assert t["points"].shape == (4, 9, 16, 4, 4) and t["final"].shape == (9, 16, 4, 4)
+    assert t["timesteps"][0] == 1000 and (t["timesteps"][1:] < t["timesteps"][:-1]).all()
+
+    init = ["--config_path", "tiny", f"ode.teacher={teacher_path}", f"ode.output_dir={tmp_path / 'pairs'}",
+            "train.batch_size=2", "train.save_every=1", "train.warmup_steps=1"]
+    ode_init.main([*init, "train.steps=2", f"train.output_dir={tmp_path / 'straight'}"])
+    ode_init.main([*init, "train.steps=1", f"train.output_dir={tmp_path / 'split'}"])
+    ode_init.main([*init, "train.steps=2", f"train.output_dir={tmp_path / 'split'}", "--resume"])
+    straight, split = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    assert all(torch.equal(straight[k], split[k]) for k in straight)

@@ -1,0 +1,62 @@
+"""Train the toy world's bidirectional teacher by flow matching (with caption dropout for CFG).
+
+    deepspeed train/teacher.py --config_path configs/toy/teacher.yaml
+    python train/teacher.py --config_path configs/toy/teacher.yaml --resume      # one process
+
+Writes checkpoints/, samples/ and, at the end, model.safetensors under train.output_dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+from hiar.codecs import build_codec  # noqa: E402
+from hiar.config import load_config  # noqa: E402
+from hiar.data import load_prompts  # noqa: E402
+from hiar.flow import FlowMatching  # noqa: E402
+from hiar.models import WanModel  # noqa: E402
+from hiar.text import build_text_encoder  # noqa: E402
+from hiar.toytrain import PromptBank, drop_captions, flow_matching_loss, toy_batch, write_teacher_samples  # noqa: E402
+from hiar.training import Trainer, main_guard, seed_step  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config_path", default="configs/toy/teacher.yaml")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    cfg = load_config(args.config_path, args.overrides)
+    codec, bank = build_codec(cfg), PromptBank(build_text_encoder(cfg))
+    flow = FlowMatching(cfg.schedule.shift)
+    seed_step(cfg.train.seed, step=-1, rank=0)  # the initial weights, identical on every rank and run
+    trainer = Trainer(cfg, WanModel(cfg.model), resume=args.resume)
+    prompts = load_prompts(Path(__file__).resolve().parent.parent / cfg.runtime.prompts)[:2]
+
+    def loss_fn(model, step):
+        x0, captions = toy_batch(cfg, codec, step, trainer.rank, trainer.world)
+        text = bank(drop_captions(captions, cfg.train.caption_dropout, cfg.train.negative_prompt))
+        return flow_matching_loss(model, x0, text, flow)
+
+    def on_sample(step):
+        if trainer.rank == 0:
+            for path in write_teacher_samples(trainer.model, codec, bank, cfg, prompts, trainer.out / "samples",
+                                              f"step-{step:08d}"):
+                trainer.log(f"sample: {path}")
+
+    trainer.fit(loss_fn, on_sample)
+    if trainer.step >= cfg.train.steps:
+        trainer.log(f"model: {trainer.export()}")
+
+
+if __name__ == "__main__":
+    main_guard(main)
