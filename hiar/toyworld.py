@@ -190,3 +190,25 @@ def measure_frame(frame: np.ndarray, min_area: int = 6, max_distance: float = 90
                                           (float(xs[mask].mean() + 0.5), float(ys[mask].mean() + 0.5))))
     objects.sort(key=lambda o: -o.area)
     return FrameMeasurement(_PALETTE_NAMES[bg], bg_error, tuple(objects))
+
+
+def caption_fidelity(frames: np.ndarray, caption: str) -> dict:
+    """How well a video (uint8 [F, H, W, 3]) shows its toy caption, frame by frame.
+
+    background: fraction of frames whose measured background is the prompted one; objects: fraction of
+    frames showing every prompted object colour; speed: median centroid displacement per frame (pixels)
+    of each prompted colour, over consecutive frames where it is seen.
+    """
+    wanted = parse_caption(caption)
+    if wanted is None:
+        raise ValueError(f"not a toy-world caption: {caption!r}")
+    colours = [o["colour"] for o in wanted["objects"]]
+    measured = [measure_frame(f) for f in frames]
+    tracks = {c: [next((o.centroid for o in m.objects if o.colour == c), None) for m in measured] for c in colours}
+    speeds = {}
+    for c, track in tracks.items():
+        steps = [math.dist(a, b) for a, b in zip(track, track[1:]) if a is not None and b is not None]
+        speeds[c] = float(np.median(steps)) if steps else float("nan")
+    return {"background": float(np.mean([m.background == wanted["background"] for m in measured])),
+            "objects": float(np.mean([all(t[i] is not None for t in tracks.values()) for i in range(len(frames))])),
+            "speed": speeds}

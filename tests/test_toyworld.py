@@ -86,3 +86,13 @@ def test_prompts_from_text_and_dataset_files(tmp_path):
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(ValueError, match="holds no prompts"):
         load_prompts(tmp_path / "empty.txt")
+
+
+def test_caption_fidelity_of_a_rendered_clip_is_perfect():
+    from hiar.toyworld import caption_fidelity
+
+    clip = ToyClip("dark blue", (ToyObject("circle", "red", 6.0, 20.0, 30.0, "right", 1.5),))
+    f = caption_fidelity(clip.render(10), clip.caption)
+    assert f["background"] == 1.0 and f["objects"] == 1.0 and abs(f["speed"]["red"] - 1.5) < 0.05
+    wrong = caption_fidelity(clip.render(10), "a green square moving up on a black background")
+    assert wrong["background"] == 0.0 and wrong["objects"] == 0.0
