@@ -52,14 +52,18 @@ class ToyDCTCodec:
     Colours go to an orthonormal opponent space (luma (r+g+b)/sqrt3, chroma (r-g)/sqrt2 and
     (r+g-2b)/sqrt6); each 8x8 patch keeps the low frequencies u + v <= 3 of luma (10 coefficients)
     and u + v <= 1 of each chroma channel (3 + 3). Rows of the resulting [16, 192] map are
-    orthonormal, so decoding is its transpose: the least-squares reconstruction. Coefficients are
-    divided by 8, which puts a flat patch's luma DC at sqrt3 * value, within about [-2, 2]. Each
-    latent frame is one video frame (temporal stride 1), so streaming decode is exact by construction.
+    orthonormal, so decoding is its transpose: the least-squares reconstruction. Each coefficient is
+    then standardised with the toy world's per-channel mean and std (`MEAN`, `STD`, measured on its
+    clips; tests/test_codecs_and_io.py re-measures them), as Wan normalises its VAE latents: a
+    diffusion model needs latents of unit scale (raw, the high frequencies of flat-shaded clips are
+    30x smaller than the noise). Each latent frame is one video frame (temporal stride 1), so streaming
+    decode is exact by construction.
     """
 
     latent_channels = 16
     patch = 8
-    scale = 8.0
+    MEAN = (-8.42, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -0.19, 0.0, 0.0, -0.68, 0.0, 0.0)
+    STD = (3.01, 0.95, 0.91, 0.45, 0.43, 0.43, 0.26, 0.27, 0.23, 0.28, 1.62, 0.42, 0.42, 1.82, 0.50, 0.48)
 
     def __init__(self) -> None:
         p = self.patch
@@ -74,16 +78,24 @@ class ToyDCTCodec:
                     patch = torch.outer(dct[u], dct[v])  # [p, p]
                     rows.append(torch.einsum("c,hw->chw", colour[channel], patch).flatten())
         self.basis = torch.stack(rows).float()  # [16, 3 * p * p], orthonormal rows
+        self.mean = torch.tensor(self.MEAN).view(1, -1, 1, 1)
+        self.std = torch.tensor(self.STD).view(1, -1, 1, 1)
 
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
+    def coefficients(self, video: torch.Tensor) -> torch.Tensor:
+        """[B, F, 3, H, W] -> raw orthonormal coefficients [B, F, 16, H/8, W/8] (before standardising)."""
         b, f = video.shape[:2]
         patches = F.pixel_unshuffle(video.flatten(0, 1).float(), self.patch)  # [B*F, 3*p*p, h, w]
-        coeffs = torch.einsum("kc,nchw->nkhw", self.basis.to(video.device), patches)
-        return (coeffs / self.scale).unflatten(0, (b, f))
+        return torch.einsum("kc,nchw->nkhw", self.basis.to(video.device), patches).unflatten(0, (b, f))
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        coeffs = self.coefficients(video)
+        return (coeffs - self.mean.to(coeffs.device)) / self.std.to(coeffs.device)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         b, f = latents.shape[:2]
-        patches = torch.einsum("kc,nkhw->nchw", self.basis.to(latents.device), latents.flatten(0, 1).float() * self.scale)
+        dev = latents.device
+        coeffs = latents.flatten(0, 1).float() * self.std.to(dev) + self.mean.to(dev)
+        patches = torch.einsum("kc,nkhw->nchw", self.basis.to(dev), coeffs)
         return F.pixel_shuffle(patches, self.patch).clamp(-1, 1).unflatten(0, (b, f))
 
     def stream_decoder(self) -> ToyDCTCodec:

@@ -149,6 +149,7 @@ class TrainConfig:
     max_nonfinite: int = 10  # skipped steps with a non-finite loss before the run aborts
     wandb: Literal["disabled", "offline", "online"] = "disabled"
     caption_dropout: float = 0.1  # teacher: empty prompt this often, for classifier-free guidance
+    timestep_shift: float = 3.0  # teacher: noise levels sigma = shift(u), u ~ U(0, 1)
     negative_prompt: str = ""
     guidance_scale: float = 3.0  # teacher samples and ODE trajectories
     sample_steps: int = 48  # Euler steps of teacher sampling

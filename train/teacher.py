@@ -37,7 +37,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = load_config(args.config_path, args.overrides)
     codec, bank = build_codec(cfg), PromptBank(build_text_encoder(cfg))
-    flow = FlowMatching(cfg.schedule.shift)
+    flow = FlowMatching(cfg.train.timestep_shift)
     seed_step(cfg.train.seed, step=-1, rank=0)  # the initial weights, identical on every rank and run
     trainer = Trainer(cfg, WanModel(cfg.model), resume=args.resume)
     prompts = load_prompts(Path(__file__).resolve().parent.parent / cfg.runtime.prompts)[:2]
