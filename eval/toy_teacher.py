@@ -15,13 +15,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from hiar.checkpoints import load_generator
 from hiar.codecs import build_codec
-from hiar.flow import FlowMatching
-from hiar.sampling import guided, teacher_ode
 from hiar.text import build_text_encoder
+from hiar.toytrain import teacher_samples
 from hiar.toyworld import caption_fidelity, sample_clip
 from hiar.video import to_uint8
 
@@ -39,18 +37,11 @@ def main(argv=None) -> dict:
     model, cfg = load_generator(args.checkpoint)
     model.eval()
     codec, encoder = build_codec(cfg), build_text_encoder(cfg)
-    t, geo = cfg.train, cfg.geometry
-    flow = FlowMatching(t.sample_shift)
     captions = [sample_clip(HELD_OUT_SEED, i, cfg.video.height, cfg.video.width).caption for i in range(args.num_clips)]
-    negative = encoder([t.negative_prompt])
+    negative = encoder([cfg.train.negative_prompt])
     videos = []
     for start in range(0, len(captions), args.batch_size):
-        batch = captions[start:start + args.batch_size]
-        g = torch.Generator().manual_seed(start)
-        noise = torch.randn(len(batch), geo.num_latent_frames, cfg.model.in_channels, geo.latent_height,
-                            geo.latent_width, generator=g)
-        x0, _ = teacher_ode(guided(model, encoder(batch), negative, t.guidance_scale),
-                            flow.sampling_timesteps(t.sample_steps), noise, flow)
+        x0 = teacher_samples(model, cfg, encoder(captions[start:start + args.batch_size]), negative, seed=start)
         videos += [to_uint8(v) for v in codec.decode(x0)]
     clips = []
     for caption, video in zip(captions, videos):

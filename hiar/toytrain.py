@@ -53,18 +53,25 @@ def drop_captions(captions: list[str], p: float, negative: str) -> list[str]:
 
 
 @torch.no_grad()
+def teacher_samples(model: WanModel, cfg: Config, text: torch.Tensor, negative: torch.Tensor,
+                    seed: int) -> torch.Tensor:
+    """Clean latents [B, F, C, h, w] for prompt states `text` [B, Lt, D]: the teacher's ODE with CFG
+    against `negative` (train.sample_steps Euler steps, shift train.sample_shift), noise from `seed`."""
+    t, geo = cfg.train, cfg.geometry
+    noise = torch.randn(text.shape[0], geo.num_latent_frames, cfg.model.in_channels, geo.latent_height,
+                        geo.latent_width, generator=torch.Generator().manual_seed(seed))
+    flow = FlowMatching(t.sample_shift)
+    x0, _ = teacher_ode(guided(model, text, negative, t.guidance_scale), flow.sampling_timesteps(t.sample_steps),
+                        noise, flow)
+    return x0
+
+
 def write_teacher_samples(model: WanModel, codec: Codec, bank: PromptBank, cfg: Config, prompts: Sequence[str],
                           folder: Path, tag: str) -> list[Path]:
     """Sample each prompt with the teacher ODE and CFG; write mp4s named <tag>-<i>.mp4."""
     from hiar.video import VideoWriter
 
-    t, geo = cfg.train, cfg.geometry
-    flow = FlowMatching(t.sample_shift)
-    g = torch.Generator().manual_seed(0)
-    noise = torch.randn(len(prompts), geo.num_latent_frames, cfg.model.in_channels, geo.latent_height,
-                        geo.latent_width, generator=g)
-    denoiser = guided(model, bank(prompts), bank([t.negative_prompt]), t.guidance_scale)
-    x0, _ = teacher_ode(denoiser, flow.sampling_timesteps(t.sample_steps), noise, FlowMatching(t.sample_shift))
+    x0 = teacher_samples(model, cfg, bank(prompts), bank([cfg.train.negative_prompt]), seed=0)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, video in enumerate(codec.decode(x0)):
