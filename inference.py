@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "one stage per rank (pipeline)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options may follow the section.key=value overrides
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+@torch.no_grad()  # every stage, not only the one that renders (autograd would also keep unfused passes)
 def generate_all(args, cfg, model, text_encoder, codec, group, jobs, num_blocks, device, dtype, bar):
     """Run every job of this process; returns (frames written, seconds, first-block latency)."""
     frames, seconds, first_block = 0, 0.0, None

@@ -165,7 +165,8 @@ def _read_folder(folder: Path, cfg: Config) -> dict[str, torch.Tensor]:
     return state
 
 
-def _read_training_checkpoint(path: Path, use_ema: bool) -> dict[str, torch.Tensor]:
+def _read_training_checkpoint(path: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(state dict, the config train/distill.py stores beside it, or None)."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for corrupt or foreign files
@@ -174,7 +175,7 @@ def _read_training_checkpoint(path: Path, use_ema: bool) -> dict[str, torch.Tens
     if not isinstance(blob, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors or a training checkpoint, got {type(blob).__name__}")
     if "generator" not in blob:
-        return blob  # a bare state dict
+        return blob, None  # a bare state dict
     key = "generator"
     if use_ema:
         if "generator_ema" in blob:
@@ -182,7 +183,7 @@ def _read_training_checkpoint(path: Path, use_ema: bool) -> dict[str, torch.Tens
         else:
             warnings.warn(f"{path} has no 'generator_ema' weights; --use_ema falls back to 'generator'",
                           stacklevel=3)
-    return blob[key]
+    return blob[key], blob.get("config")
 
 
 def load_generator(path: str | os.PathLike, cfg: Config | None = None,
@@ -198,13 +199,18 @@ def load_generator(path: str | os.PathLike, cfg: Config | None = None,
         if use_ema:
             warnings.warn(f"{path} holds one set of weights; --use_ema has nothing to choose", stacklevel=2)
         return _load_own(path, cfg)
+    if path.is_file() and path.suffix in (".pt", ".pth", ".bin"):
+        state, stored = _read_training_checkpoint(path, use_ema)
+        if cfg is None and stored is not None:  # ours (train/distill.py) carry their config
+            try:
+                cfg = config_from_dict(stored)
+            except ConfigError as err:
+                raise CheckpointError(f"{path}: its stored config is invalid: {err}") from None
     if cfg is None:
         raise CheckpointError(f"{path}: this layout carries no HiAR config; pass one (e.g. configs/hiar.yaml)")
     if path.is_dir():
         state = _read_folder(path, cfg)
-    elif path.suffix in (".pt", ".pth", ".bin"):
-        state = _read_training_checkpoint(path, use_ema)
-    else:
+    elif path.suffix not in (".pt", ".pth", ".bin"):
         raise CheckpointError(f"{path}: unknown checkpoint type; expected .safetensors (HiAR), .pt (HiAR / "
                               "Self-Forcing training checkpoint) or a Wan2.1 / diffusers model folder")
     return load_weights(WanModel(cfg.model), to_diffusers_names(clean_keys(state)), str(path)), cfg

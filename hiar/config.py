@@ -173,6 +173,33 @@ class ODEConfig:
     batch_size: int = 4  # trajectories integrated together
 
 
+@dataclass
+class DistillConfig:
+    """DMD distillation with the forward-KL regulariser (DESIGN.md section 2). The rollout order and
+    the context level are `sampling.method` and `sampling.context_level`; the generator's learning
+    rate, betas, weight decay and clipping are `train.*`."""
+
+    generator: str = "runs/toy/ode_init/model.safetensors"  # the student's initialisation
+    teacher: str = "runs/toy/teacher/model.safetensors"  # real score, frozen
+    teacher_model: str = ""  # a preset whose `model` section is the teacher's (e.g. wan14b); "": the student's
+    critic: str = "runs/toy/teacher/model.safetensors"  # fake score's initialisation (the base model)
+    prompts: str = "toyworld"  # "toyworld" (captions of the world's clips) or a prompt file
+    num_training_frames: int = 0  # the gradient window, the last frames of the rollout (0: video.num_latent_frames)
+    num_rollout_frames: int = 0  # longer than the window: earlier blocks are context only (0: the window)
+    min_exit_step: int = 0
+    dfake_gen_update_ratio: int = 5  # critic updates per generator update
+    critic_lr: float = 3.0e-7
+    guidance_scale: float = 3.0  # real score's CFG against train.negative_prompt
+    timestep_shift: float = 5.0  # DMD and critic noise levels: shift(U) clamped to [t_min, t_max]
+    t_min: float = 0.02
+    t_max: float = 0.98
+    fkl_weight: float = 0.1  # 0 turns the forward-KL regulariser off
+    fkl_steps: int = 1  # regress the teacher's chord on the first K student steps
+    fkl_attention: Literal["bidirectional", "block_causal"] = "bidirectional"
+    ema_decay: float = 0.99
+    ema_start: int = 200  # the training step at which the EMA starts
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Token geometry derived from a `Config`; the only place token counts come from."""
@@ -208,6 +235,7 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ode: ODEConfig = field(default_factory=ODEConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.runtime.dtype == "auto":
@@ -281,6 +309,24 @@ class Config:
         if not 0 <= self.sampling.frame_first_context_t < NUM_TRAIN_TIMESTEPS:
             raise ConfigError(f"sampling.frame_first_context_t={self.sampling.frame_first_context_t} must lie in "
                               f"[0, {NUM_TRAIN_TIMESTEPS})")
+        d = self.distill
+        d.num_training_frames = d.num_training_frames or v.num_latent_frames  # resolved, so saved configs say it
+        d.num_rollout_frames = d.num_rollout_frames or d.num_training_frames
+        for name in ("num_training_frames", "num_rollout_frames"):
+            if getattr(d, name) < k or getattr(d, name) % k:
+                raise ConfigError(f"distill.{name}={getattr(d, name)} must be a positive multiple of "
+                                  f"video.frames_per_block={k}")
+        if d.num_rollout_frames < d.num_training_frames:
+            raise ConfigError(f"distill.num_rollout_frames={d.num_rollout_frames} must be at least "
+                              f"distill.num_training_frames={d.num_training_frames} (the gradient window)")
+        if not 0 <= d.min_exit_step < len(steps):
+            raise ConfigError(f"distill.min_exit_step={d.min_exit_step} must lie in [0, {len(steps) - 1}]")
+        if not 0 < d.t_min < d.t_max < 1:
+            raise ConfigError(f"distill.t_min={d.t_min} and t_max={d.t_max} must satisfy 0 < t_min < t_max < 1")
+        if d.dfake_gen_update_ratio < 1:
+            raise ConfigError(f"distill.dfake_gen_update_ratio={d.dfake_gen_update_ratio} must be >= 1")
+        if not 0 <= d.fkl_steps <= len(steps):
+            raise ConfigError(f"distill.fkl_steps={d.fkl_steps} must lie in [0, {len(steps)}] (student steps)")
         return self
 
 

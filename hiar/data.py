@@ -78,3 +78,18 @@ def load_prompts(path: str | os.PathLike) -> list[str]:
     if not prompts:
         raise ValueError(f"{path} holds no prompts")
     return prompts
+
+
+class PromptSource:
+    """Prompt i of a stream: "toyworld" (captions of the world's clips from `seed`) or a prompt file
+    (`load_prompts`, cycled). Relative file paths are taken from `root` (the repository)."""
+
+    def __init__(self, source: str, seed: int, height: int, width: int, root: str | os.PathLike = "."):
+        self.seed, self.height, self.width = seed, height, width
+        path = Path(source)
+        self.prompts = None if source == "toyworld" else load_prompts(path if path.is_absolute() else Path(root) / path)
+
+    def __getitem__(self, i: int) -> str:
+        if self.prompts is None:
+            return sample_clip(self.seed, i, self.height, self.width).caption
+        return self.prompts[i % len(self.prompts)]

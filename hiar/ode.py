@@ -54,7 +54,10 @@ def read_trajectories(folder: str | os.PathLike) -> Iterator[dict]:
 
     folder = Path(folder)
     manifest = json.loads((folder / "manifest.json").read_text())
-    for raw in wds.WebDataset([str(folder / s["file"]) for s in manifest["shards"]], shardshuffle=False):
+    # Every rank reads every shard (callers pick their share), so no node or worker splitting.
+    shards = wds.WebDataset([str(folder / s["file"]) for s in manifest["shards"]], shardshuffle=False,
+                            nodesplitter=None, workersplitter=None)
+    for raw in shards:
         latents = st_load(raw["latents.safetensors"])["latents"].float()
         yield {"key": raw["__key__"], "caption": raw["caption.txt"].decode(), "points": latents[:-1],
                "final": latents[-1], "timesteps": torch.tensor(json.loads(raw["timesteps.json"]))}
@@ -69,3 +72,13 @@ def write_manifest(folder: Path, num_shards: int, per_shard: int, total: int, in
     with atomic_path(folder / "manifest.json") as tmp:
         tmp.write_text(json.dumps({**info, "trajectories": total, "shards": shards}, indent=1))
     return folder / "manifest.json"
+
+
+def trajectory_batch(trajectories: list[dict], batch_size: int, step: int, rank: int, world: int) -> dict:
+    """The trajectories rank `rank` uses at `step` (taken in order, wrapping around), stacked:
+    points [B, K, F, C, h, w], timesteps [B, K], final [B, F, C, h, w], captions."""
+    first = (step * world + rank) * batch_size
+    chosen = [trajectories[(first + i) % len(trajectories)] for i in range(batch_size)]
+    return {"points": torch.stack([c["points"] for c in chosen]),
+            "timesteps": torch.stack([c["timesteps"] for c in chosen]),
+            "final": torch.stack([c["final"] for c in chosen]), "captions": [c["caption"] for c in chosen]}

@@ -23,6 +23,7 @@ identical forwards on identical tensors, so they give bit-identical videos.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 from collections import Counter
@@ -108,16 +109,28 @@ class Context:
 
 
 class CellRunner:
-    """Runs cells of one batch of prompts: the denoise forward, the step, the deferred cache write."""
+    """Runs cells of one batch of prompts: the denoise forward, the step, the deferred cache write.
+
+    Training's self-rollout uses the same runner with two settings: `exit_step` e (the orders stop
+    after step e and yield its x0 predictions) and `grad_cells(block, step)`, which says which cells
+    run with autograd on (the exit step's cells in the gradient window). Cache writes always run
+    without grad, so the K/V a block leaves for later blocks never carry gradient (the reference
+    leaks gradient through its in-place cache).
+    """
 
     def __init__(self, model: WanModel, text: torch.Tensor, cfg: Config, noise: CellNoise,
-                 stats: SamplerStats | None = None, on_cell: Callable[[], None] | None = None):
-        self.model, self.noise, self.on_cell = model, noise, on_cell
-        with torch.no_grad():  # the prompt's cross-attention K/V, once for every block and step
+                 stats: SamplerStats | None = None, on_cell: Callable[[], None] | None = None,
+                 exit_step: int | None = None, grad_cells: Callable[[int, int], bool] | None = None):
+        self.model, self.noise, self.on_cell, self.grad_cells = model, noise, on_cell, grad_cells
+        # The prompt's cross-attention K/V, once for every block and step (with grad when cells need it).
+        with torch.set_grad_enabled(grad_cells is not None):
             self.text = model.prompt(text)
         self.options = cfg.sampling
         self.flow = FlowMatching(cfg.schedule.shift)
         self.timesteps = self.flow.denoising_timesteps(cfg.schedule.denoising_steps, cfg.schedule.warp).tolist()
+        self.exit_step = self.num_steps - 1 if exit_step is None else exit_step
+        if not 0 <= self.exit_step < self.num_steps:
+            raise ValueError(f"exit_step={exit_step} must lie in [0, {self.num_steps - 1}]")
         self.k = cfg.video.frames_per_block
         self.window = BlockCausalWindow.from_config(cfg.video)
         self.stats = stats if stats is not None else SamplerStats()
@@ -146,15 +159,17 @@ class CellRunner:
         return self.model(x, t, self.text, Cached(ctx.kv, start_frame, write_frames))
 
     def flush(self, ctx: Context) -> None:
-        """Run the pending cache write of `ctx` on its own."""
+        """Run the pending cache write of `ctx` on its own (never with grad: see the class docstring)."""
         if ctx.pending is not None:
             w, ctx.pending = ctx.pending, None
-            self._forward(w.x, w.t, ctx, w.block, w.block * self.k, self.k)
+            with torch.no_grad():
+                self._forward(w.x, w.t, ctx, w.block, w.block * self.k, self.k)
 
     def denoise(self, ctx: Context, block: int, step: int, x: torch.Tensor) -> torch.Tensor:
         """x0 prediction of block `block` at `step`, reading `ctx` (and running its pending write)."""
         t, k, w = self.timesteps[step], self.k, ctx.pending
-        if self.options.fused and w is not None and w.block == block - 1:
+        # A fused forward would compute the write's K/V with grad on, so cells with grad run unfused.
+        if self.options.fused and w is not None and w.block == block - 1 and not torch.is_grad_enabled():
             # [context of block n at its level | block n+1 at t_j]: n+1 sees n's fresh K/V, n is stored.
             ctx.pending = None
             levels = torch.tensor([w.t] * k + [t] * k, dtype=torch.float64).expand(x.shape[0], -1)
@@ -174,12 +189,15 @@ class CellRunner:
              context_t: float | None) -> tuple[torch.Tensor, torch.Tensor]:
         """One cell: returns (x0, the block's input for the next step, or x0 after the last step).
         With `context_t`, the block's context at that level waits in `ctx` for the next read."""
-        x0 = self.denoise(ctx, block, step, x)
-        last = step == self.num_steps - 1
-        x_next = x0 if last else self.advance(x, x0, block, step, self.timesteps[step + 1])
+        grad = contextlib.nullcontext() if self.grad_cells is None else torch.set_grad_enabled(self.grad_cells(block, step))
+        with grad:
+            x0 = self.denoise(ctx, block, step, x)
+            last = step == self.num_steps - 1
+            x_next = x0 if last else self.advance(x, x0, block, step, self.timesteps[step + 1])
         if context_t is not None:
             reuse = not last and context_t == self.timesteps[step + 1]  # the same tensor, same noise draw
-            ctx.pending = _Write(block, x_next if reuse else self.advance(x, x0, block, step, context_t), context_t)
+            write = x_next if reuse else self.advance(x, x0, block, step, context_t)
+            ctx.pending = _Write(block, write.detach(), context_t)
         if self.on_cell is not None:
             self.on_cell()
         return x0, x_next
@@ -191,23 +209,25 @@ Blocks = Iterator[tuple[int, torch.Tensor]]  # (block index, clean latents [B, k
 
 
 def frame_first(runner: CellRunner, ctx: Context, blocks: Iterable[int]) -> Blocks:
-    """Block-first: each block runs all its steps against the clean context of the blocks before it."""
-    last = runner.num_steps - 1
+    """Block-first: each block runs its steps (to the exit step) against the clean context of the
+    blocks before it, then leaves its output as context."""
+    last = runner.exit_step
     for n in blocks:
         x = runner.noise.initial(n)
-        for j in range(runner.num_steps):
+        for j in range(last + 1):
             x0, x = runner.cell(ctx, n, j, x, runner.options.frame_first_context_t if j == last else None)
-        yield n, x
+        yield n, x0
 
 
 def timestep_first(runner: CellRunner, contexts: list[Context], blocks: Iterable[int], schedule: str) -> Blocks:
     """Step-first: cell (n, j) reads contexts[j], where earlier blocks sit at the level of step j's output."""
     if schedule == "step_major":
         xs = {n: runner.noise.initial(n) for n in blocks}
-        for j in range(runner.num_steps):
+        x0s = {}
+        for j in range(runner.exit_step + 1):
             for n in xs:
-                _, xs[n] = runner.cell(contexts[j], n, j, xs[n], runner.context_level(j))
-        yield from xs.items()
+                x0s[n], xs[n] = runner.cell(contexts[j], n, j, xs[n], runner.context_level(j))
+        yield from x0s.items()
         return
     # Wavefront: each pass admits one new block and advances every live block by one step, oldest
     # first, so every cell finds its two inputs, (n, j-1) and (m < n, j), done on the pass before.
@@ -221,10 +241,10 @@ def timestep_first(runner: CellRunner, contexts: list[Context], blocks: Iterable
             return
         for n in list(live):
             j, x = live[n]
-            _, x = runner.cell(contexts[j], n, j, x, runner.context_level(j))
-            if j == runner.num_steps - 1:
+            x0, x = runner.cell(contexts[j], n, j, x, runner.context_level(j))
+            if j == runner.exit_step:
                 del live[n]
-                yield n, x
+                yield n, x0
             else:
                 live[n] = (j + 1, x)
 
@@ -236,10 +256,14 @@ def generate(model: WanModel, text: torch.Tensor, cfg: Config, noise: CellNoise,
     `num_blocks=None` streams forever (frame_first, or a wavefront schedule). `on_cell` is called
     after every cell (progress bars).
     """
-    opts = cfg.sampling
+    return run_order(CellRunner(model, text, cfg, noise, stats, on_cell), num_blocks)
+
+
+def run_order(runner: CellRunner, num_blocks: int | None) -> Blocks:
+    """`generate` for a runner already built (training's self-rollout builds its own)."""
+    opts = runner.options
     if num_blocks is None and opts.schedule == "step_major" and opts.method != "frame_first":
         raise ValueError("an unbounded stream needs the wavefront schedule (sampling.schedule=wavefront)")
-    runner = CellRunner(model, text, cfg, noise, stats, on_cell)
     blocks = range(num_blocks) if num_blocks is not None else itertools.count()
     first = runner.new_context()
     if opts.method == "frame_first":
@@ -270,7 +294,8 @@ def guided(model: WanModel, text: torch.Tensor, negative: torch.Tensor, scale: f
     """Classifier-free guidance as a denoiser: (x, t) -> v_neg + scale * (v_text - v_neg), one batched forward."""
     prompts = model.prompt(torch.cat([text, negative.expand_as(text)]))
 
-    def flow(x: torch.Tensor, t: float) -> torch.Tensor:
+    def flow(x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        t = torch.cat([t, t]) if torch.is_tensor(t) and t.ndim else t  # per-sample timesteps for both halves
         v_text, v_neg = model(torch.cat([x, x]), t, prompts).chunk(2)
         return v_neg + scale * (v_text - v_neg)
 

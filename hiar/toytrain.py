@@ -13,6 +13,7 @@ from hiar.codecs import Codec
 from hiar.config import Config
 from hiar.flow import FlowMatching
 from hiar.models import AttentionMode, Bidirectional, WanModel
+from hiar.ode import trajectory_batch
 from hiar.sampling import guided, teacher_ode
 from hiar.text import TextEncoder
 from hiar.toyworld import clip_to_video, sample_clip
@@ -81,19 +82,17 @@ def write_teacher_samples(model: WanModel, codec: Codec, bank: PromptBank, cfg: 
     return paths
 
 
-def trajectory_batch(trajectories: list[dict], cfg: Config, step: int, rank: int,
-                     world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+def ode_regression_batch(trajectories: list[dict], cfg: Config, step: int, rank: int,
+                         world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     """The ODE-regression batch of rank `rank` at `step`: for every block a random stored point.
 
     Returns inputs x [B, F, C, h, w], per-frame timesteps [B, F], targets (the trajectories' clean
-    ends) and captions. Trajectories are taken in order, wrapping around.
+    ends) and captions.
     """
-    b, k = cfg.train.batch_size, cfg.video.frames_per_block
-    chosen = [trajectories[((step * world + rank) * b + i) % len(trajectories)] for i in range(b)]
-    xs, ts = [], []
-    for traj in chosen:
-        num_points, frames = traj["points"].shape[:2]
-        pick = torch.randint(num_points, (frames // k,)).repeat_interleave(k)  # one point per block
-        xs.append(traj["points"][pick, torch.arange(frames)])
-        ts.append(traj["timesteps"][pick])
-    return torch.stack(xs), torch.stack(ts), torch.stack([c["final"] for c in chosen]), [c["caption"] for c in chosen]
+    batch = trajectory_batch(trajectories, cfg.train.batch_size, step, rank, world)
+    b, num_points, frames = batch["points"].shape[:3]
+    k = cfg.video.frames_per_block
+    pick = torch.randint(num_points, (b, frames // k)).repeat_interleave(k, dim=1)  # [B, F]: one point per block
+    rows = torch.arange(b)[:, None]
+    x = batch["points"][rows, pick, torch.arange(frames)]
+    return x, batch["timesteps"][rows, pick], batch["final"], batch["captions"]

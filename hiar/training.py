@@ -13,6 +13,7 @@ step number is its RNG state.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -22,6 +23,7 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -58,22 +60,44 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, model: torch.nn.Module, resume: bool = False):
+    """Owns the DeepSpeed engines of the models a program trains (one, or generator + critic), the
+    loop, logging and checkpoints.
+
+    `models` maps a name to a model, or to (model, learning rate) when it differs from train.lr.
+    A program gives `fit` either `loss_fn(engine, step) -> loss` (one model) or, for several, a step
+    function `step_fn(step) -> metrics` that calls `optimize(name, loss)` for each update it makes.
+    `extra` objects (e.g. the generator's EMA) ride along in checkpoints through `state_dict` /
+    `load_state_dict`; `on_save(folder)` may add files to a checkpoint before it is published.
+    """
+
+    def __init__(self, cfg: Config, models: torch.nn.Module | dict[str, torch.nn.Module | tuple[torch.nn.Module, float]],
+                 resume: bool = False, extra: dict[str, Any] | None = None,
+                 on_save: Callable[[Path], None] | None = None):
         import deepspeed
 
         self.cfg, t = cfg, cfg.train
         self.rank, self.world = init_distributed()
         self.out = Path(t.output_dir)
         self.ckpt_root = self.out / "checkpoints"
+        self.extra, self.on_save = extra or {}, on_save
         ds = json.loads(Path(t.deepspeed).read_text())
         ds.update(train_micro_batch_size_per_gpu=t.batch_size, gradient_accumulation_steps=1,
                   gradient_clipping=t.grad_clip, bf16={"enabled": t.bf16})
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, t.warmup_steps)))
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=warmup, config=ds)
+        if isinstance(models, torch.nn.Module):
+            models = {"model": models}
+        self.engines = {}
+        for name, entry in models.items():
+            model, lr = entry if isinstance(entry, tuple) else (entry, t.lr)
+            if t.gradient_checkpointing:
+                enable_activation_checkpointing(model)
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=lr, betas=t.betas, weight_decay=t.weight_decay)
+            warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, t.warmup_steps)))
+            self.engines[name], _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=warmup,
+                                                               config=ds)
         self.step = 0
         self.skipped = 0
+        self.grad_norms: dict[str, float] = {}  # of each model's last update, before clipping
         self._stop = False
         if resume:
             self._resume()
@@ -87,6 +111,12 @@ class Trainer:
                 self._wandb = wandb.init(mode=t.wandb, dir=str(self.out), config=config_to_dict(cfg))
 
     @property
+    def engine(self):
+        """The engine of a one-model program."""
+        (engine,) = self.engines.values()
+        return engine
+
+    @property
     def model(self) -> torch.nn.Module:
         return self.engine.module
 
@@ -96,26 +126,24 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------------
 
-    def fit(self, loss_fn: LossFn, on_sample: Callable[[int], None] | None = None) -> None:
+    def fit(self, loss_fn: LossFn | None = None, on_sample: Callable[[int], None] | None = None,
+            step_fn: Callable[[int], dict[str, float]] | None = None) -> None:
         t = self.cfg.train
+        if step_fn is None:
+            (name,) = self.engines
+            def step_fn(step: int) -> dict[str, float]:
+                loss = self.optimize(name, loss_fn(self.engines[name], step))
+                return {"loss": loss, "grad_norm": self.grad_norms.get(name, float("nan"))}
         bar = tqdm(total=t.steps, initial=self.step, unit="step", disable=self.rank != 0)
         while self.step < t.steps and not self._stop:
             seed_step(t.seed, self.step, self.rank)
-            loss = loss_fn(self.engine, self.step)
-            if self._all_finite(loss):
-                self.engine.backward(loss)
-                self.engine.step()
-            else:
-                self.skipped += 1
-                self.log(f"step {self.step}: non-finite loss {loss.item()}, step skipped ({self.skipped} so far)")
-                if self.skipped > t.max_nonfinite:
-                    raise NonFiniteLossError(f"{self.skipped} steps had a non-finite loss (train.max_nonfinite="
-                                             f"{t.max_nonfinite}); lower train.lr or check the data")
+            metrics = step_fn(self.step)
             self.step += 1
             bar.update(1)
             if self.step % t.log_every == 0 or self.step == t.steps:
-                self._log_scalars({"loss": loss.item(), "lr": self.engine.get_lr()[0]})
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                lrs = {f"lr/{n}" if len(self.engines) > 1 else "lr": e.get_lr()[0] for n, e in self.engines.items()}
+                self._log_scalars({**metrics, **lrs})
+                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if "loss" in k})
             if t.save_every and self.step % t.save_every == 0:
                 self.save()
             if on_sample and t.sample_every and self.step % t.sample_every == 0:
@@ -125,6 +153,25 @@ class Trainer:
         if self._stop:
             self.log(f"SIGTERM: saved step {self.step} to {self.ckpt_root}; resume with --resume")
 
+    def optimize(self, name: str, loss: torch.Tensor) -> float:
+        """One update of model `name` from `loss`; a non-finite loss (on any rank) skips it. Returns the loss."""
+        engine = self.engines[name]
+        if self._all_finite(loss):
+            engine.backward(loss)
+            # ZeRO 1-3 keep gradients in their own buffers and measure the norm; stage 0 leaves them in .grad
+            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])).item() if grads else None
+            engine.step()
+            self.grad_norms[name] = norm if norm is not None else float(engine.get_global_grad_norm() or "nan")
+        else:
+            self.skipped += 1
+            self.log(f"step {self.step}: non-finite {name} loss {loss.item()}, update skipped "
+                     f"({self.skipped} so far)")
+            if self.skipped > self.cfg.train.max_nonfinite:
+                raise NonFiniteLossError(f"{self.skipped} updates had a non-finite loss (train.max_nonfinite="
+                                         f"{self.cfg.train.max_nonfinite}); lower train.lr or check the data")
+        return loss.item()
+
     def _all_finite(self, loss: torch.Tensor) -> bool:
         """Every rank skips together when any rank's loss is not finite."""
         flag = torch.tensor([float(torch.isfinite(loss.detach()).all())])
@@ -133,6 +180,9 @@ class Trainer:
 
     def _log_scalars(self, scalars: dict[str, float]) -> None:
         self.log(f"step {self.step}: " + ", ".join(f"{k} {v:.5g}" for k, v in scalars.items()))
+        if self.rank == 0:  # machine-readable too: one JSON line a logged step
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, **scalars}) + "\n")
         if self._wandb is not None:
             self._wandb.log(scalars, step=self.step)
 
@@ -143,18 +193,23 @@ class Trainer:
 
     def save(self) -> Path:
         """Checkpoint step N as checkpoints/step-N, atomically: written under a temporary name, renamed,
-        then `latest` points at it. Model, optimizer, scheduler and step (hence RNG) are inside."""
+        then `latest` points at it. Inside: one DeepSpeed folder per model (weights, optimizer,
+        scheduler), extra.pt (EMA and the like), the config, and the step (hence the RNG state)."""
         tag = f"step-{self.step:08d}"
         final = self.ckpt_root / tag
         if final.exists():
             return final
-        tmp_tag = f".{tag}.tmp"
-        self.engine.save_checkpoint(str(self.ckpt_root), tag=tmp_tag, save_latest=False,
-                                    client_state={"step": self.step, "skipped": self.skipped})
+        tmp = self.ckpt_root / f".{tag}.tmp"
+        for name, engine in self.engines.items():
+            engine.save_checkpoint(str(tmp), tag=name, save_latest=False,
+                                   client_state={"step": self.step, "skipped": self.skipped})
+        if self.on_save is not None:
+            self.on_save(tmp)
         torch.distributed.barrier()
         if self.rank == 0:
-            save_config(self.cfg, self.ckpt_root / tmp_tag / "config.yaml")
-            os.replace(self.ckpt_root / tmp_tag, final)
+            torch.save({name: obj.state_dict() for name, obj in self.extra.items()}, tmp / "extra.pt")
+            save_config(self.cfg, tmp / "config.yaml")
+            os.replace(tmp, final)
             with atomic_path(self.ckpt_root / "latest") as f:
                 f.write_text(tag)
             for old in sorted(self.ckpt_root.glob("step-*"))[:-2]:  # keep the last two
@@ -167,24 +222,47 @@ class Trainer:
         if not latest.is_file():
             self.log(f"--resume: no checkpoint under {self.ckpt_root}, starting at step 0")
             return
-        tag = latest.read_text().strip()
-        _, client = self.engine.load_checkpoint(str(self.ckpt_root), tag=tag)
-        if client is None:
-            raise RuntimeError(f"{self.ckpt_root / tag}: DeepSpeed could not load this checkpoint")
+        folder = self.ckpt_root / latest.read_text().strip()
+        for name, engine in self.engines.items():
+            _, client = engine.load_checkpoint(str(folder), tag=name)
+            if client is None:
+                raise RuntimeError(f"{folder / name}: DeepSpeed could not load this checkpoint")
+        extra = torch.load(folder / "extra.pt", map_location="cpu", weights_only=True)
+        for name, obj in self.extra.items():
+            obj.load_state_dict(extra[name])
         self.step, self.skipped = client["step"], client["skipped"]
-        self.log(f"resumed from {self.ckpt_root / tag} at step {self.step}")
+        self.log(f"resumed from {folder} at step {self.step}")
 
-    def export(self, path: str | os.PathLike | None = None) -> Path:
-        """The trained model as one safetensors file with its config (what inference and the next stage load)."""
-        import deepspeed
-
+    def export(self, path: str | os.PathLike | None = None, name: str | None = None,
+               module: torch.nn.Module | None = None) -> Path:
+        """A trained model (`name`, or any `module`) as one safetensors file with its config: what
+        inference and the next stage load."""
         path = Path(path) if path else self.out / "model.safetensors"
-        params = list(self.model.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):  # whole tensors under ZeRO-3
+        module = module if module is not None else self.engines[name].module if name else self.model
+        with gathered(module):  # whole tensors under ZeRO-3
             if self.rank == 0:
-                save_model(self.model, self.cfg, path)
+                save_model(module, self.cfg, path)
         torch.distributed.barrier()
         return path
+
+
+def gathered(module: torch.nn.Module):
+    """Context in which every parameter of `module` is whole on every rank (a no-op below ZeRO-3)."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each transformer block's activations in the backward pass instead of storing them.
+
+    Applied from outside the model (STYLE.md 3). Safe with the KV cache: cache writes run without grad,
+    so no checkpointed forward writes the cache.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    for block in getattr(model, "blocks", []):
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
 def main_guard(fn: Callable[[], None]) -> None:

@@ -23,7 +23,7 @@ from hiar.flow import FlowMatching  # noqa: E402
 from hiar.models import BlockCausal, BlockCausalWindow  # noqa: E402
 from hiar.ode import read_trajectories  # noqa: E402
 from hiar.text import build_text_encoder  # noqa: E402
-from hiar.toytrain import PromptBank, trajectory_batch  # noqa: E402
+from hiar.toytrain import PromptBank, ode_regression_batch  # noqa: E402
 from hiar.training import Trainer, main_guard  # noqa: E402
 
 
@@ -33,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options may follow the section.key=value overrides
 
 
 def main(argv=None) -> None:
@@ -47,7 +47,7 @@ def main(argv=None) -> None:
     trainer = Trainer(cfg, student, resume=args.resume)
 
     def loss_fn(model, step):
-        x, t, target, captions = trajectory_batch(trajectories, cfg, step, trainer.rank, trainer.world)
+        x, t, target, captions = ode_regression_batch(trajectories, cfg, step, trainer.rank, trainer.world)
         x0 = flow.x0_from_flow(x, model(x, t, bank(captions), causal), t)
         return (x0.float() - target.float()).square().mean()
 

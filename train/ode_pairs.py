@@ -23,12 +23,11 @@ from tqdm import tqdm  # noqa: E402
 
 from hiar.checkpoints import load_generator  # noqa: E402
 from hiar.config import load_config, save_config  # noqa: E402
-from hiar.data import load_prompts  # noqa: E402
+from hiar.data import PromptSource  # noqa: E402
 from hiar.flow import FlowMatching  # noqa: E402
 from hiar.ode import aligned_indices, shard_path, write_manifest, write_shard  # noqa: E402
 from hiar.sampling import guided, teacher_ode  # noqa: E402
 from hiar.text import build_text_encoder  # noqa: E402
-from hiar.toyworld import sample_clip  # noqa: E402
 from hiar.training import init_distributed  # noqa: E402
 
 
@@ -36,16 +35,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config_path", default="configs/toy/ode_pairs.yaml")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options may follow the section.key=value overrides
 
 
 def prompt_list(cfg) -> list[str]:
-    o = cfg.ode
-    if o.prompts == "toyworld":  # captions of clips the teacher never trained on (another seed)
-        return [sample_clip(o.seed + 1_000_003, i, cfg.video.height, cfg.video.width).caption
-                for i in range(o.num_trajectories)]
-    prompts = load_prompts(ROOT / o.prompts if not Path(o.prompts).is_absolute() else o.prompts)
-    return [prompts[i % len(prompts)] for i in range(o.num_trajectories)]
+    # toyworld: captions of clips the teacher never trained on (another seed)
+    source = PromptSource(cfg.ode.prompts, cfg.ode.seed + 1_000_003, cfg.video.height, cfg.video.width, ROOT)
+    return [source[i] for i in range(cfg.ode.num_trajectories)]
 
 
 def main(argv=None) -> None:

@@ -30,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options may follow the section.key=value overrides
 
 
 def main(argv=None) -> None:
