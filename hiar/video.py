@@ -56,3 +56,14 @@ def read_video(path: str | os.PathLike) -> np.ndarray:
     width, height = meta["size"]
     frames = [np.frombuffer(buf, dtype=np.uint8).reshape(height, width, 3) for buf in reader]
     return np.stack(frames) if frames else np.zeros((0, height, width, 3), np.uint8)
+
+
+def video_fps(path: str | os.PathLike) -> float:
+    """Frames per second in a video file's header (without decoding it)."""
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(path))
+    try:
+        return float(next(reader)["fps"])
+    finally:
+        reader.close()
