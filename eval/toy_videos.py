@@ -16,11 +16,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from hiar.atomic import atomic_path
-from hiar.toyworld import clip_to_video, sample_clip
-from hiar.video import VideoWriter
+from hiar.toyworld import sample_clip
+from hiar.video import write_video
 
 SEED = 777  # clips of the toy world used only here
 
@@ -29,15 +27,6 @@ def faded(frames: np.ndarray, fade: float) -> np.ndarray:
     """Blend frame t towards mid-grey (128) with weight fade * t / (F - 1): uint8 [F, H, W, 3]."""
     w = (fade * np.arange(len(frames)) / max(len(frames) - 1, 1))[:, None, None, None]
     return ((1 - w) * frames + w * 128.0).round().astype(np.uint8)
-
-
-def write_video(path: Path, frames: np.ndarray, fps: int) -> None:
-    with atomic_path(path) as tmp:
-        # ffmpeg picks the container from the name: give the temporary file the .mp4 suffix
-        tmp_mp4 = tmp.with_suffix(".mp4")
-        with VideoWriter(tmp_mp4, fps, frames.shape[1], frames.shape[2]) as writer:
-            writer.write(torch.from_numpy(clip_to_video(frames)))
-        tmp_mp4.replace(tmp)
 
 
 def main(argv: list[str] | None = None) -> int:
