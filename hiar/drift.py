@@ -42,8 +42,6 @@ class Metric:
     unit: str
     higher_is_better: bool | None  # None: neither (brightness, motion: a change is the signal, not a loss)
     description: str
-    pair: bool = False  # measured on (frame t-1, frame t), so a video of F frames gives F - 1 values
-    toy: bool = False  # only for toy-world captions (ground truth from hiar/toyworld.py)
 
 
 METRICS = {m.name: m for m in [
@@ -51,23 +49,21 @@ METRICS = {m.name: m for m in [
     Metric("sharpness", "grey^2", True, "variance of the Laplacian of the grey frame"),
     Metric("brightness", "0-1", None, "mean luma (Rec. 601 grey)"),
     Metric("colourfulness", "Hasler-Suesstrunk", True, "Hasler and Suesstrunk (2003) colourfulness"),
-    Metric("frame_l1", "grey levels", None, "mean |frame t - frame t-1| over pixels and channels (0-255)", pair=True),
-    Metric("ssim", "0-1", True, "SSIM of consecutive grey frames (Wang et al. 2004, 11x11 Gaussian, sigma 1.5)",
-           pair=True),
-    Metric("motion", "px/frame", None, "mean magnitude of dense optical flow (OpenCV Farneback)", pair=True),
+    Metric("frame_l1", "grey levels", None, "mean |frame t - frame t-1| over pixels and channels (0-255)"),
+    Metric("ssim", "0-1", True, "SSIM of consecutive grey frames (Wang et al. 2004, 11x11 Gaussian, sigma 1.5)"),
+    Metric("motion", "px/frame", None, "mean magnitude of dense optical flow (OpenCV Farneback)"),
     Metric("toy_background_error", "RGB distance", False,
-           "mean RGB distance of the background pixels to the prompted background colour", toy=True),
+           "mean RGB distance of the background pixels to the prompted background colour"),
     Metric("toy_object_error", "RGB distance", False,
-           "mean RGB distance of each prompted object's pixels to its prompted colour", toy=True),
-    Metric("toy_presence", "0-1", True, "fraction of the prompted objects measured in the frame", toy=True),
-    Metric("toy_area", "px", None, "mean area of the prompted objects (constant in the toy world)", toy=True),
-    Metric("toy_speed", "px/frame", None, "mean centroid step of the prompted objects (constant in the toy world)",
-           pair=True, toy=True),
+           "mean RGB distance of each prompted object's pixels to its prompted colour"),
+    Metric("toy_presence", "0-1", True, "fraction of the prompted objects measured in the frame"),
+    Metric("toy_area", "px", None, "mean area of the prompted objects (constant in the toy world)"),
+    Metric("toy_speed", "px/frame", None, "mean centroid step of the prompted objects (constant in the toy world)"),
 ]}
 # Metrics that need weights: registered so that names, units and the Drift Score know them.
 WEIGHTED_METRICS = {m.name: m for m in [
-    Metric("lpips", "0-1", False, "LPIPS (AlexNet) between consecutive frames", pair=True),
-    Metric("dinov2", "cosine", True, "cosine similarity of DINOv2 CLS features of consecutive frames", pair=True),
+    Metric("lpips", "0-1", False, "LPIPS (AlexNet) between consecutive frames"),
+    Metric("dinov2", "cosine", True, "cosine similarity of DINOv2 CLS features of consecutive frames"),
     Metric("musiq", "0-100", True, "MUSIQ (KonIQ) image quality"),
     Metric("clip_iqa", "0-1", True, "CLIP-IQA: softmax of CLIP similarity to 'Good photo.' vs 'Bad photo.'"),
 ]}

@@ -44,6 +44,11 @@ if [ ! -f "$venv/.vbench-ready" ]; then
   # shellcheck disable=SC2086
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check ${VBENCH_TORCH:-torch==2.1.2 torchvision==0.16.2}
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check vbench==0.1.5
+  # pip can succeed with a torchvision whose compiled ops do not match torch: prove the import first
+  if ! "$venv/bin/python" -c "import vbench.utils" >&2; then
+    echo "error: vbench does not import in $venv (torch / torchvision mismatch?); set VBENCH_TORCH and delete $venv" >&2
+    exit 1
+  fi
   touch "$venv/.vbench-ready"
 fi
 

@@ -194,3 +194,21 @@ def test_rollout_gives_every_method_the_same_noise(tmp_path):
     assert len(a) >= 8 and np.array_equal(a, b)
     scores = json.loads((tmp_path / "run" / "scores.json").read_text())["methods"]
     assert scores["a"]["summary"]["drift_score"] == scores["b"]["summary"]["drift_score"]
+
+
+def test_weighted_metrics_load_from_a_local_folder_or_say_why_not(tmp_path):
+    # A tiny random DINOv2 in a transformers folder: equal frames have cosine 1, different ones less.
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    from hiar.drift import load_weighted_metrics
+
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                             image_size=28, patch_size=14)).save_pretrained(tmp_path / "dinov2")
+    BitImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(
+        tmp_path / "dinov2")
+    fns, notices = load_weighted_metrics(tmp_path)
+    assert set(fns) == {"dinov2"} and len(notices) == 3 and all("skipped" in n for n in notices)
+    frames = np.stack([texture(32, 0), texture(32, 0), texture(32, 1)])
+    sim = fns["dinov2"](frames)
+    assert sim[0] == pytest.approx(1.0, abs=1e-5) and sim[1] < 0.999
+    assert len(load_weighted_metrics(None)[1]) == 4  # all four skipped, one line each
