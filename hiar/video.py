@@ -56,3 +56,26 @@ def read_video(path: str | os.PathLike) -> np.ndarray:
     width, height = meta["size"]
     frames = [np.frombuffer(buf, dtype=np.uint8).reshape(height, width, 3) for buf in reader]
     return np.stack(frames) if frames else np.zeros((0, height, width, 3), np.uint8)
+
+
+def video_fps(path: str | os.PathLike) -> float:
+    """Frames per second in a video file's header (without decoding it)."""
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(path))
+    try:
+        return float(next(reader)["fps"])
+    finally:
+        reader.close()
+
+
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None:
+    """Write uint8 frames [F, H, W, 3] to an mp4 atomically (a crash leaves no half file)."""
+    from hiar.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp_mp4 = tmp.with_suffix(".mp4")  # ffmpeg picks the container from the name
+        frames_t = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1  # [F, 3, H, W] in [-1, 1]
+        with VideoWriter(tmp_mp4, fps, frames.shape[1], frames.shape[2]) as writer:
+            writer.write(frames_t)
+        tmp_mp4.replace(tmp)

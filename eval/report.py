@@ -1,0 +1,154 @@
+"""Turn a scored run into report.json, report.md and plots a person would rather look at than read.
+
+    python -m eval.report runs/eval/toy
+
+Reads <run>/scores.json (eval.drift / eval.rollout) and, when present, <run>/vbench/vbench.json
+(launch/vbench.sh). Writes <run>/report.json (the per-method summaries), <run>/report.md (tables:
+method x metric, with drift slopes and first -> last segment values), <run>/plots/metrics.png (each
+metric against time, one line per method) and <run>/plots/contact_sheet.png (a frame from the middle
+of each segment, one row per method and video).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from hiar.atomic import atomic_path
+from hiar.video import read_video
+
+SHEET_VIDEOS = 2  # videos a method in the contact sheet
+SHEET_MIN_HEIGHT = 128  # smaller frames (the toy world's 64 px) are enlarged, nearest neighbour, to be seen
+
+
+def fmt(x: float | None, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:.0f}"
+
+
+def markdown(scores: dict, vbench: dict | None) -> str:
+    methods = scores["methods"]
+    names = sorted({n for m in methods.values() for n in m["summary"]["slope"]})
+    lines = ["# Drift report", "",
+             f"{len(methods)} methods, {scores['segments']} segments a video. Slope: least-squares change of the "
+             "per-segment mean from the start of the video to its end, in the metric's unit. Drift Score: "
+             f"`{scores['drift_score']['definition']}` (weights and floors in hiar/drift.py).", "",
+             "| method | videos | seconds | Drift Score |", "| --- | --- | --- | --- |"]
+    lines += [f"| {m} | {s['videos']} | {fmt(s['seconds'])} | {fmt(s['drift_score'])} |"
+              for m, s in ((m, v["summary"]) for m, v in methods.items())]
+    header = "| method | " + " | ".join(names) + " |\n| --- |" + " --- |" * len(names)
+    lines += ["", "## Drift slope (change over the video)", "", header]
+    lines += [f"| {m} | " + " | ".join(fmt(v["summary"]["slope"].get(n)) for n in names) + " |"
+              for m, v in methods.items()]
+    lines += ["", "## First segment -> last segment", "", header]
+    lines += [f"| {m} | " + " | ".join(f"{fmt(v['summary']['per_segment'][n][0])} -> "
+                                       f"{fmt(v['summary']['per_segment'][n][-1])}" for n in names) + " |"
+              for m, v in methods.items()]
+    lines += ["", "Units and directions:", ""]
+    lines += [f"* `{n}` ({info['unit']}; {'higher is better' if info['higher_is_better'] else 'lower is better' if info['higher_is_better'] is False else 'neither better'}): {info['description']}"
+              for n, info in sorted(scores["metrics"].items())]
+    if scores.get("skipped"):
+        lines += ["", "Skipped: " + "; ".join(scores["skipped"])]
+    if vbench:
+        dims = vbench["dimensions"]
+        lines += ["", "## VBench (custom input, clips of "
+                  f"{vbench['clip_seconds']} s as VBench-Long splits them)", "",
+                  "| method | " + " | ".join(f"{d} | {d} slope" for d in dims) + " |",
+                  "| --- |" + " --- | --- |" * len(dims)]
+        lines += [f"| {m} | " + " | ".join(f"{fmt(v['summary'][d]['mean'])} | {fmt(v['summary'][d]['slope'])}"
+                                           for d in dims) + " |" for m, v in vbench["methods"].items()]
+    lines += ["", "![metrics against time](plots/metrics.png)", "", "![contact sheet](plots/contact_sheet.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_metrics(scores: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = scores["methods"]
+    names = sorted({n for m in methods.values() for n in m["summary"]["per_segment"]})
+    cols = 4
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        for method, v in methods.items():
+            s = v["summary"]
+            seconds = s["seconds"]
+            t_key, y_key = ("timeline_time", "timeline") if "timeline" in s else ("segment_time", "per_segment")
+            ax.plot(np.array(s[t_key]) * seconds, s[y_key][name], label=method, marker="." if t_key == "segment_time"
+                    else None)
+        info = scores["metrics"][name]
+        ax.set_title(f"{name} ({info['unit']})", fontsize=9)
+        ax.set_xlabel("seconds", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def contact_sheet(scores: dict, root: Path, path: Path) -> None:
+    """A frame from the middle of each segment; rows: method x its first SHEET_VIDEOS videos."""
+    import imageio.v3 as iio
+
+    rows = []
+    for method in scores["methods"].values():
+        for video in list(method["videos"].values())[:SHEET_VIDEOS]:
+            frames = read_video(root / video["path"])
+            rows.append(np.concatenate([frames[(a + b) // 2] for a, b in video["segments"]], axis=1))
+    scale = max(1, math.ceil(SHEET_MIN_HEIGHT / max(r.shape[0] for r in rows)))
+    rows = [r.repeat(scale, axis=0).repeat(scale, axis=1) for r in rows]
+    width = max(r.shape[1] for r in rows)
+    # videos of other sizes are padded with black to the widest row
+    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
+    iio.imwrite(path, np.concatenate(rows, axis=0))
+
+
+def write_report(run: str | Path) -> dict:
+    run = Path(run)
+    scores_path, vbench_path = run / "scores.json", run / "vbench" / "vbench.json"
+    if not scores_path.is_file():
+        raise ValueError(f"{scores_path} does not exist: score the run first (python -m eval.drift)")
+    scores = json.loads(scores_path.read_text())
+    if not scores["methods"]:
+        raise ValueError(f"{scores_path} has no methods")
+    vbench = json.loads(vbench_path.read_text()) if vbench_path.is_file() else None
+    (run / "plots").mkdir(exist_ok=True)
+    plot_metrics(scores, run / "plots" / "metrics.png")
+    contact_sheet(scores, run, run / "plots" / "contact_sheet.png")
+    report = {"segments": scores["segments"], "drift_score": scores["drift_score"], "metrics": scores["metrics"],
+              "skipped": scores.get("skipped", []),
+              "methods": {m: v["summary"] for m, v in scores["methods"].items()},
+              "vbench": {m: v["summary"] for m, v in vbench["methods"].items()} if vbench else None}
+    with atomic_path(run / "report.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=1))
+    with atomic_path(run / "report.md") as tmp:
+        tmp.write_text(markdown(scores, vbench))
+    print(f"wrote {run / 'report.md'}, {run / 'report.json'} and {run / 'plots'}/")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="run folder holding scores.json")
+    args = p.parse_args(argv)
+    try:
+        write_report(args.run)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

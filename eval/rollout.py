@@ -1,0 +1,145 @@
+"""Long rollouts: the same prompts and seeds through several methods or checkpoints, then drift scores.
+
+    python -m eval.rollout --out runs/eval/long --data_path data/toy_prompts.txt --seconds 60 \
+        --method hiar=runs/toy/student.safetensors --method self_forcing=runs/toy/sf.safetensors:sampling.method=frame_first
+
+Each --method is name=checkpoint[:section.key=value[:...]]; an empty checkpoint means random weights
+(smoke tests only: the video is noise). Every method reads --config_path, then its overrides; step-first
+methods run the wavefront schedule, which streams blocks out with one window of KV cache a step, so
+memory stays flat for any length (a config whose video.window_frames is 0 attends to the whole video
+and is refused). Videos go to <out>/videos/<method>/<prompt index>-<sample>.mp4 with prompts.json, then
+<out>/scores.json is written as eval.drift writes it. Noise is a pure function of (seed, sample, block,
+step), so every method starts from the same noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from eval.drift import write_scores
+from hiar.checkpoints import CheckpointError, load_generator
+from hiar.codecs import build_codec
+from hiar.config import Config, ConfigError, load_config, save_config
+from hiar.models import WanModel
+from hiar.pipeline import render, writable_folder
+from hiar.sampling import block_noise, generate
+from hiar.text import build_text_encoder
+from hiar.videoset import PROMPTS_FILE
+
+
+@dataclass
+class Method:
+    name: str
+    checkpoint: str | None
+    overrides: list[str]
+    cfg: Config | None = None
+
+
+def parse_method(text: str) -> Method:
+    name, sep, rest = text.partition("=")
+    parts = rest.split(":")
+    if not sep or not name or "/" in name or any("=" not in o for o in parts[1:]):
+        raise ValueError(f"--method {text!r}: expected name=checkpoint[:section.key=value[:...]]")
+    return Method(name, parts[0] or None, parts[1:])
+
+
+def latent_frames(cfg: Config, seconds: float) -> int:
+    """Latent frames, rounded up to whole blocks, for at least `seconds` of video. A codec with
+    temporal stride s decodes F latent frames to 1 + s (F - 1) frames (Wan: 4; the toy codec: 1)."""
+    s, k = cfg.video.vae_stride[0], cfg.video.frames_per_block
+    frames = max(1, math.ceil((seconds * cfg.video.fps - 1) / s) + 1)
+    return math.ceil(frames / k) * k
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="run folder: videos/, scores.json")
+    p.add_argument("--method", action="append", required=True, metavar="NAME=CKPT[:OVERRIDES]")
+    p.add_argument("--config_path", default="configs/toy/hiar.yaml")
+    p.add_argument("--data_path", help="one prompt a line (default: the config's runtime.prompts)")
+    p.add_argument("--seconds", type=float, default=20.0, help="video length (rounded up to whole blocks)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_samples", type=int, default=1, help="videos per prompt")
+    p.add_argument("--use_ema", action="store_true")
+    p.add_argument("--save_latents", action="store_true")
+    p.add_argument("--segments", type=int, default=5)
+    p.add_argument("--weights", help="local folder of the weighted metrics (see eval.drift)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def check(args: argparse.Namespace) -> tuple[list[Method], list[str]]:
+    """Every input, before any model is loaded."""
+    methods = [parse_method(m) for m in args.method]
+    if len({m.name for m in methods}) != len(methods):
+        raise ValueError("--method names must differ")
+    for m in methods:
+        if m.checkpoint and not Path(m.checkpoint).exists():
+            raise ValueError(f"--method {m.name}: checkpoint {m.checkpoint} does not exist")
+        m.cfg = load_config(args.config_path, ["sampling.schedule=wavefront", *m.overrides])
+        if m.cfg.video.window_frames == 0:
+            raise ValueError(f"--method {m.name}: video.window_frames=0 attends to the whole video, so memory grows "
+                             "with its length: set video.window_frames (configs/toy/hiar.yaml uses 21)")
+        m.cfg.video.num_latent_frames = latent_frames(m.cfg, args.seconds)
+    prompts_path = Path(args.data_path or methods[0].cfg.runtime.prompts)
+    if not prompts_path.is_file():
+        raise ValueError(f"prompt file {prompts_path} does not exist")
+    prompts = [line.strip() for line in prompts_path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"no prompts in {prompts_path}")
+    if args.seconds <= 0 or args.num_samples < 1:
+        raise ValueError("--seconds must be positive and --num_samples at least 1")
+    return methods, prompts
+
+
+def run_method(m: Method, prompts: list[str], args: argparse.Namespace, folder: Path) -> None:
+    cfg, device = m.cfg, torch.device(args.device)
+    if m.checkpoint:
+        model = load_generator(m.checkpoint, cfg, args.use_ema)[0]
+    else:
+        print(f"WARNING: --method {m.name} has no checkpoint: RANDOM weights, the videos are noise", file=sys.stderr)
+        torch.manual_seed(0)
+        model = WanModel(cfg.model)
+    model = model.to(device, cfg.torch_dtype(device)).eval()
+    codec, encoder = build_codec(cfg, device), build_text_encoder(cfg, device)
+    save_config(cfg, folder / "config.yaml")
+    num_blocks = cfg.video.num_latent_frames // cfg.video.frames_per_block
+    bar = tqdm(total=len(prompts) * num_blocks * len(cfg.schedule.denoising_steps), unit="cell", desc=m.name)
+    listed = {}
+    for i, prompt in enumerate(prompts):
+        paths = [folder / f"{i:03d}-{s}.mp4" for s in range(args.num_samples)]
+        text = encoder([prompt]).to(device, cfg.torch_dtype(device)).expand(args.num_samples, -1, -1)
+        blocks = generate(model, text, cfg, block_noise(cfg, args.seed, range(args.num_samples), device), num_blocks,
+                          on_cell=bar.update)
+        latents = [p.with_suffix(".latents.safetensors") for p in paths] if args.save_latents else None
+        render(codec, cfg, blocks, paths, latents, {"prompt": prompt, "prompt_index": str(i), "method": m.name})
+        listed |= {p.name: prompt for p in paths}
+        (folder / PROMPTS_FILE).write_text(json.dumps(listed, indent=1))
+    bar.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        methods, prompts = check(args)
+        out = writable_folder(args.out)
+        folders = {m.name: writable_folder(out / "videos" / m.name) for m in methods}
+        for m in methods:
+            run_method(m, prompts, args, folders[m.name])
+        write_scores(str(out / "videos"), str(out / "scores.json"), args.segments, 20, args.weights, args.device)
+    except (ConfigError, ValueError, OSError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

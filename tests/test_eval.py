@@ -1,0 +1,214 @@
+"""The evaluation harness: metrics on videos whose answer is known, drift math, the programs end to end."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from eval import drift as drift_program
+from eval import report as report_program
+from eval import rollout as rollout_program
+from eval import toy_videos
+from eval.vbench import clip_bounds, read_results, write_clips
+from hiar.drift import (FLOORS, WEIGHTS, drift_score, fit_slope, frame_l1, frame_series, motion, segment_bounds,
+                        segment_drift, ssim)
+from hiar.toyworld import ToyClip, ToyObject
+from hiar.video import read_video, write_video
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def texture(size: int = 64, seed: int = 0) -> np.ndarray:
+    """A smooth random RGB image (uint8 [H, W, 3]): trackable by optical flow, no flat areas."""
+    noise = np.random.default_rng(seed).uniform(0, 255, (size, size, 3)).astype(np.float32)
+    smooth = cv2.GaussianBlur(noise, (0, 0), 3)
+    return ((smooth - smooth.min()) / np.ptp(smooth) * 255).astype(np.uint8)  # full contrast
+
+
+def test_desaturating_video_has_the_known_saturation_slope():
+    # One hue at fixed value, saturation falling linearly from 0.8 to 0.4 over F frames: the fitted change
+    # from the video's start to its end is -0.4 * F / (F - 1) (time runs over frame centres, 0.5/F..1-0.5/F).
+    f = 40
+    s = np.linspace(0.8, 0.4, f)
+    hsv = np.stack([np.full(f, 100), s * 255, np.full(f, 200)], -1).round().astype(np.uint8)  # [F, 3]
+    frames = cv2.cvtColor(np.broadcast_to(hsv[:, None, None], (f, 16, 16, 3)).reshape(f * 16, 16, 3),
+                          cv2.COLOR_HSV2RGB).reshape(f, 16, 16, 3)
+    d = segment_drift(frame_series(frames), f, num_segments=5)
+    assert d["slope"]["saturation"] == pytest.approx(-0.4 * f / (f - 1), abs=0.01)
+    assert d["per_segment"]["saturation"][0] == pytest.approx(s[:8].mean(), abs=0.01)
+    assert d["gap"]["saturation"] == pytest.approx(s[32:].mean() - s[:8].mean(), abs=0.01)
+
+
+def test_static_video_has_no_motion_no_change_and_zero_drift():
+    frames = np.repeat(texture()[None], 10, axis=0)
+    series = frame_series(frames)
+    assert np.all(series["frame_l1"] == 0) and np.all(series["motion"] < 0.01)  # Farneback reads ~0.003 px on equal frames
+    assert np.allclose(series["ssim"], 1.0)
+    d = segment_drift(series, len(frames))
+    assert all(abs(s) < 1e-9 for s in d["slope"].values())
+    assert d["drift_score"] < 1e-9
+
+
+def test_ssim_of_flat_frames_is_the_closed_form():
+    # For constant frames a and b the variances vanish: SSIM = (2ab + C1) / (a^2 + b^2 + C1).
+    a, b, c1 = 100.0, 140.0, (0.01 * 255) ** 2
+    fa, fb = np.full((32, 32, 3), a, np.uint8), np.full((32, 32, 3), b, np.uint8)
+    assert ssim(fa, fb) == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), rel=1e-6)
+    assert frame_l1(fa, fb) == 40.0
+
+
+def test_optical_flow_measures_a_known_shift():
+    image = texture(seed=1)
+    shifted = np.roll(image, 2, axis=1)  # content moves 2 px right
+    flow_mag = motion(image, shifted)
+    assert flow_mag == pytest.approx(2.0, abs=0.1)
+
+
+def test_toy_clip_scores_perfect_fidelity_and_its_true_speed():
+    # A circle crossing the frame without touching a border: exact colours, constant area, speed 1.5 px/frame.
+    clip = ToyClip("dark blue", (ToyObject("circle", "red", 6.0, 10.0, 30.0, "right", 1.5),))
+    frames = clip.render(25)
+    d = segment_drift(frame_series(frames, clip.caption), len(frames))
+    assert max(d["per_segment"]["toy_background_error"]) == 0 and max(d["per_segment"]["toy_object_error"]) == 0
+    assert min(d["per_segment"]["toy_presence"]) == 1
+    assert np.mean(d["per_segment"]["toy_speed"]) == pytest.approx(1.5, abs=0.1)
+    assert np.ptp(d["per_segment"]["toy_area"]) <= 0.1 * math.pi * 36  # the disc's pixel count barely moves
+
+
+def test_drift_score_is_the_published_weighted_mean():
+    rel = {"saturation": -0.2, "sharpness": 0.1, "frame_l1": 0.4, "toy_speed": 9.0}  # toy metrics carry no weight
+    assert drift_score(rel) == pytest.approx((0.2 + 0.1 + 0.5 * 0.4) / 2.5)
+    assert set(WEIGHTS) == set(FLOORS)
+    assert segment_bounds(10, 5) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+    assert fit_slope(np.array([0.0, 0.5, 1.0]), np.array([1.0, np.nan, 3.0])) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="segments"):
+        segment_bounds(3, 5)
+
+
+def test_drift_program_rejects_bad_folders_before_compute(tmp_path, capsys):
+    assert drift_program.main(["--videos", str(tmp_path / "missing"), "--out", str(tmp_path / "s.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert drift_program.main(["--videos", str(tmp_path / "empty"), "--out", str(tmp_path / "s.json")]) == 2
+    assert "no videos" in capsys.readouterr().err
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_known_fade_is_scored_and_reported(tmp_path):
+    # toy_videos -> drift -> report on real mp4 files: the faded method loses saturation and drifts from
+    # its prompted colours; the truth does neither.
+    run = tmp_path / "run"
+    assert toy_videos.main(["--out", str(run / "videos"), "--num_videos", "2", "--seconds", "3", "--size", "32"]) == 0
+    assert drift_program.main(["--videos", str(run / "videos"), "--out", str(run / "scores.json")]) == 0
+    methods = json.loads((run / "scores.json").read_text())["methods"]
+    faded, truth = methods["faded"]["summary"], methods["truth"]["summary"]
+    assert faded["slope"]["saturation"] < -0.2 and abs(truth["slope"]["saturation"]) < 0.02
+    assert faded["slope"]["toy_background_error"] > 30 and abs(truth["slope"]["toy_background_error"]) < 3
+    assert faded["drift_score"] > 2 * truth["drift_score"]
+    assert report_program.main([str(run)]) == 0
+    md = (run / "report.md").read_text()
+    assert "| faded |" in md and "| truth |" in md and "Drift Score" in md
+    for png in ("metrics.png", "contact_sheet.png"):
+        assert (run / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sheet = cv2.imread(str(run / "plots" / "contact_sheet.png"))
+    assert sheet.shape[1] == 5 * 128  # one 32 px frame, enlarged 4x, a segment
+    report = json.loads((run / "report.json").read_text())
+    assert report["methods"]["faded"]["drift_score"] == faded["drift_score"]
+
+
+def test_clips_split_like_vbench_long():
+    assert clip_bounds(50, 16) == [(0, 16), (16, 32), (32, 48), (34, 50)]  # the last one ends at the end
+    assert clip_bounds(32, 16) == [(0, 16), (16, 32)]
+    assert clip_bounds(10, 16) == [(0, 10)]  # shorter than a clip: whole
+
+
+def _videos(folder: Path, frames: int = 48) -> None:
+    """One method, one video of `frames` textured frames drifting right (8 fps)."""
+    image = texture(32)
+    write_video(folder / "m" / "000-0.mp4", np.stack([np.roll(image, i, axis=1) for i in range(frames)]), 8)
+    (folder / "m" / "prompts.json").write_text(json.dumps({"000-0.mp4": "a drifting texture"}))
+
+
+def test_vbench_results_are_read_back_per_video(tmp_path):
+    _videos(tmp_path / "videos")
+    clips = write_clips(tmp_path / "videos", tmp_path / "clips")["m"]
+    assert [(c["start"], c["end"]) for c in clips.values()] == [(0, 16), (16, 32), (32, 48)]
+    assert json.loads((tmp_path / "clips" / "m" / "prompts.json").read_text())["000-0_001.mp4"] == "a drifting texture"
+    # VBench's result file: {dimension: [mean, [{"video_path", "video_results"}, ...]]}, clip scores falling
+    # 0.1 a clip; clip centres lie 1/3 of the video apart, so the slope over the video is -0.3.
+    scores = [0.9, 0.8, 0.7]
+    raw = {"temporal_flickering": [0.8, [{"video_path": str(tmp_path / "clips" / "m" / name), "video_results": s}
+                                         for name, s in zip(sorted(clips), scores)]]}
+    (tmp_path / "results" / "m").mkdir(parents=True)
+    (tmp_path / "results" / "m" / "results_x_eval_results.json").write_text(json.dumps(raw))
+    (tmp_path / "results" / "m" / "results_x_full_info.json").write_text("[]")  # VBench writes this too
+    got = read_results(tmp_path / "clips", tmp_path / "results")
+    video = got["methods"]["m"]["videos"]["000-0"]["temporal_flickering"]
+    assert video["clips"] == scores and video["mean"] == pytest.approx(0.8)
+    assert video["slope"] == pytest.approx(-0.3)
+    with pytest.raises(ValueError, match="does not exist"):
+        read_results(tmp_path / "clips", tmp_path / "nowhere")
+
+
+VBENCH_VENV = Path(os.environ.get("VBENCH_VENV", REPO / ".venv-vbench"))
+
+
+@pytest.mark.skipif(not (VBENCH_VENV / ".vbench-ready").is_file(),
+                    reason=f"VBench's own environment ({VBENCH_VENV}) is not built: building it downloads several GB "
+                           "(bash launch/vbench.sh creates it)")
+def test_vbench_temporal_flickering_runs_in_its_environment(tmp_path):
+    # VBench's temporal_flickering is (255 - mean |frame t+1 - frame t|) / 255 per clip: our frame_l1 of the
+    # same clip files must give the same number.
+    _videos(tmp_path / "videos", frames=40)
+    env = {**os.environ, "HIAR_PYTHON": sys.executable, "VBENCH_VENV": str(VBENCH_VENV)}
+    subprocess.run(["bash", str(REPO / "launch/vbench.sh"), str(tmp_path / "videos"), str(tmp_path / "vb"),
+                    "temporal_flickering"], check=True, env=env, cwd=REPO, timeout=300)
+    got = json.loads((tmp_path / "vb" / "vbench.json").read_text())["methods"]["m"]["videos"]["000-0"]
+    ours = []
+    for clip in sorted((tmp_path / "vb" / "clips" / "m").glob("*.mp4")):
+        frames = read_video(clip)
+        ours.append(1 - np.mean([frame_l1(a, b) for a, b in zip(frames, frames[1:])]) / 255)
+    assert got["temporal_flickering"]["clips"] == pytest.approx(ours, abs=2e-3)
+
+
+def test_rollout_gives_every_method_the_same_noise(tmp_path):
+    # Two methods with identical settings and seeds must produce identical videos (noise is a pure
+    # function of seed, sample, block and step); the length covers the requested seconds.
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moving left on a black background\n")
+    args = ["--out", str(tmp_path / "run"), "--config_path", "tiny", "--data_path", str(prompts), "--seconds", "1",
+            "--device", "cpu", "--segments", "3"]
+    assert rollout_program.main(args + ["--method", "a=:video.window_frames=6"] * 2) == 2  # same name twice
+    assert rollout_program.main(args + ["--method", "a=:window_frames"]) == 2  # an override needs key=value
+    assert rollout_program.main(args + ["--method", "a=:video.window_frames=0"]) == 2  # memory would grow
+    assert not (tmp_path / "run" / "videos").exists()
+    assert rollout_program.main(args + ["--method", "a=:video.window_frames=6:sampling.method=frame_first",
+                                        "--method", "b=:video.window_frames=6:sampling.method=frame_first"]) == 0
+    a, b = (read_video(tmp_path / "run" / "videos" / m / "000-0.mp4") for m in "ab")
+    assert len(a) >= 8 and np.array_equal(a, b)
+    scores = json.loads((tmp_path / "run" / "scores.json").read_text())["methods"]
+    assert scores["a"]["summary"]["drift_score"] == scores["b"]["summary"]["drift_score"]
+
+
+def test_weighted_metrics_load_from_a_local_folder_or_say_why_not(tmp_path):
+    # A tiny random DINOv2 in a transformers folder: equal frames have cosine 1, different ones less.
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    from hiar.drift import load_weighted_metrics
+
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                             image_size=28, patch_size=14)).save_pretrained(tmp_path / "dinov2")
+    BitImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(
+        tmp_path / "dinov2")
+    fns, notices = load_weighted_metrics(tmp_path)
+    assert set(fns) == {"dinov2"} and len(notices) == 3 and all("skipped" in n for n in notices)
+    frames = np.stack([texture(32, 0), texture(32, 0), texture(32, 1)])
+    sim = fns["dinov2"](frames)
+    assert sim[0] == pytest.approx(1.0, abs=1e-5) and sim[1] < 0.999
+    assert len(load_weighted_metrics(None)[1]) == 4  # all four skipped, one line each
