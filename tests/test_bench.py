@@ -75,3 +75,13 @@ def test_pipeline_command_is_the_wavefront_row_and_a_2_stage_pipeline(monkeypatc
     monkeypatch.setattr(bench, "bench", lambda args: seen.update(vars(args)) or {"rows": {}, "targets": {}})
     bench.main(["pipeline"])
     assert (seen["methods"], seen["stages"], seen["long_factor"], seen["num_blocks"]) == (["wavefront"], 2, 1, 100)
+
+
+def test_video_frames_of_the_wan_codec():
+    # 21 latent frames are Wan's 81 video frames (temporal stride 4, the first frame not stretched):
+    # the unit of Self-Forcing's published 17 FPS.
+    cfg = bench.load_config("wan1.3b")
+    stats = bench.SamplerStats()
+    stats.per_block.update(range(7))
+    row = bench.summarize(cfg, 7, [[0.5, 1.0]], stats, {})
+    assert (row["latent_frames"], row["video_frames"], row["video_fps"], row["first_block_s"]) == (21, 81, 81.0, 0.5)
