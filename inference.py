@@ -28,13 +28,14 @@ from hiar.pipeline import render, writable_folder
 from hiar.sampling import CellRunner, block_noise, generate
 from hiar.text import build_text_encoder
 
+ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = "configs/toy/hiar.yaml"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config_path", default=DEFAULT_CONFIG, help="YAML config or preset name")
-    p.add_argument("--checkpoint_path", help="model weights; without one the model is random (smoke tests)")
+    p.add_argument("--checkpoint_path", help="model weights (default: the config's runtime.checkpoint; none: random)")
     p.add_argument("--data_path", help="text file, one prompt a line (default: the config's runtime.prompts)")
     p.add_argument("--prompt", help="a single prompt (instead of --data_path)")
     p.add_argument("--output_folder", default="outputs", help="where videos go (created if needed)")
@@ -71,7 +72,7 @@ def read_prompts(args: argparse.Namespace, cfg: Config) -> list[str]:
     if args.prompt is not None and args.data_path is not None:
         raise ValueError("give one of --prompt or --data_path, not both")
     if args.prompt is None and args.data_path is None:
-        args.data_path = str(Path(__file__).resolve().parent / cfg.runtime.prompts)
+        args.data_path = str(ROOT / cfg.runtime.prompts)
     if args.prompt is not None:
         prompts = [args.prompt.strip()]
     else:
@@ -110,8 +111,9 @@ def free_path(folder: Path, stem: str, overwrite: bool, taken: set[Path]) -> Pat
 
 
 def build_generator(args: argparse.Namespace, cfg: Config) -> WanModel:
-    if args.checkpoint_path:
-        return load_generator(args.checkpoint_path, cfg, args.use_ema)[0]
+    path = args.checkpoint_path or (cfg.runtime.checkpoint and str(ROOT / cfg.runtime.checkpoint))
+    if path:
+        return load_generator(path, cfg, args.use_ema)[0]
     print("\n" + "!" * 78 + "\n!! WARNING: no --checkpoint_path: the model has RANDOM weights. The videos show\n"
           "!! noise, not the prompt. Pass a checkpoint for real results.\n" + "!" * 78 + "\n", file=sys.stderr)
     torch.manual_seed(0)

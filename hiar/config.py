@@ -125,6 +125,9 @@ class RuntimeConfig:
     offload_text_encoder: bool = False
     # Prompt file (one a line) used when a program is given no prompt.
     prompts: str = "data/prompts.txt"
+    # Weights inference.py uses when given no --checkpoint_path ("": none, random weights); a relative
+    # path is taken from the repository root (the toy presets point at the embedded default).
+    checkpoint: str = ""
 
 
 @dataclass

@@ -216,3 +216,18 @@ def test_distill_refuses_missing_inputs_before_compute(tmp_path):
     with pytest.raises(SystemExit, match="distill.generator=.*nothing.safetensors"):
         distill.main(["--config_path", "tiny", f"distill.generator={tmp_path / 'nothing.safetensors'}",
                       f"train.output_dir={tmp_path}"])
+
+
+def test_distill_with_a_teacher_of_another_size(inputs, tmp_path):
+    """Full scale distils from a larger teacher (Wan2.1-14B, distill.teacher_model=wan14b): here a
+    3-layer tiny teacher for a 2-layer student."""
+    import distill
+
+    preset = tmp_path / "big.yaml"
+    preset.write_text("base: tiny\nmodel:\n  num_layers: 3\n")
+    big = load_config(str(preset))
+    teacher = save_model(random_model(big), big, tmp_path / "big.safetensors")
+    distill.main(["--config_path", "tiny", *inputs, f"distill.teacher={teacher}", f"distill.teacher_model={preset}",
+                  "--max_steps", "1", f"train.output_dir={tmp_path / 'run'}"])
+    (m,) = metrics(tmp_path / "run")
+    assert m["dmd_loss"] > 0
