@@ -494,6 +494,14 @@ def load_config(preset: str | os.PathLike = "toy", overrides: typing.Iterable[st
         raise ConfigError(f"{path}: {err}") from None
 
 
+def with_overrides(cfg: Config, overrides: typing.Iterable[str]) -> Config:
+    """A copy of `cfg` with `key.sub=value` overrides applied, validated again."""
+    data = config_to_dict(cfg)
+    for text in overrides:
+        _set_path(data, *parse_override(text))
+    return config_from_dict(data)
+
+
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     def plain(x: Any) -> Any:
         if isinstance(x, dict):

@@ -212,3 +212,15 @@ def caption_fidelity(frames: np.ndarray, caption: str) -> dict:
     return {"background": float(np.mean([m.background == wanted["background"] for m in measured])),
             "objects": float(np.mean([all(t[i] is not None for t in tracks.values()) for i in range(len(frames))])),
             "speed": speeds}
+
+
+# A clip passes when its prompted background and every prompted object colour are measured in at least
+# half of its frames; it moves when every prompted object's median centroid step is within the world's
+# speeds (0.75 to 2.5 px a frame, with a 0.25 px margin).
+SPEED_RANGE = (0.5, 2.75)
+
+
+def fidelity_verdict(fidelity: dict) -> dict:
+    """`caption_fidelity`'s result -> {colours_ok, moves}."""
+    return {"colours_ok": fidelity["background"] >= 0.5 and fidelity["objects"] >= 0.5,
+            "moves": all(SPEED_RANGE[0] <= s <= SPEED_RANGE[1] for s in fidelity["speed"].values())}

@@ -96,3 +96,9 @@ def test_caption_fidelity_of_a_rendered_clip_is_perfect():
     assert f["background"] == 1.0 and f["objects"] == 1.0 and abs(f["speed"]["red"] - 1.5) < 0.05
     wrong = caption_fidelity(clip.render(10), "a green square moving up on a black background")
     assert wrong["background"] == 0.0 and wrong["objects"] == 0.0
+    from hiar.toyworld import fidelity_verdict
+
+    assert fidelity_verdict(f) == {"colours_ok": True, "moves": True}
+    assert fidelity_verdict(wrong) == {"colours_ok": False, "moves": False}
+    still = ToyClip("dark blue", (ToyObject("circle", "red", 6.0, 20.0, 30.0, "right", 0.0),))
+    assert fidelity_verdict(caption_fidelity(still.render(10), clip.caption))["moves"] is False

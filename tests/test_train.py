@@ -82,3 +82,25 @@ def test_ode_pairs_then_ode_init(tmp_path):
     ode_init.main([*init, "train.steps=2", f"train.output_dir={tmp_path / 'split'}", "--resume"])
     straight, split = weights(tmp_path / "straight"), weights(tmp_path / "split")
     assert all(torch.equal(straight[k], split[k]) for k in straight)
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tiny, tiny_inputs):
+    """train.gradient_checkpointing recomputes block activations in backward: same loss, same gradients."""
+    from conftest import random_model
+
+    from hiar.training import enable_activation_checkpointing
+
+    x, t, text = tiny_inputs
+    grads, ffn_calls = [], []
+    for checkpointed in (False, True):
+        model = random_model(tiny).train()
+        if checkpointed:
+            enable_activation_checkpointing(model)
+        calls = []
+        model.blocks[0].ffn.register_forward_hook(lambda *_: calls.append(1))
+        model(x, t, text).square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+        ffn_calls.append(len(calls))
+    assert ffn_calls == [1, 2]  # checkpointed: the block runs again in backward
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7)
