@@ -135,12 +135,16 @@ class Trainer:
                 loss = self.optimize(name, loss_fn(self.engines[name], step))
                 return {"loss": loss, "grad_norm": self.grad_norms.get(name, float("nan"))}
         bar = tqdm(total=t.steps, initial=self.step, unit="step", disable=self.rank != 0)
+        window: dict[str, list[float]] = {}  # metrics since the last log line (a generator loss may come every 5th step)
         while self.step < t.steps and not self._stop:
             seed_step(t.seed, self.step, self.rank)
-            metrics = step_fn(self.step)
+            for key, value in step_fn(self.step).items():
+                window.setdefault(key, []).append(value)
             self.step += 1
             bar.update(1)
             if self.step % t.log_every == 0 or self.step == t.steps:
+                metrics = {key: sum(values) / len(values) for key, values in window.items()}
+                window.clear()
                 lrs = {f"lr/{n}" if len(self.engines) > 1 else "lr": e.get_lr()[0] for n, e in self.engines.items()}
                 self._log_scalars({**metrics, **lrs})
                 bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if "loss" in k})

@@ -212,3 +212,17 @@ def test_weighted_metrics_load_from_a_local_folder_or_say_why_not(tmp_path):
     sim = fns["dinov2"](frames)
     assert sim[0] == pytest.approx(1.0, abs=1e-5) and sim[1] < 0.999
     assert len(load_weighted_metrics(None)[1]) == 4  # all four skipped, one line each
+
+
+def test_results_doc_keeps_the_written_reading_around_the_generated_table(tmp_path):
+    from eval.toy_results import BEGIN, END, write_doc
+
+    doc = tmp_path / "results.md"
+    write_doc(doc, "table one")
+    assert BEGIN in doc.read_text() and "table one" in doc.read_text()
+    doc.write_text(doc.read_text().replace(BEGIN, "Intro by a person.\n" + BEGIN) + "\nReading by a person.\n")
+    write_doc(doc, "table two")
+    text = doc.read_text()
+    assert "table one" not in text and "table two" in text
+    assert text.index("Intro by a person.") < text.index(BEGIN) < text.index("table two") < text.index(END)
+    assert text.rstrip().endswith("Reading by a person.")
