@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from eval import exit_code
 from hiar.atomic import atomic_path
 from hiar.drift import DEFAULT_SEGMENTS, load_weighted_metrics, score_videos
 from hiar.videoset import find_videos
@@ -52,12 +53,8 @@ def write_scores(videos: str, out: str, segments: int, timeline_bins: int, weigh
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        write_scores(args.videos, args.out, args.segments, args.timeline_bins, args.weights, args.device)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: write_scores(args.videos, args.out, args.segments, args.timeline_bins, args.weights,
+                                          args.device))
 
 
 if __name__ == "__main__":

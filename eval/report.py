@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eval import exit_code
 from hiar.atomic import atomic_path
 from hiar.video import read_video
 
@@ -142,12 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run folder holding scores.json")
     args = p.parse_args(argv)
-    try:
-        write_report(args.run)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: write_report(args.run))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from eval import exit_code
 from hiar.atomic import atomic_path
 from hiar.drift import fit_slope
 from hiar.video import read_video, video_fps, write_video
@@ -130,22 +131,21 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", required=True, help="vbench.json to write")
     r.add_argument("--clip_seconds", type=float, default=CLIP_SECONDS)
     args = p.parse_args(argv)
-    try:
+
+    def work() -> None:
         if args.command == "clips":
             written = write_clips(args.videos, args.out, args.clip_seconds)
             print(f"wrote {sum(len(c) for c in written.values())} clips of {args.clip_seconds:g} s to {args.out}")
-        else:
-            result = read_results(args.clips, args.results, args.clip_seconds)
-            with atomic_path(args.out) as tmp:
-                tmp.write_text(json.dumps(result, indent=1))
-            for method, v in result["methods"].items():
-                print(method + ": " + ", ".join(f"{d} {s['mean']:.4f} (slope {s['slope']:+.4f})"
-                                                for d, s in v["summary"].items()))
-            print(f"wrote {args.out}")
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+            return
+        result = read_results(args.clips, args.results, args.clip_seconds)
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(json.dumps(result, indent=1))
+        for method, v in result["methods"].items():
+            print(method + ": " + ", ".join(f"{d} {s['mean']:.4f} (slope {s['slope']:+.4f})"
+                                            for d, s in v["summary"].items()))
+        print(f"wrote {args.out}")
+
+    return exit_code(work)
 
 
 if __name__ == "__main__":
