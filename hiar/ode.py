@@ -14,7 +14,7 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -48,8 +48,15 @@ def write_shard(path: Path, records: list[dict], dtype: torch.dtype) -> None:
                 tar.addfile(info, io.BytesIO(data))
 
 
+def _decode(key: str, members: dict[str, bytes]) -> dict:
+    """One trajectory from its tar members: points [K, ...], timesteps [K], final, caption."""
+    latents = st_load(members["latents.safetensors"])["latents"].float()
+    return {"key": key, "caption": members["caption.txt"].decode(), "points": latents[:-1], "final": latents[-1],
+            "timesteps": torch.tensor(json.loads(members["timesteps.json"]))}
+
+
 def read_trajectories(folder: str | os.PathLike) -> Iterator[dict]:
-    """Trajectories of the shards listed in folder/manifest.json: points [K, ...], timesteps [K], final, caption."""
+    """Every trajectory of the shards listed in folder/manifest.json, in order, streamed by webdataset."""
     import webdataset as wds
 
     folder = Path(folder)
@@ -58,9 +65,42 @@ def read_trajectories(folder: str | os.PathLike) -> Iterator[dict]:
     shards = wds.WebDataset([str(folder / s["file"]) for s in manifest["shards"]], shardshuffle=False,
                             nodesplitter=None, workersplitter=None)
     for raw in shards:
-        latents = st_load(raw["latents.safetensors"])["latents"].float()
-        yield {"key": raw["__key__"], "caption": raw["caption.txt"].decode(), "points": latents[:-1],
-               "final": latents[-1], "timesteps": torch.tensor(json.loads(raw["timesteps.json"]))}
+        yield _decode(raw["__key__"], raw)
+
+
+class TrajectoryStore:
+    """Random access to the trajectories of folder/manifest.json without holding them in memory
+    (16k full-scale trajectories are ~340 GB): trajectory i is read from its shard when asked for.
+    The shards are plain tars, so a member is one seek away once the shard's header index is read."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        manifest = json.loads((self.folder / "manifest.json").read_text())
+        self._shards = [(s["file"], s["count"]) for s in manifest["shards"]]
+        self._open: tuple[str, tarfile.TarFile, list[str], dict[str, dict[str, tarfile.TarInfo]]] | None = None
+
+    def __len__(self) -> int:
+        return sum(count for _, count in self._shards)
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self):
+            raise IndexError(f"trajectory {i} of {len(self)}")
+        for name, count in self._shards:
+            if i < count:
+                break
+            i -= count
+        if self._open is None or self._open[0] != name:  # one shard open at a time: batches are contiguous
+            if self._open is not None:
+                self._open[1].close()
+            tar = tarfile.open(self.folder / name, "r:")
+            index: dict[str, dict[str, tarfile.TarInfo]] = {}
+            for member in tar.getmembers():
+                key, _, suffix = member.name.partition(".")
+                index.setdefault(key, {})[suffix] = member
+            self._open = (name, tar, sorted(index), index)  # keys are zero-padded indices: sorted = written order
+        _, tar, keys, index = self._open
+        key = keys[i]
+        return _decode(key, {suffix: tar.extractfile(m).read() for suffix, m in index[key].items()})
 
 
 def write_manifest(folder: Path, num_shards: int, per_shard: int, total: int, info: dict) -> Path:
@@ -74,7 +114,7 @@ def write_manifest(folder: Path, num_shards: int, per_shard: int, total: int, in
     return folder / "manifest.json"
 
 
-def trajectory_batch(trajectories: list[dict], batch_size: int, step: int, rank: int, world: int) -> dict:
+def trajectory_batch(trajectories: Sequence[dict], batch_size: int, step: int, rank: int, world: int) -> dict:
     """The trajectories rank `rank` uses at `step` (taken in order, wrapping around), stacked:
     points [B, K, F, C, h, w], timesteps [B, K], final [B, F, C, h, w], captions."""
     first = (step * world + rank) * batch_size

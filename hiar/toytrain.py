@@ -82,7 +82,7 @@ def write_teacher_samples(model: WanModel, codec: Codec, bank: PromptBank, cfg: 
     return paths
 
 
-def ode_regression_batch(trajectories: list[dict], cfg: Config, step: int, rank: int,
+def ode_regression_batch(trajectories: Sequence[dict], cfg: Config, step: int, rank: int,
                          world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     """The ODE-regression batch of rank `rank` at `step`: for every block a random stored point.
 

@@ -53,7 +53,7 @@ def test_ode_pairs_then_ode_init(tmp_path):
 
     from hiar.checkpoints import save_model
     from hiar.config import load_config
-    from hiar.ode import read_trajectories
+    from hiar.ode import TrajectoryStore, read_trajectories
 
     from conftest import random_model
 
@@ -70,6 +70,12 @@ def test_ode_pairs_then_ode_init(tmp_path):
     ode_pairs.main(pairs)
     assert shards[1].is_file() and shards[0].stat().st_mtime_ns == kept
     trajectories = list(read_trajectories(tmp_path / "pairs"))
+    store = TrajectoryStore(tmp_path / "pairs")  # random access reads the same records
+    assert len(store) == 5
+    for i in (3, 0, 4, 1):
+        assert store[i]["key"] == trajectories[i]["key"] and store[i]["caption"] == trajectories[i]["caption"]
+        assert torch.equal(store[i]["points"], trajectories[i]["points"])
+        assert torch.equal(store[i]["final"], trajectories[i]["final"])
     assert [t["key"] for t in trajectories] == [f"{i:08d}" for i in range(5)]
     t = trajectories[0]
     assert t["points"].shape == (4, 9, 16, 4, 4) and t["final"].shape == (9, 16, 4, 4)

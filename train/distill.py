@@ -32,7 +32,7 @@ from hiar.config import Config, config_to_dict, load_config  # noqa: E402
 from hiar.data import PromptSource  # noqa: E402
 from hiar.distill import DMD, EMA, exit_step, forward_kl_loss, self_rollout  # noqa: E402
 from hiar.models import WanModel  # noqa: E402
-from hiar.ode import read_trajectories, trajectory_batch  # noqa: E402
+from hiar.ode import TrajectoryStore, trajectory_batch  # noqa: E402
 from hiar.pipeline import render  # noqa: E402
 from hiar.sampling import block_noise, generate  # noqa: E402
 from hiar.text import build_text_encoder  # noqa: E402
@@ -101,7 +101,7 @@ def main(argv=None) -> None:
     # 2. data: prompts for the rollouts, teacher trajectories for the forward-KL term
     bank = PromptBank(build_text_encoder(cfg))
     prompts = PromptSource(d.prompts, DMD_PROMPT_SEED, cfg.video.height, cfg.video.width, ROOT)
-    trajectories = list(read_trajectories(cfg.ode.output_dir)) if d.fkl_weight > 0 else []
+    trajectories = TrajectoryStore(cfg.ode.output_dir) if d.fkl_weight > 0 else None
     dmd = DMD(teacher, bank([t.negative_prompt]).to(device), cfg)
     num_steps = len(cfg.schedule.denoising_steps)
 
@@ -121,7 +121,7 @@ def main(argv=None) -> None:
             x = rollout(text, ids, step, "generator", exit, grad=True)
             loss, info = dmd.generator_loss(x, text, critic)
             metrics.update(info, dmd_loss=loss.item())
-            if trajectories:
+            if trajectories is not None:
                 batch = trajectory_batch(trajectories, t.batch_size, step, trainer.rank, trainer.world)
                 fkl = forward_kl_loss(generator, {key: v.to(device) if torch.is_tensor(v) else v
                                                   for key, v in batch.items()}, bank(batch["captions"]).to(device), cfg)

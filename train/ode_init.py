@@ -5,8 +5,8 @@
 
 The student starts from the teacher's weights and, under the block-causal mask, predicts each
 trajectory's clean end from a point of it, a random stored point per block (per-frame timesteps).
-Trajectories come from train/ode_pairs.py (ode.output_dir); they are held in memory, which suits the toy
-world; a full-scale run streams them instead (not built yet).
+Trajectories come from train/ode_pairs.py (ode.output_dir) and are read from their shards as batches
+need them (`hiar.ode.TrajectoryStore`), so a full-scale set (~340 GB) never has to fit in memory.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from hiar.checkpoints import load_generator  # noqa: E402
 from hiar.config import load_config  # noqa: E402
 from hiar.flow import FlowMatching  # noqa: E402
 from hiar.models import BlockCausal, BlockCausalWindow  # noqa: E402
-from hiar.ode import read_trajectories  # noqa: E402
+from hiar.ode import TrajectoryStore  # noqa: E402
 from hiar.text import build_text_encoder  # noqa: E402
 from hiar.toytrain import PromptBank, ode_regression_batch  # noqa: E402
 from hiar.training import Trainer, main_guard  # noqa: E402
@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = load_config(args.config_path, args.overrides)
-    trajectories = list(read_trajectories(cfg.ode.output_dir))
+    trajectories = TrajectoryStore(cfg.ode.output_dir)  # read on demand: full scale is ~340 GB
     student, _ = load_generator(cfg.ode.teacher, cfg)  # the student starts as the teacher
     bank = PromptBank(build_text_encoder(cfg))
     flow = FlowMatching(cfg.schedule.shift)
