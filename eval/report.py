@@ -24,6 +24,7 @@ from hiar.atomic import atomic_path
 from hiar.video import read_video
 
 SHEET_VIDEOS = 2  # videos a method in the contact sheet
+SHEET_LABEL_WIDTH = 200  # pixels of the method-name column
 SHEET_MIN_HEIGHT = 128  # smaller frames (the toy world's 64 px) are enlarged, nearest neighbour, to be seen
 
 
@@ -99,20 +100,28 @@ def plot_metrics(scores: dict, path: Path) -> None:
 
 
 def contact_sheet(scores: dict, root: Path, path: Path) -> None:
-    """A frame from the middle of each segment; rows: method x its first SHEET_VIDEOS videos."""
+    """A frame from the middle of each segment; rows: method x its first SHEET_VIDEOS videos, each
+    labelled with the method's name on its left."""
+    import cv2
     import imageio.v3 as iio
 
-    rows = []
-    for method in scores["methods"].values():
-        for video in list(method["videos"].values())[:SHEET_VIDEOS]:
+    rows, labels = [], []
+    for name, method in scores["methods"].items():
+        for i, video in enumerate(list(method["videos"].values())[:SHEET_VIDEOS]):
             frames = read_video(root / video["path"])
             rows.append(np.concatenate([frames[(a + b) // 2] for a, b in video["segments"]], axis=1))
+            labels.append(f"{name} #{i}")
     scale = max(1, math.ceil(SHEET_MIN_HEIGHT / max(r.shape[0] for r in rows)))
     rows = [r.repeat(scale, axis=0).repeat(scale, axis=1) for r in rows]
     width = max(r.shape[1] for r in rows)
-    # videos of other sizes are padded with black to the widest row
-    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
-    iio.imwrite(path, np.concatenate(rows, axis=0))
+    sheet = []
+    for row, label in zip(rows, labels):
+        strip = np.zeros((row.shape[0], SHEET_LABEL_WIDTH, 3), np.uint8)
+        cv2.putText(strip, label, (6, row.shape[0] // 2 + 5), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1,
+                    cv2.LINE_AA)
+        # videos of other sizes are padded with black to the widest row
+        sheet.append(np.concatenate([strip, np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0)))], axis=1))
+    iio.imwrite(path, np.concatenate(sheet, axis=0))
 
 
 def write_report(run: str | Path) -> dict:
