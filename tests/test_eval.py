@@ -117,7 +117,7 @@ def test_known_fade_is_scored_and_reported(tmp_path):
     for png in ("metrics.png", "contact_sheet.png"):
         assert (run / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     sheet = cv2.imread(str(run / "plots" / "contact_sheet.png"))
-    assert sheet.shape[1] == 5 * 128  # one 32 px frame, enlarged 4x, a segment
+    assert sheet.shape[1] == report_program.SHEET_LABEL_WIDTH + 5 * 128  # the label, then a 32 px frame x4 a segment
     report = json.loads((run / "report.json").read_text())
     assert report["methods"]["faded"]["drift_score"] == faded["drift_score"]
 
