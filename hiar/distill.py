@@ -15,21 +15,18 @@ will be sampled in, plus the forward-KL regulariser on teacher ODE trajectories.
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
 from hiar.config import Config
 from hiar.flow import FlowMatching
 from hiar.models import AttentionMode, BlockCausal, BlockCausalWindow, Bidirectional, WanModel
-from hiar.sampling import CellNoise, CellRunner, guided, run_order
+from hiar.sampling import CellNoise, CellRunner, guided, run_order, stable_hash
 
 
 def exit_step(seed: int, step: int, low: int, num_steps: int) -> int:
     """The exit step of training step `step`: uniform in [low, num_steps - 1], a pure function of
     (seed, step), hence identical on every rank without communication."""
-    key = hashlib.blake2b(f"exit/{seed}/{step}".encode(), digest_size=8).digest()
-    return low + int.from_bytes(key, "little") % (num_steps - low)
+    return low + stable_hash("exit", seed, step) % (num_steps - low)
 
 
 def self_rollout(generator: WanModel, text: torch.Tensor, cfg: Config, noise: CellNoise, exit: int,

@@ -39,6 +39,12 @@ from hiar.models import BlockCausalWindow, Cached, KVCache, WanModel
 # -- deterministic noise ------------------------------------------------------------------------
 
 
+def stable_hash(*parts: object) -> int:
+    """A 64-bit integer from `parts`, the same in every process and run (Python's hash() of a str is
+    salted per process): the key of every seed HiAR derives from (seed, ...) tuples."""
+    return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest(), "little")
+
+
 class CellNoise:
     """Gaussian noise as a pure function of (seed, sample index, block, step).
 
@@ -57,8 +63,7 @@ class CellNoise:
     def _draw(self, block: int, step: int) -> torch.Tensor:
         rows = []
         for sample in self.samples:
-            key = hashlib.blake2b(f"{self.seed}/{sample}/{block}/{step}".encode(), digest_size=8).digest()
-            g = torch.Generator().manual_seed(int.from_bytes(key, "little") & (2**63 - 1))
+            g = torch.Generator().manual_seed(stable_hash(self.seed, sample, block, step) & (2**63 - 1))
             rows.append(torch.randn(self.block_shape, generator=g))
         return torch.stack(rows).to(self.device, self.dtype)
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from eval.toy_fidelity import HELD_OUT_SEED
 from hiar.checkpoints import load_generator
 from hiar.codecs import build_codec
 from hiar.config import load_config
@@ -14,7 +15,6 @@ from hiar.toyworld import caption_fidelity, fidelity_verdict, sample_clip
 from hiar.video import read_video, to_uint8
 
 ROOT = Path(__file__).resolve().parent.parent
-HELD_OUT_SEED = 424242  # eval.toy_fidelity's held-out captions
 
 
 def test_embedded_default_draws_its_prompts():

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import sys
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from hiar.distill import DMD, EMA, exit_step, forward_kl_loss, self_rollout  # n
 from hiar.models import WanModel  # noqa: E402
 from hiar.ode import TrajectoryStore, trajectory_batch  # noqa: E402
 from hiar.pipeline import render  # noqa: E402
-from hiar.sampling import block_noise, generate  # noqa: E402
+from hiar.sampling import block_noise, generate, stable_hash  # noqa: E402
 from hiar.text import build_text_encoder  # noqa: E402
 from hiar.toytrain import PromptBank  # noqa: E402
 from hiar.training import Trainer, gathered, main_guard  # noqa: E402
@@ -64,10 +63,6 @@ def check_inputs(cfg: Config) -> None:
     if missing:
         raise SystemExit("error: missing inputs: " + "; ".join(missing) + ". Run the earlier stages first "
                          "(README: teacher -> ODE pairs -> ODE init), or point the config at existing files.")
-
-
-def seed_of(*parts) -> int:
-    return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest(), "little") >> 1
 
 
 def main(argv=None) -> None:
@@ -107,7 +102,7 @@ def main(argv=None) -> None:
 
     def rollout(text: torch.Tensor, ids: list[int], step: int, role: str, exit: int, grad: bool) -> torch.Tensor:
         # Own noise streams for the generator's and the critic's rollouts, a function of the step.
-        noise = block_noise(cfg, seed_of(t.seed, role, step), ids, device)
+        noise = block_noise(cfg, stable_hash(t.seed, role, step) >> 1, ids, device)
         return self_rollout(generator, text, cfg, noise, exit, grad)
 
     # 3. one iteration: maybe a generator update, always a critic update
