@@ -83,7 +83,8 @@ def load_weights(model: WanModel, state: dict[str, torch.Tensor], source: str) -
 
 
 def _load_own(path: Path, cfg: Config | None) -> tuple[WanModel, Config]:
-    """Our checkpoint -> (model, its config). With `cfg`, the stored architecture must equal cfg.model."""
+    """Our checkpoint -> (model, config): its stored config, or `cfg` (whose model section must equal the
+    stored architecture) with the caller's sampling / inference settings intact."""
     stored = checkpoint_config(path)
     if cfg is not None and dataclasses.replace(cfg.model, attention_backend=stored.model.attention_backend) != stored.model:
         diff = [f"model.{k}: {v} in file, {getattr(cfg.model, k)} in config"
@@ -94,7 +95,7 @@ def _load_own(path: Path, cfg: Config | None) -> tuple[WanModel, Config]:
         state = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path}: could not read its tensors ({err}); the file may be truncated") from None
-    return load_weights(model, state, str(path)), stored
+    return load_weights(model, state, str(path)), stored if cfg is None else cfg
 
 
 # -- foreign layouts -------------------------------------------------------------------------------
@@ -190,7 +191,8 @@ def load_generator(path: str | os.PathLike, cfg: Config | None = None,
                    use_ema: bool = False) -> tuple[WanModel, Config]:
     """The student from any supported layout (module docstring) -> (model, config).
 
-    Our checkpoints carry their config; every other layout is built from `cfg` and checked against it.
+    Our checkpoints carry their config, returned when `cfg` is None; every other layout is built from
+    `cfg` and checked against it.
     """
     path = Path(path)
     if not path.exists():

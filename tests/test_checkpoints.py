@@ -8,7 +8,7 @@ from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
 from hiar.checkpoints import CheckpointError, load_generator, load_weights, save_model
-from hiar.config import load_config
+from hiar.config import load_config, with_overrides
 from hiar.models.wan import diffusers_transformer_config
 
 from conftest import random_inputs, random_model
@@ -99,6 +99,10 @@ def test_own_checkpoint_needs_only_the_file(tmp_path, tiny_and_model):
     path = save_model(model, cfg, tmp_path / "m.safetensors")
     loaded, stored = load_generator(path)
     assert stored == cfg and same_network(loaded, model, cfg)
+    # A caller's config with the same architecture keeps its own sampling settings (eval.toy_fidelity's
+    # `sampling.method=...` overrides once vanished here, so two orders measured the same).
+    other = with_overrides(cfg, ["sampling.method=frame_first", "sampling.context_level=clean"])
+    assert other.sampling != cfg.sampling and load_generator(path, other)[1] == other
     with pytest.raises(CheckpointError, match=r"another architecture.*model.num_layers: 2 in file, 3 in config"):
         load_generator(path, load_config("tiny", ["model.num_layers=3"]))
 
