@@ -3,14 +3,24 @@
 # -> short-clip fidelity and long rollouts of every variant -> the table in docs/results.md.
 #   bash launch/reproduce_toy.sh            # every stage; rerun after a crash to continue
 #   VARIANTS="hiar self_forcing" bash launch/reproduce_toy.sh
+#   SCALE=10 JOBS=2 bash launch/reproduce_toy.sh   # variants trained 10x longer, two at a time
 # A stage whose output exists is skipped (training stages resume from their checkpoints), and each
 # stage's wall-clock is appended to runs/toy/timings.tsv. EVALUATE=0 skips the evaluation.
+# SCALE=N multiplies the variants' training length (train.steps of configs/toy/<variant>.yaml) and puts
+# them and their evaluation under runs/toy/x<N>/ and in docs/results.md's "<N>x" section; the teacher,
+# ODE pairs and ODE initialisation are shared by every length. JOBS=N trains N variants at once with
+# nproc/N threads each: the toy model is too small to keep two cores busy, so on the 2-core VM two
+# 1-thread runs finish in about 0.7x the time of one after the other.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/env.sh
 py=.venv/bin/python
 variants=${VARIANTS:-"hiar self_forcing hiar_no_fkl hiar_ctx_current hiar_ctx_clean"}
-mkdir -p runs/toy
+scale=${SCALE:-1}
+jobs=${JOBS:-1}
+runs=runs/toy
+[ "$scale" = 1 ] || runs=runs/toy/x$scale
+mkdir -p "$runs"
 
 stage() {  # stage NAME OUTPUT COMMAND...
   local name=$1 out=$2
@@ -28,12 +38,25 @@ stage() {  # stage NAME OUTPUT COMMAND...
 stage teacher runs/toy/teacher/model.safetensors $py train/teacher.py --config_path configs/toy/teacher.yaml --resume
 stage ode_pairs runs/toy/ode_pairs/manifest.json $py train/ode_pairs.py --config_path configs/toy/ode_pairs.yaml
 stage ode_init runs/toy/ode_init/model.safetensors $py train/ode_init.py --config_path configs/toy/ode_init.yaml --resume
+
+distill() {  # distill VARIANT: its config's training length times $scale, under $runs (log: $runs/VARIANT.log
+  local config=configs/toy/$1.yaml steps   # when several train at once)
+  steps=$($py -c "import sys; from hiar.config import load_config; print(load_config(sys.argv[1]).train.steps)" "$config")
+  local run=(stage "$1 (${scale}x)" "$runs/$1/model.safetensors" $py train/distill.py --config_path "$config" --resume
+             "train.output_dir=$runs/$1" "train.steps=$((steps * scale))")
+  if [ "$jobs" = 1 ]; then "${run[@]}"; else echo "== $1 (${scale}x): log $runs/$1.log"; "${run[@]}" > "$runs/$1.log" 2>&1; fi
+}
+[ "$jobs" = 1 ] || export OMP_NUM_THREADS=$(($(nproc) / jobs > 0 ? $(nproc) / jobs : 1))
+pids=()
 for variant in $variants; do
-  stage "$variant" "runs/toy/$variant/model.safetensors" \
-    $py train/distill.py --config_path "configs/toy/$variant.yaml" --resume
+  distill "$variant" &
+  pids+=($!)
+  while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n; done  # a failed variant stops the script (set -e)
 done
+for pid in "${pids[@]}"; do wait "$pid"; done
+unset OMP_NUM_THREADS
 if [ "${EVALUATE:-1}" = 1 ]; then
   start=$SECONDS
-  $py -m eval.toy_results --runs runs/toy --out runs/toy/results --doc docs/results.md
-  printf '%s\t%s\t%d s\t%s\n' "$(date -u +%FT%TZ)" evaluation $((SECONDS - start)) "$(nproc) cores" >> runs/toy/timings.tsv
+  $py -m eval.toy_results --runs "$runs" --out "$runs/results" --doc docs/results.md --label "${scale}x"
+  printf '%s\t%s\t%d s\t%s\n' "$(date -u +%FT%TZ)" "evaluation (${scale}x)" $((SECONDS - start)) "$(nproc) cores" >> runs/toy/timings.tsv
 fi
