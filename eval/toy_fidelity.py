@@ -4,7 +4,8 @@
     python -m eval.toy_fidelity --checkpoint runs/toy/hiar/model.safetensors --out runs/toy/hiar/fidelity
     python -m eval.toy_fidelity --checkpoint runs/toy/self_forcing/model.safetensors sampling.method=frame_first
 
-`--sampler teacher`: the bidirectional teacher's ODE with CFG (train.sample_steps, train.sample_shift,
+`--sampler codec`: no model, the held-out clips themselves through the toy codec: the ceiling every model is
+measured against. `--sampler teacher`: the bidirectional teacher's ODE with CFG (train.sample_steps, train.sample_shift,
 train.guidance_scale of the checkpoint's config). `--sampler student` (default): the causal student in
 its config's order (trailing section.key=value overrides change it), one video of the config's
 length. A clip passes colour fidelity and moves as `hiar.toyworld.fidelity_verdict` says. Writes
@@ -27,7 +28,7 @@ from hiar.codecs import build_codec
 from hiar.text import build_text_encoder
 from hiar.sampling import block_noise, sample_video
 from hiar.toytrain import teacher_samples
-from hiar.toyworld import caption_fidelity, fidelity_verdict, sample_clip
+from hiar.toyworld import caption_fidelity, clip_to_video, fidelity_verdict, sample_clip, speed_census
 from hiar.video import to_uint8
 
 HELD_OUT_SEED = 424242  # captions of clips the teacher never trained on
@@ -38,7 +39,7 @@ def main(argv=None) -> dict:
     p.add_argument("--checkpoint", default="runs/toy/teacher/model.safetensors")
     p.add_argument("--num_clips", type=int, default=40)
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--sampler", choices=["student", "teacher"], default="student")
+    p.add_argument("--sampler", choices=["student", "teacher", "codec"], default="student")
     p.add_argument("--out", default="runs/toy/fidelity")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (student sampler)")
     args = p.parse_args(argv)
@@ -46,12 +47,16 @@ def main(argv=None) -> dict:
     model, cfg = load_generator(args.checkpoint, cfg)
     model.eval()
     codec, encoder = build_codec(cfg), build_text_encoder(cfg)
-    captions = [sample_clip(HELD_OUT_SEED, i, cfg.video.height, cfg.video.width).caption for i in range(args.num_clips)]
+    held_out = [sample_clip(HELD_OUT_SEED, i, cfg.video.height, cfg.video.width) for i in range(args.num_clips)]
+    captions = [clip.caption for clip in held_out]
     negative = encoder([cfg.train.negative_prompt])
     videos = []
     for start in range(0, len(captions), args.batch_size):
         text = encoder(captions[start:start + args.batch_size])
-        if args.sampler == "teacher":
+        if args.sampler == "codec":  # the toy codec is frame-wise: one latent frame a video frame
+            x0 = codec.encode(torch.stack([torch.from_numpy(clip_to_video(clip.render(cfg.video.num_latent_frames)))
+                                           for clip in held_out[start:start + args.batch_size]]))
+        elif args.sampler == "teacher":
             x0 = teacher_samples(model, cfg, text, negative, seed=start)
         else:
             with torch.no_grad():
@@ -64,7 +69,8 @@ def main(argv=None) -> dict:
         clips.append({"caption": caption, **f, **fidelity_verdict(f)})
     result = {"checkpoint": args.checkpoint, "sampler": args.sampler, "overrides": args.overrides, "clips": len(clips),
               "colour_fidelity": float(np.mean([c["colours_ok"] for c in clips])),
-              "moving": float(np.mean([c["moves"] for c in clips])), "per_clip": clips}
+              "moving": float(np.mean([c["moves"] for c in clips])),
+              "object_speeds": speed_census([s for c in clips for s in c["speed"].values()]), "per_clip": clips}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1))
@@ -72,8 +78,9 @@ def main(argv=None) -> dict:
 
     sheet = np.concatenate([np.concatenate(list(v[:: max(1, len(v) // 6)][:6]), axis=1) for v in videos[:8]], axis=0)
     iio.imwrite(out / "contact_sheet.png", sheet)
-    print(f"colour fidelity {result['colour_fidelity']:.0%}, moving {result['moving']:.0%} of {len(clips)} clips; "
-          f"wrote {out / 'results.json'} and {out / 'contact_sheet.png'}")
+    census = ", ".join(f"{k} {v:.0%}" for k, v in result["object_speeds"].items())
+    print(f"colour fidelity {result['colour_fidelity']:.0%}, moving {result['moving']:.0%} of {len(clips)} clips "
+          f"(objects' speeds: {census}); wrote {out / 'results.json'} and {out / 'contact_sheet.png'}")
     return result
 
 

@@ -1,7 +1,11 @@
 """The toy-scale reproduction table: every trained variant through the same evaluation, written into
 docs/results.md between its `generated` markers (the reading around them is written by people).
 
-    python -m eval.toy_results --runs runs/toy --out runs/toy/results --doc docs/results.md
+    python -m eval.toy_results --runs runs/toy --out runs/toy/results --doc docs/results.md --label 1x
+    python -m eval.toy_results --runs runs/toy/x10 --out runs/toy/x10/results --label 10x
+
+Each --label (a training length) has its own section and assets (docs/results/<label>/); a second
+generated section compares every label evaluated so far (from their summary.json files).
 
 Per variant (a checkpoint under --runs and the order it is sampled in): toy-world fidelity of short clips
 of held-out captions (`eval.toy_fidelity`: prompted colours recovered, objects moving at the world's
@@ -35,7 +39,10 @@ VARIANTS = {
 }
 HELD_OUT_SEED = 515151  # captions of clips no stage trained on
 METRICS = ["saturation", "toy_object_error", "toy_presence", "motion", "frame_l1"]  # the table's drift columns
-BEGIN, END = "<!-- generated:start -->", "<!-- generated:end -->"
+
+
+def markers(section: str) -> tuple[str, str]:
+    return f"<!-- generated:{section}:start -->", f"<!-- generated:{section}:end -->"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_long", type=int, default=4, help="long videos a variant for drift")
     p.add_argument("--seconds", type=float, default=60.0, help="length of the long videos")
     p.add_argument("--config_path", default="configs/toy/hiar.yaml", help="the long rollouts' config")
+    p.add_argument("--label", default="1x", help="the training length these runs had (names the doc section)")
     return p.parse_args(argv)
 
 
@@ -78,45 +86,71 @@ def main(argv=None) -> int:
 
     # 3. the table, the plots and the raw results next to the doc
     doc = Path(args.doc)
-    assets = doc.with_suffix("")  # docs/results/
+    assets = doc.with_suffix("") / args.label  # docs/results/<label>/
     assets.mkdir(parents=True, exist_ok=True)
     for src in ("long/plots/metrics.png", "long/plots/contact_sheet.png", "long/report.md", "long/scores.json"):
         shutil.copy(out / src, assets / Path(src).name)
-    summary = {n: {"colour_fidelity": f["colour_fidelity"], "moving": f["moving"]} for n, f in fidelity.items()}
-    (assets / "fidelity.json").write_text(json.dumps(summary, indent=1))
-    write_doc(doc, table(present, fidelity, scores, args))
+    rows = summary(fidelity, scores)
+    (assets / "summary.json").write_text(json.dumps(rows, indent=1))
+    write_doc(doc, args.label, table(present, rows, args, assets.relative_to(doc.parent)))
+    write_doc(doc, "lengths", by_length(doc.with_suffix("")))
     print(f"wrote {doc} and {assets}/")
     return 0
 
 
-def table(present: dict, fidelity: dict, scores: dict, args: argparse.Namespace) -> str:
-    methods = scores["methods"]
+def summary(fidelity: dict, scores: dict) -> dict:
+    """variant -> the table's numbers (what docs/results/<label>/summary.json keeps)."""
+    return {name: {"colour_fidelity": f["colour_fidelity"], "moving": f["moving"],
+                   "drift_score": scores["methods"][name]["summary"]["drift_score"],
+                   "slope": {m: scores["methods"][name]["summary"]["slope"].get(m, float("nan")) for m in METRICS}}
+            for name, f in fidelity.items()}
+
+
+def table(present: dict, rows: dict, args: argparse.Namespace, assets: Path) -> str:
     head = ("| variant | what | colour fidelity | moving | Drift Score | "
             + " | ".join(f"{m} slope" for m in METRICS) + " |")
-    lines = [f"Short clips: {args.num_clips} held-out captions, 21 latent frames each. Long videos: "
-             f"{args.num_long} captions x {args.seconds:.0f} s, same seeds for every variant. Slopes: change from the "
-             "start of the video to its end (hiar/drift.py).", "", head, "| --- " * (5 + len(METRICS)) + "|"]
+    lines = [f"Training length {args.label}, runs under `{args.runs}`. Short clips: {args.num_clips} held-out "
+             f"captions, 21 latent frames each. Long videos: {args.num_long} captions x {args.seconds:.0f} s, same "
+             "seeds for every variant. Slopes: change from the start of the video to its end (hiar/drift.py).", "",
+             head, "| --- " * (5 + len(METRICS)) + "|"]
     for name, (_, _, what) in present.items():
-        s = methods[name]["summary"]
-        slopes = " | ".join(f"{s['slope'].get(m, float('nan')):+.3g}" for m in METRICS)
-        lines.append(f"| {name} | {what} | {fidelity[name]['colour_fidelity']:.0%} | {fidelity[name]['moving']:.0%} | "
-                     f"{s['drift_score']:.3f} | {slopes} |")
+        r = rows[name]
+        slopes = " | ".join(f"{r['slope'][m]:+.3g}" for m in METRICS)
+        lines.append(f"| {name} | {what} | {r['colour_fidelity']:.0%} | {r['moving']:.0%} | {r['drift_score']:.3f} | "
+                     f"{slopes} |")
     missing = [n for n in VARIANTS if n not in present]
     if missing:
-        lines += ["", "Not trained yet: " + ", ".join(missing) + "."]
-    lines += ["", "![metrics over time](results/metrics.png)", "", "![contact sheet](results/contact_sheet.png)"]
+        lines += ["", f"Not trained at this length: {', '.join(missing)}."]
+    lines += ["", f"![metrics over time]({assets.as_posix()}/metrics.png)", "",
+              f"![contact sheet]({assets.as_posix()}/contact_sheet.png)"]
     return "\n".join(lines)
 
 
-def write_doc(doc: Path, generated: str) -> None:
-    """Replace what lies between the markers (or append them), keeping the people's text around it."""
-    text = doc.read_text() if doc.is_file() else f"# Results\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text:
-        text += f"\n{BEGIN}\n{END}\n"
-    before, rest = text.split(BEGIN, 1)
-    after = rest.split(END, 1)[1]
+def by_length(assets: Path) -> str:
+    """Every evaluated training length side by side: colour fidelity / moving / Drift Score a variant."""
+    found = {p.parent.name: json.loads(p.read_text()) for p in assets.glob("*/summary.json")}
+    labels = sorted(found, key=lambda label: float(label.rstrip("x")) if label.rstrip("x").isdigit() else 1e9)
+    lines = ["Colour fidelity / moving / Drift Score of each variant at every training length evaluated so far "
+             "(`-`: not trained at that length).", "",
+             "| variant | " + " | ".join(labels) + " |", "| --- " * (1 + len(labels)) + "|"]
+    for name in VARIANTS:
+        cells = [f"{r['colour_fidelity']:.0%} / {r['moving']:.0%} / {r['drift_score']:.3f}"
+                 if (r := found[label].get(name)) else "-" for label in labels]
+        if any(c != "-" for c in cells):
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_doc(doc: Path, section: str, generated: str) -> None:
+    """Replace what lies between the section's markers (or append them), keeping the people's text around."""
+    begin, end = markers(section)
+    text = doc.read_text() if doc.is_file() else "# Results\n"
+    if begin not in text:
+        text += f"\n{begin}\n{end}\n"
+    before, rest = text.split(begin, 1)
+    after = rest.split(end, 1)[1]
     with atomic_path(doc) as tmp:
-        tmp.write_text(f"{before}{BEGIN}\n{generated}\n{END}{after}")
+        tmp.write_text(f"{before}{begin}\n{generated}\n{end}{after}")
 
 
 if __name__ == "__main__":

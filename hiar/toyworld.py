@@ -220,6 +220,16 @@ def caption_fidelity(frames: np.ndarray, caption: str) -> dict:
 SPEED_RANGE = (0.5, 2.75)
 
 
+def speed_census(speeds: list[float]) -> dict:
+    """Fractions of measured objects (median steps from `caption_fidelity`) within the world's speeds,
+    faster (a flickering or fragmented object's centroid jumps), slower (still) and never seen."""
+    n = max(len(speeds), 1)
+    seen = [s for s in speeds if not math.isnan(s)]
+    return {"in_range": sum(SPEED_RANGE[0] <= s <= SPEED_RANGE[1] for s in seen) / n,
+            "faster": sum(s > SPEED_RANGE[1] for s in seen) / n,
+            "slower": sum(s < SPEED_RANGE[0] for s in seen) / n, "unseen": (len(speeds) - len(seen)) / n}
+
+
 def fidelity_verdict(fidelity: dict) -> dict:
     """`caption_fidelity`'s result -> {colours_ok, moves}."""
     return {"colours_ok": fidelity["background"] >= 0.5 and fidelity["objects"] >= 0.5,

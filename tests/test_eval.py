@@ -214,15 +214,48 @@ def test_weighted_metrics_load_from_a_local_folder_or_say_why_not(tmp_path):
     assert len(load_weighted_metrics(None)[1]) == 4  # all four skipped, one line each
 
 
-def test_results_doc_keeps_the_written_reading_around_the_generated_table(tmp_path):
-    from eval.toy_results import BEGIN, END, write_doc
+def test_results_doc_keeps_the_written_reading_around_the_generated_tables(tmp_path):
+    from eval.toy_results import markers, write_doc
 
     doc = tmp_path / "results.md"
-    write_doc(doc, "table one")
-    assert BEGIN in doc.read_text() and "table one" in doc.read_text()
-    doc.write_text(doc.read_text().replace(BEGIN, "Intro by a person.\n" + BEGIN) + "\nReading by a person.\n")
-    write_doc(doc, "table two")
+    (begin, end), (begin10, end10) = markers("1x"), markers("10x")
+    write_doc(doc, "1x", "table one")
+    assert begin in doc.read_text() and "table one" in doc.read_text()
+    doc.write_text(doc.read_text().replace(begin, "Intro by a person.\n" + begin) + "\nReading by a person.\n")
+    write_doc(doc, "1x", "table two")
+    write_doc(doc, "10x", "ten times longer")  # a new section goes to the end
+    write_doc(doc, "10x", "ten times longer, again")
     text = doc.read_text()
-    assert "table one" not in text and "table two" in text
-    assert text.index("Intro by a person.") < text.index(BEGIN) < text.index("table two") < text.index(END)
-    assert text.rstrip().endswith("Reading by a person.")
+    assert "table one" not in text and "table two" in text and text.count("ten times longer") == 1
+    assert (text.index("Intro by a person.") < text.index(begin) < text.index("table two") < text.index(end)
+            < text.index("Reading by a person.") < text.index(begin10) < text.index("again") < text.index(end10))
+
+
+def test_results_by_length_lines_up_every_evaluated_length(tmp_path):
+    from eval.toy_results import by_length
+
+    row = {"colour_fidelity": 0.5, "moving": 0.25, "drift_score": 0.125, "slope": {}}
+    for label, rows in {"1x": {"hiar": row, "self_forcing": row}, "10x": {"hiar": {**row, "moving": 0.75}}}.items():
+        (tmp_path / label).mkdir()
+        (tmp_path / label / "summary.json").write_text(json.dumps(rows))
+    lines = by_length(tmp_path).splitlines()
+    assert "| variant | 1x | 10x |" in lines
+    assert "| hiar | 50% / 25% / 0.125 | 50% / 75% / 0.125 |" in lines
+    assert "| self_forcing | 50% / 25% / 0.125 | - |" in lines
+    assert not any(line.startswith("| hiar_no_fkl") for line in lines)  # evaluated at no length
+
+
+def test_toy_fidelity_of_the_codec_ceiling_passes_every_clip(tmp_path):
+    """Held-out clips through the toy codec pass both checks: the measurement is not what fails a model."""
+    from eval import toy_fidelity
+    from hiar.checkpoints import save_model
+    from hiar.config import load_config
+
+    from conftest import random_model
+
+    cfg = load_config("tiny")
+    path = save_model(random_model(cfg), cfg, tmp_path / "m.safetensors")
+    result = toy_fidelity.main(["--checkpoint", str(path), "--sampler", "codec", "--num_clips", "6", "--out",
+                                str(tmp_path / "f"), "video.height=64", "video.width=64"])
+    assert result["colour_fidelity"] == 1.0 and result["moving"] == 1.0
+    assert result["object_speeds"]["in_range"] == 1.0 and (tmp_path / "f" / "contact_sheet.png").is_file()

@@ -102,3 +102,11 @@ def test_caption_fidelity_of_a_rendered_clip_is_perfect():
     assert fidelity_verdict(wrong) == {"colours_ok": False, "moves": False}
     still = ToyClip("dark blue", (ToyObject("circle", "red", 6.0, 20.0, 30.0, "right", 0.0),))
     assert fidelity_verdict(caption_fidelity(still.render(10), clip.caption))["moves"] is False
+
+
+def test_speed_census_sorts_objects_by_the_worlds_speed_range():
+    from hiar.toyworld import speed_census
+
+    assert speed_census([1.0, 3.0, 0.1, float("nan")]) == {"in_range": 0.25, "faster": 0.25, "slower": 0.25,
+                                                          "unseen": 0.25}
+    assert speed_census([0.5, 2.75])["in_range"] == 1.0  # the range includes its ends

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 from pathlib import Path
 
@@ -132,6 +133,8 @@ def main(argv=None) -> None:
         metrics["critic_grad_norm"] = trainer.grad_norms.get("critic", float("nan"))
         return metrics
 
+    codec = functools.cache(lambda: build_codec(cfg, device))  # built at the first sample video, once (Wan VAE)
+
     def on_sample(step: int) -> None:
         """Sample videos of the first prompts with the current generator, in the configured order."""
         if trainer.rank != 0:
@@ -143,7 +146,7 @@ def main(argv=None) -> None:
         with torch.no_grad():
             blocks = generate(generator, bank(captions).to(device), cfg, block_noise(cfg, 0, range(len(captions)), device),
                               cfg.video.num_latent_frames // k)
-            render(build_codec(cfg, device), cfg, blocks, paths)
+            render(codec(), cfg, blocks, paths)
         trainer.log(f"samples: {', '.join(map(str, paths))}")
 
     trainer.fit(step_fn=step_fn, on_sample=on_sample)
