@@ -4,11 +4,11 @@
     python -m eval.toy_fidelity --checkpoint runs/toy/hiar/model.safetensors --out runs/toy/hiar/fidelity
     python -m eval.toy_fidelity --checkpoint runs/toy/self_forcing/model.safetensors sampling.method=frame_first
 
-`--sampler codec`: no model, the held-out clips themselves through the toy codec: the ceiling every model is
-measured against. `--sampler teacher`: the bidirectional teacher's ODE with CFG (train.sample_steps, train.sample_shift,
-train.guidance_scale of the checkpoint's config). `--sampler student` (default): the causal student in
-its config's order (trailing section.key=value overrides change it), one video of the config's
-length. A clip passes colour fidelity and moves as `hiar.toyworld.fidelity_verdict` says. Writes
+`--sampler codec`: no model, the held-out clips themselves through the toy codec (of the checkpoint's
+config): the ceiling every model is measured against. `--sampler teacher`: the bidirectional teacher's
+ODE with CFG (train.sample_steps, train.sample_shift, train.guidance_scale of the checkpoint's config).
+`--sampler student` (default): the causal student in its config's order (trailing section.key=value
+overrides change it), one video of the config's length. A clip passes colour fidelity and moves as `hiar.toyworld.fidelity_verdict` says. Writes
 results.json and contact_sheet.png (six frames of the first eight clips).
 """
 
