@@ -8,8 +8,9 @@
 config): the ceiling every model is measured against. `--sampler teacher`: the bidirectional teacher's
 ODE with CFG (train.sample_steps, train.sample_shift, train.guidance_scale of the checkpoint's config).
 `--sampler student` (default): the causal student in its config's order (trailing section.key=value
-overrides change it), one video of the config's length. A clip passes colour fidelity and moves as `hiar.toyworld.fidelity_verdict` says. Writes
-results.json and contact_sheet.png (six frames of the first eight clips).
+overrides change it), one video of the config's length. A clip passes colour fidelity and moves as
+`hiar.toyworld.fidelity_verdict` says. Writes results.json and contact_sheet.png (six frames of the first
+eight clips).
 """
 
 from __future__ import annotations
