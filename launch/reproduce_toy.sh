@@ -9,8 +9,8 @@
 # SCALE=N multiplies the variants' training length (train.steps of configs/toy/<variant>.yaml) and puts
 # them and their evaluation under runs/toy/x<N>/ and in docs/results.md's "<N>x" section; the teacher,
 # ODE pairs and ODE initialisation are shared by every length. JOBS=N trains N variants at once with
-# nproc/N threads each: the toy model is too small to keep two cores busy, so on the 2-core VM two
-# 1-thread runs finish in about 0.7x the time of one after the other.
+# nproc/N threads each: the toy model is too small to keep many threads busy, so on a machine with more
+# cores this is the way to use them (on the 2-core VM the gain is small; docs/results.md, 10x).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/env.sh
