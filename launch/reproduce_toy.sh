@@ -18,6 +18,7 @@ py=.venv/bin/python
 variants=${VARIANTS:-"hiar self_forcing hiar_no_fkl hiar_ctx_current hiar_ctx_clean"}
 scale=${SCALE:-1}
 jobs=${JOBS:-1}
+cores=$(nproc)  # before OMP_NUM_THREADS is set below (nproc honours it)
 runs=runs/toy
 [ "$scale" = 1 ] || runs=runs/toy/x$scale
 mkdir -p "$runs"
@@ -32,7 +33,7 @@ stage() {  # stage NAME OUTPUT COMMAND...
   echo "== $name: $*"
   local start=$SECONDS
   "$@"
-  printf '%s\t%s\t%d s\t%s\n' "$(date -u +%FT%TZ)" "$name" $((SECONDS - start)) "$(nproc) cores" >> runs/toy/timings.tsv
+  printf '%s\t%s\t%d s\t%s\n' "$(date -u +%FT%TZ)" "$name" $((SECONDS - start)) "$cores cores, ${OMP_NUM_THREADS:-$cores} threads" >> runs/toy/timings.tsv
 }
 
 stage teacher runs/toy/teacher/model.safetensors $py train/teacher.py --config_path configs/toy/teacher.yaml --resume
@@ -46,7 +47,7 @@ distill() {  # distill VARIANT: its config's training length times $scale, under
              "train.output_dir=$runs/$1" "train.steps=$((steps * scale))")
   if [ "$jobs" = 1 ]; then "${run[@]}"; else echo "== $1 (${scale}x): log $runs/$1.log"; "${run[@]}" > "$runs/$1.log" 2>&1; fi
 }
-[ "$jobs" = 1 ] || export OMP_NUM_THREADS=$(($(nproc) / jobs > 0 ? $(nproc) / jobs : 1))
+[ "$jobs" = 1 ] || export OMP_NUM_THREADS=$((cores / jobs > 0 ? cores / jobs : 1))
 pids=()
 for variant in $variants; do
   distill "$variant" &
@@ -58,5 +59,5 @@ unset OMP_NUM_THREADS
 if [ "${EVALUATE:-1}" = 1 ]; then
   start=$SECONDS
   $py -m eval.toy_results --runs "$runs" --out "$runs/results" --doc docs/results.md --label "${scale}x"
-  printf '%s\t%s\t%d s\t%s\n' "$(date -u +%FT%TZ)" "evaluation (${scale}x)" $((SECONDS - start)) "$(nproc) cores" >> runs/toy/timings.tsv
+  printf '%s\t%s\t%d s\t%s\n' "$(date -u +%FT%TZ)" "evaluation (${scale}x)" $((SECONDS - start)) "$cores cores" >> runs/toy/timings.tsv
 fi
