@@ -54,7 +54,7 @@ class ModelConfig:
     freq_dim: int = 256  # sinusoidal timestep embedding width
     eps: float = 1e-6
     rope_theta: float = 10000.0
-    # "auto": flash-attn when installed, on CUDA and without a mask; SDPA otherwise (and always on CPU).
+    # "auto": flash-attn when installed and on CUDA (half precision); SDPA otherwise (and always on CPU).
     attention_backend: Literal["auto", "sdpa"] = "auto"
 
     @property

@@ -3,6 +3,7 @@ import torch
 
 from hiar.config import load_config
 from hiar.models import BlockCausal, BlockCausalWindow, Cached, CacheMissError, KVCache
+from hiar.models.attention import attend, query_groups
 
 from conftest import random_inputs, random_model
 
@@ -59,6 +60,30 @@ def test_window_rule_matches_the_published_semantics():
     assert w.context_frames(30, 33) == [0, 1, 2] + list(range(15, 30))
     # unbounded: everything up to the end of the own block
     assert BlockCausalWindow(3).frame_mask(torch.tensor([4]), frames)[0].nonzero().flatten().tolist() == list(range(6))
+
+
+@pytest.mark.parametrize("window_frames,sink_frames,start,frames", [(0, 0, 0, 12), (6, 0, 0, 18), (7, 1, 0, 18),
+                                                                    (9, 0, 12, 6), (8, 2, 12, 6), (0, 0, 9, 3)])
+def test_query_groups_equal_the_token_mask(window_frames, sink_frames, start, frames):
+    """Attention run as one unmasked call per block equals SDPA under the expanded token mask: the
+    full-sequence forward (start 0) and a cached call over context + two blocks (the fused forward)."""
+    window, tokens = BlockCausalWindow(3, window_frames, sink_frames), 4
+    query = torch.arange(start, start + frames)
+    keys = torch.cat([torch.tensor(window.context_frames(start, start + frames), dtype=torch.long), query])
+    frame_mask = window.frame_mask(query, keys)
+    g = torch.Generator().manual_seed(window_frames + start)
+    q = torch.randn(2, frames * tokens, 2, 8, generator=g)
+    k, v = (torch.randn(2, len(keys) * tokens, 2, 8, generator=g) for _ in range(2))
+    mask = frame_mask.repeat_interleave(tokens, 0).repeat_interleave(tokens, 1)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask).transpose(1, 2)
+    groups = query_groups(frame_mask, tokens, q.device)
+    torch.testing.assert_close(attend(q, k, v, groups), expected, atol=1e-6, rtol=0)
+    if bool(frame_mask.all()):
+        assert groups is None  # one block: one plain call
+    else:
+        assert len(groups) == frames // 3  # one call per block
+        assert any(not isinstance(seen, slice) for _, seen in groups) == (sink_frames > 0 and start + frames > window_frames)
 
 
 def test_writing_a_block_twice_overwrites_it(tiny, tiny_model, tiny_inputs):

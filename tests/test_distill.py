@@ -76,7 +76,9 @@ def test_generator_gradient_comes_only_from_the_exit_step_forwards(method):
     torch.testing.assert_close(replay, x.detach(), rtol=0, atol=0)
     (replay * weights).sum().backward()
     for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6)
+        # The rollout projects the prompt once for both forwards, the replay once per forward: the
+        # cross-attention K/V weights sum the same terms in another order (1e-6 on near-zero entries).
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-5 * float(grads[n].abs().max()))
 
 
 def test_rollout_without_grad_equals_inference_at_the_last_exit_step():

@@ -138,6 +138,18 @@ def test_window_and_sink_rollout_memory_is_flat(model):
     assert peaks[1] == peaks[0] <= 7 * frame_bytes
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_cache_memory_is_the_frames_it_holds(model, fused):
+    """A cache keeps alive the K/V of its frames and nothing more: a fused forward's write must not
+    keep the denoised block's K/V alive too (it did: 2x cache memory, docs/benchmarks.md)."""
+    cfg, noise, text = setup("sampling.schedule=step_major", f"sampling.fused={str(fused).lower()}")
+    spy = Spy(model)
+    with torch.no_grad():
+        list(generate(spy, text, cfg, noise, 6))
+    frame_bytes = 2 * 2 * model.config.num_layers * 4 * model.config.dim * 4  # K+V, batch 2, 4 tokens, fp32
+    assert max(spy.cache_bytes) == 15 * frame_bytes  # blocks 0-4: nobody reads the last block's write
+
+
 def test_unbounded_stream(model):
     cfg, noise, text = setup("sampling.schedule=wavefront", "video.window_frames=6")
     with torch.no_grad():

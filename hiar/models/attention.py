@@ -4,7 +4,7 @@ The rule (DESIGN.md section 2, 'Semantics a published checkpoint expects'): late
 blocks of k frames from frame 0. A query frame in the block [b, b + k) sees every frame of its own
 block and earlier frames, limited by a local window of W frames counted back from the block's end,
 the block included, plus an optional sink of the first frames that stays visible forever. One
-function, `BlockCausalWindow.frame_mask`, states it; the masked full-sequence forward and the KV
+function, `BlockCausalWindow.frame_mask`, states it; the block-causal full-sequence forward and the KV
 cache both follow it, so the two cannot drift apart.
 """
 
@@ -145,16 +145,48 @@ def _flash_attn_func():
         return None
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-           backend: str = "auto") -> torch.Tensor:
-    """Softmax attention. q [B, Lq, H, D], k/v [B, Lk, H, D], mask [Lq, Lk] bool -> [B, Lq, H, D].
+# Query tokens -> the key tokens they see: a slice when those keys are contiguous, else an index.
+QueryGroups = list[tuple[slice, slice | torch.Tensor]]
 
-    flash-attn serves unmasked half-precision CUDA calls when installed and `backend` is "auto";
-    PyTorch SDPA serves everything else and is the tested path.
+
+def query_groups(frame_mask: torch.Tensor, tokens: int, device: torch.device) -> QueryGroups | None:
+    """The block-causal rule as one unmasked attention per run of query frames that see the same keys
+    (a block, by `frame_mask`'s construction), or None when every query sees every key.
+
+    Unmasked calls keep the fast kernels and skip the products a mask would throw away; a token mask
+    sends SDPA to a masked kernel that on CUDA ran a fused 6-frame forward 1.5x slower than two
+    3-frame ones and doubled peak memory (docs/benchmarks.md, 2026-11-26).
     """
-    if backend == "auto" and mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    if bool(frame_mask.all()):
+        return None
+    rows, groups, first = frame_mask.tolist(), [], 0
+    for end in range(1, len(rows) + 1):
+        if end < len(rows) and rows[end] == rows[first]:
+            continue
+        keys = [f for f, visible in enumerate(rows[first]) if visible]
+        if keys == list(range(keys[0], keys[-1] + 1)):
+            seen = slice(keys[0] * tokens, (keys[-1] + 1) * tokens)
+        else:  # a sink before a window: two runs of frames
+            seen = (torch.tensor(keys)[:, None] * tokens + torch.arange(tokens)).flatten().to(device)
+        groups.append((slice(first * tokens, end * tokens), seen))
+        first = end
+    return groups
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: QueryGroups | None = None,
+           backend: str = "auto") -> torch.Tensor:
+    """Softmax attention. q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D]; with `groups`, each
+    group's queries see only its keys."""
+    if groups is None:
+        return _unmasked(q, k, v, backend)
+    return torch.cat([_unmasked(q[:, rows], k[:, seen], v[:, seen], backend) for rows, seen in groups], dim=1)
+
+
+def _unmasked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+    """flash-attn serves half-precision CUDA calls when installed and `backend` is "auto"; PyTorch SDPA
+    serves everything else and is the tested path."""
+    if backend == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         flash = _flash_attn_func()
         if flash is not None:
             return flash(q, k, v)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-    return out.transpose(1, 2)
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)

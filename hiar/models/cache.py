@@ -4,6 +4,7 @@ Keys are stored after RoPE at their absolute frame positions, so nothing is rota
 window can slide forever. Storage is a dict from frame index to that frame's K/V, per layer:
 * writing a block's frames again replaces them (the step-first order rewrites context every step);
 * nothing is written in place, so a cache read under autograd can never be invalidated later;
+* a frame owns its memory: K/V written from part of a longer forward are copied out of it;
 * after each write, frames that no later block can see (outside every future window and not in the
   sink) are dropped, so memory stays at most one window of frames however long the video runs.
 """
@@ -44,7 +45,10 @@ class KVCache:
             store.clear()
 
     def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for store in self._layers for k, v in store.values())
+        """Bytes of memory the held K/V keep alive (each storage once: a block's frames share one)."""
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for store in self._layers for kv in store.values() for t in kv}
+        return sum(storages.values())
 
     def read(self, layer: int, frames: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of `frames` concatenated in order: [B, len(frames) * T, H, D] each."""
@@ -61,6 +65,10 @@ class KVCache:
     def write(self, layer: int, start_frame: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store K/V [B, n, T, H, D] of frames start_frame .. start_frame + n - 1, then evict."""
         store = self._layers[layer]
+        if k.untyped_storage().nbytes() > k.nbytes:
+            # A view into a longer forward's K/V (a fused forward: written frames + denoised block):
+            # keep only these frames, or the cache would hold the whole forward's K/V alive (2x memory).
+            k, v = k.clone(), v.clone()
         for i, (k_frame, v_frame) in enumerate(zip(k.unbind(1), v.unbind(1))):
             store[start_frame + i] = (k_frame, v_frame)
         self._evict(store, next_frame=start_frame + k.shape[1])

@@ -24,9 +24,11 @@ from hiar.models.attention import (
     Bidirectional,
     BlockCausal,
     Cached,
+    QueryGroups,
     RotaryEmbedding,
     apply_rope,
     attend,
+    query_groups,
 )
 
 
@@ -99,8 +101,8 @@ class Attention(nn.Module):
         k = self.norm_k(self.to_k(source)).unflatten(-1, (self.num_heads, -1))
         return k, self.to_v(source).unflatten(-1, (self.num_heads, -1))
 
-    def output(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return self.to_out[0](attend(q, k, v, mask, self.backend).flatten(-2).type_as(q))
+    def output(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: QueryGroups | None) -> torch.Tensor:
+        return self.to_out[0](attend(q, k, v, groups, self.backend).flatten(-2).type_as(q))
 
 
 class _InputProjection(nn.Module):
@@ -136,15 +138,15 @@ class Prompt:
 
 
 class SelfAttentionContext:
-    """What one forward's self-attention layers share: RoPE angles, mask, and the cache traffic.
+    """What one forward's self-attention layers share: RoPE angles, query groups, and the cache traffic.
 
     Built once per forward by `WanModel`; each layer calls `__call__` with its own projections.
     """
 
-    def __init__(self, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+    def __init__(self, rope: tuple[torch.Tensor, torch.Tensor], groups: QueryGroups | None,
                  mode: AttentionMode, context_frames: list[int]):
         self.rope = rope  # cos, sin [F*T, 1, Dh/2] at this call's absolute frame positions
-        self.mask = mask
+        self.groups = groups  # the block-causal rule (None: every query sees every key)
         self.mode = mode
         self.context_frames = context_frames
 
@@ -163,7 +165,7 @@ class SelfAttentionContext:
             if self.mode.write_frames:
                 n = self.mode.write_frames
                 cache.write(layer, self.mode.start_frame, k.unflatten(1, (f, t))[:, :n], v.unflatten(1, (f, t))[:, :n])
-        return attn.output(q, k_all, v_all, self.mask).unflatten(1, (f, t))
+        return attn.output(q, k_all, v_all, self.groups).unflatten(1, (f, t))
 
 
 class WanBlock(nn.Module):
@@ -215,21 +217,17 @@ class WanModel(nn.Module):
 
     def _self_attention(self, mode: AttentionMode, num_frames: int, grid: tuple[int, int],
                         device: torch.device) -> SelfAttentionContext:
-        """Positions, mask and cache context of one call with `num_frames` frames."""
+        """Positions, query groups and cache context of one call with `num_frames` frames."""
         start = mode.start_frame if isinstance(mode, Cached) else 0
-        frames = torch.arange(start, start + num_frames, device=device)
-        rope = self.rope(frames, *grid)
-        tokens = grid[0] * grid[1]
+        frames = torch.arange(start, start + num_frames)
+        rope = self.rope(frames.to(device), *grid)
         if isinstance(mode, Bidirectional):
             return SelfAttentionContext(rope, None, mode, [])
         window = mode.window if isinstance(mode, BlockCausal) else mode.cache.window
         context = window.context_frames(start, start + num_frames) if isinstance(mode, Cached) else []
-        keys = torch.cat([torch.tensor(context, dtype=frames.dtype, device=device), frames])
-        mask = window.frame_mask(frames, keys)
-        # Expand the frame mask to tokens; drop it when it opens everything (one block: no mask,
-        # which keeps the fast kernels).
-        mask = None if bool(mask.all()) else mask.repeat_interleave(tokens, 0).repeat_interleave(tokens, 1)
-        return SelfAttentionContext(rope, mask, mode, context)
+        keys = torch.cat([torch.tensor(context, dtype=frames.dtype), frames])
+        groups = query_groups(window.frame_mask(frames, keys), grid[0] * grid[1], device)
+        return SelfAttentionContext(rope, groups, mode, context)
 
     def prompt(self, states: torch.Tensor) -> Prompt:
         """Prompt states [B, Lt, text_dim] -> the cross-attention K/V of every layer, to reuse."""
