@@ -3,6 +3,7 @@ import torch
 
 from hiar.config import load_config
 from hiar.models import WanModel
+from hiar.sampling import CellNoise
 
 
 def random_model(cfg, seed: int = 0) -> WanModel:
@@ -21,6 +22,16 @@ def random_inputs(cfg, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tenso
     m, geo = cfg.model, cfg.geometry
     x = torch.randn(batch, geo.num_latent_frames, m.in_channels, geo.latent_height, geo.latent_width, generator=g)
     return x, torch.randn(batch, m.text_len, m.text_dim, generator=g)
+
+
+def rollout_inputs(*overrides, frames=18):
+    """The tiny preset for a rollout of `frames` latent frames, two prompts and their cell noise (drawn
+    on the CPU, so any device sees the same numbers)."""
+    cfg = load_config("tiny", [f"video.num_latent_frames={frames}", *overrides])
+    geo = cfg.geometry
+    noise = CellNoise(7, [0, 1], (3, cfg.model.in_channels, geo.latent_height, geo.latent_width))
+    text = torch.randn(2, cfg.model.text_len, cfg.model.text_dim, generator=torch.Generator().manual_seed(5))
+    return cfg, noise, text
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from hiar.config import load_config
-from hiar.sampling import CellNoise, generate, sample_video
+from hiar.sampling import generate, sample_video
 
-from conftest import random_model
+from conftest import random_model, rollout_inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -26,12 +26,8 @@ def full_fp32():
 
 
 def setup(*overrides, frames=18):
-    """The tiny preset at 64x64 (16 tokens a frame), two prompts, CPU-drawn cell noise (device-independent)."""
-    cfg = load_config("tiny", ["video.height=64", "video.width=64", f"video.num_latent_frames={frames}", *overrides])
-    geo = cfg.geometry
-    noise = CellNoise(7, [0, 1], (3, cfg.model.in_channels, geo.latent_height, geo.latent_width))
-    text = torch.randn(2, cfg.model.text_len, cfg.model.text_dim, generator=torch.Generator().manual_seed(5))
-    return cfg, noise, text
+    """The tiny preset at 64x64 (16 tokens a frame)."""
+    return rollout_inputs("video.height=64", "video.width=64", *overrides, frames=frames)
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,9 @@ from hiar.config import load_config
 from hiar.models import Cached
 from hiar.sampling import CellNoise, SamplerStats, generate, sample_video
 
-from conftest import random_model
+from conftest import random_model, rollout_inputs as setup
 
 S = 4  # denoising steps of every preset
-
-
-def setup(*overrides, frames=18):
-    cfg = load_config("tiny", [f"video.num_latent_frames={frames}", *overrides])
-    geo = cfg.geometry
-    noise = CellNoise(7, [0, 1], (3, cfg.model.in_channels, geo.latent_height, geo.latent_width))
-    text = torch.randn(2, cfg.model.text_len, cfg.model.text_dim, generator=torch.Generator().manual_seed(5))
-    return cfg, noise, text
 
 
 @pytest.fixture(scope="module")
