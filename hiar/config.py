@@ -157,6 +157,10 @@ class TrainConfig:
     guidance_scale: float = 3.0  # teacher samples and ODE trajectories
     sample_steps: int = 48  # Euler steps of teacher sampling
     sample_shift: float = 8.0
+    # teacher: exponential moving average of the weights from step ema_start (0 = off); when on, the
+    # EMA is what samples and model.safetensors hold (distillation has its own distill.ema_*)
+    ema_decay: float = 0.0
+    ema_start: int = 0
 
 
 @dataclass

@@ -10,7 +10,6 @@ will be sampled in, plus the forward-KL regulariser on teacher ODE trajectories.
   by flow matching.
 * `forward_kl_loss`: the student regresses the teacher's chord x0 between consecutive stored
   trajectory points on its first K steps, which keeps the motion DMD alone loses.
-* `EMA`: the generator's exponential moving average.
 """
 
 from __future__ import annotations
@@ -121,29 +120,3 @@ def forward_kl_loss(generator: WanModel, batch: dict, text: torch.Tensor, cfg: C
         x0 = flow.x0_from_flow(x_j, generator(x_j, t_j, text, attention), t_j)
         losses.append((x0.double() - target).square().mean())
     return torch.stack(losses).mean()
-
-
-class EMA:
-    """Exponential moving average of a model's weights (float32), started at training step `start`
-    from the weights of that moment, then updated after every generator update."""
-
-    def __init__(self, decay: float, start: int):
-        self.decay, self.start = decay, start
-        self.shadow: dict[str, torch.Tensor] | None = None
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        if step < self.start:
-            return
-        state = model.state_dict()
-        if self.shadow is None:
-            self.shadow = {k: v.detach().float().clone() for k, v in state.items()}
-            return
-        for k, v in state.items():
-            self.shadow[k].lerp_(v.detach().float(), 1 - self.decay)
-
-    def state_dict(self) -> dict:
-        return {"shadow": self.shadow}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.shadow = state["shadow"]

@@ -59,6 +59,33 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class EMA:
+    """Exponential moving average of a model's weights (float32), started at training step `start`
+    from the weights of that moment, then updated after every update of the model (the distilled
+    generator; the toy teacher with train.ema_decay)."""
+
+    def __init__(self, decay: float, start: int):
+        self.decay, self.start = decay, start
+        self.shadow: dict[str, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        if step < self.start:
+            return
+        state = model.state_dict()
+        if self.shadow is None:
+            self.shadow = {k: v.detach().float().clone() for k, v in state.items()}
+            return
+        for k, v in state.items():
+            self.shadow[k].lerp_(v.detach().float(), 1 - self.decay)
+
+    def state_dict(self) -> dict:
+        return {"shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shadow = state["shadow"]
+
+
 class Trainer:
     """Owns the DeepSpeed engines of the models a program trains (one, or generator + critic), the
     loop, logging and checkpoints.
@@ -233,7 +260,10 @@ class Trainer:
                 raise RuntimeError(f"{folder / name}: DeepSpeed could not load this checkpoint")
         extra = torch.load(folder / "extra.pt", map_location="cpu", weights_only=True)
         for name, obj in self.extra.items():
-            obj.load_state_dict(extra[name])
+            if name in extra:
+                obj.load_state_dict(extra[name])
+            else:  # e.g. an EMA switched on for a resumed run: it starts from the resumed weights
+                self.log(f"{folder}: no '{name}' state in extra.pt, '{name}' starts afresh")
         self.step, self.skipped = client["step"], client["skipped"]
         self.log(f"resumed from {folder} at step {self.step}")
 

@@ -33,6 +33,10 @@ stage() {  # stage NAME OUTPUT COMMAND...
   echo "== $name: $*"
   local start=$SECONDS
   "$@"
+  if [ ! -e "$out" ]; then  # a training stopped by SIGTERM saves a checkpoint and exits 0, unfinished
+    echo "== $name: stopped before writing $out; rerun to continue" >&2
+    return 1
+  fi
   printf '%s\t%s\t%d s\t%s\n' "$(date -u +%FT%TZ)" "$name" $((SECONDS - start)) "$cores cores, ${OMP_NUM_THREADS:-$cores} threads" >> runs/toy/timings.tsv
 }
 

@@ -33,6 +33,23 @@ def test_teacher_resume_equals_an_uninterrupted_run(tmp_path):
     assert any(not torch.equal(fresh[k], straight[k]) for k in fresh if fresh[k].shape == straight[k].shape)
 
 
+def test_teacher_ema_is_exported_and_resumes(tmp_path):
+    """With train.ema_decay the exported teacher is the EMA of the weights after each update (decay
+    0.5 from step 0: half the first update's weights, half the second's), and resuming restores it."""
+    for steps in (1, 2):
+        teacher.main([*TINY_TEACHER, f"train.steps={steps}", f"train.output_dir={tmp_path / f'plain{steps}'}"])
+    ema = ["train.ema_decay=0.5", "train.ema_start=0"]
+    teacher.main([*TINY_TEACHER, *ema, "train.steps=2", f"train.output_dir={tmp_path / 'ema'}"])
+    w1, w2, averaged = weights(tmp_path / "plain1"), weights(tmp_path / "plain2"), weights(tmp_path / "ema")
+    assert any(not torch.equal(w1[k], w2[k]) for k in w1)
+    for k in w1:
+        torch.testing.assert_close(averaged[k], (w1[k] + w2[k]) / 2, atol=1e-7, rtol=0)
+    teacher.main([*TINY_TEACHER, *ema, "train.steps=1", "train.save_every=1", f"train.output_dir={tmp_path / 'split'}"])
+    teacher.main([*TINY_TEACHER, *ema, "train.steps=2", f"train.output_dir={tmp_path / 'split'}", "--resume"])
+    split = weights(tmp_path / "split")
+    assert all(torch.equal(split[k], averaged[k]) for k in averaged)
+
+
 def test_teacher_writes_samples(tmp_path):
     teacher.main([*TINY_TEACHER, "train.steps=1", "train.sample_every=1", "train.sample_steps=2",
                   f"train.output_dir={tmp_path}"])

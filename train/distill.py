@@ -30,14 +30,14 @@ from hiar.checkpoints import load_generator  # noqa: E402
 from hiar.codecs import build_codec  # noqa: E402
 from hiar.config import Config, config_to_dict, load_config  # noqa: E402
 from hiar.data import PromptSource  # noqa: E402
-from hiar.distill import DMD, EMA, exit_step, forward_kl_loss, self_rollout  # noqa: E402
+from hiar.distill import DMD, exit_step, forward_kl_loss, self_rollout  # noqa: E402
 from hiar.models import WanModel  # noqa: E402
 from hiar.ode import TrajectoryStore, trajectory_batch  # noqa: E402
 from hiar.pipeline import render  # noqa: E402
 from hiar.sampling import block_noise, generate, stable_hash  # noqa: E402
 from hiar.text import build_text_encoder  # noqa: E402
 from hiar.toytrain import PromptBank  # noqa: E402
-from hiar.training import Trainer, gathered, main_guard  # noqa: E402
+from hiar.training import EMA, Trainer, gathered, main_guard  # noqa: E402
 
 DMD_PROMPT_SEED = 2_000_003  # toyworld prompts for DMD: captions of clips no earlier stage used
 

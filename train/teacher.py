@@ -21,7 +21,7 @@ from hiar.flow import FlowMatching  # noqa: E402
 from hiar.models import WanModel  # noqa: E402
 from hiar.text import build_text_encoder  # noqa: E402
 from hiar.toytrain import PromptBank, drop_captions, flow_matching_loss, toy_batch, write_teacher_samples  # noqa: E402
-from hiar.training import Trainer, main_guard, seed_step  # noqa: E402
+from hiar.training import EMA, Trainer, gathered, main_guard, seed_step  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,23 +39,37 @@ def main(argv=None) -> None:
     codec, bank = build_codec(cfg), PromptBank(build_text_encoder(cfg))
     flow = FlowMatching(cfg.train.timestep_shift)
     seed_step(cfg.train.seed, step=-1, rank=0)  # the initial weights, identical on every rank and run
-    trainer = Trainer(cfg, WanModel(cfg.model), resume=args.resume)
+    t = cfg.train
+    ema = EMA(t.ema_decay, t.ema_start) if t.ema_decay else None
+    trainer = Trainer(cfg, WanModel(cfg.model), resume=args.resume, extra={"ema": ema} if ema else None)
     prompts = load_prompts(Path(__file__).resolve().parent.parent / cfg.runtime.prompts)[:2]
 
-    def loss_fn(model, step):
+    def step_fn(step):
         x0, captions = toy_batch(cfg, codec, step, trainer.rank, trainer.world)
-        text = bank(drop_captions(captions, cfg.train.caption_dropout, cfg.train.negative_prompt))
-        return flow_matching_loss(model, x0, text, flow)
+        text = bank(drop_captions(captions, t.caption_dropout, t.negative_prompt))
+        loss = trainer.optimize("model", flow_matching_loss(trainer.engine, x0, text, flow))
+        if ema is not None:
+            with gathered(trainer.model):
+                ema.update(trainer.model, step)
+        return {"loss": loss, "grad_norm": trainer.grad_norms.get("model", float("nan"))}
+
+    def averaged() -> WanModel:
+        """The weights to sample and export: the EMA once it has started, else the trained ones."""
+        if ema is None or ema.shadow is None:
+            return trainer.model
+        model = WanModel(cfg.model)
+        model.load_state_dict(ema.shadow)
+        return model.to(next(trainer.model.parameters()).device).eval()
 
     def on_sample(step):
         if trainer.rank == 0:
-            for path in write_teacher_samples(trainer.model, codec, bank, cfg, prompts, trainer.out / "samples",
+            for path in write_teacher_samples(averaged(), codec, bank, cfg, prompts, trainer.out / "samples",
                                               f"step-{step:08d}"):
                 trainer.log(f"sample: {path}")
 
-    trainer.fit(loss_fn, on_sample)
+    trainer.fit(step_fn=step_fn, on_sample=on_sample)
     if trainer.step >= cfg.train.steps:
-        trainer.log(f"model: {trainer.export()}")
+        trainer.log(f"model: {trainer.export(module=averaged())}")
 
 
 if __name__ == "__main__":
