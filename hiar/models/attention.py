@@ -154,8 +154,8 @@ def query_groups(frame_mask: torch.Tensor, tokens: int, device: torch.device) ->
     (a block, by `frame_mask`'s construction), or None when every query sees every key.
 
     Unmasked calls keep the fast kernels and skip the products a mask would throw away; a token mask
-    sends SDPA to a masked kernel that on CUDA ran a fused 6-frame forward 1.5x slower than two
-    3-frame ones and doubled peak memory (docs/benchmarks.md, 2026-11-26).
+    sends SDPA to a masked kernel, with which a fused 6-frame forward took 1.5x the time of two 3-frame
+    ones on an H200 (docs/benchmarks.md, 2026-11-26).
     """
     if bool(frame_mask.all()):
         return None
