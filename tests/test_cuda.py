@@ -74,7 +74,7 @@ def test_step_major_equals_wavefront_on_cuda(cpu_model, dtype):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_fused_equals_unfused_on_cuda(cpu_model, dtype, tol):
-    """Fused forwards take the masked attention path, unfused ones the unmasked (flash) kernels."""
+    """Fused forwards attend per query block over two blocks (query_groups), unfused ones over one."""
     unfused = run(cpu_model, "sampling.method=timestep_first", dtype=dtype)
     fused = run(cpu_model, "sampling.method=timestep_first", "sampling.fused=true", dtype=dtype)
     assert rel(fused, unfused) < tol
