@@ -79,6 +79,15 @@ class EMA:
         for k, v in state.items():
             self.shadow[k].lerp_(v.detach().float(), 1 - self.decay)
 
+    def averaged(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The weights to sample and export: a copy of `model` holding the EMA once it has started,
+        else `model` itself."""
+        if self.shadow is None:
+            return model
+        copy = type(model)(model.config)  # a fresh module, not a deepcopy: ZeRO-3 partitions `model`'s tensors
+        copy.load_state_dict(self.shadow)
+        return copy.to(next(model.parameters()).device).eval()
+
     def state_dict(self) -> dict:
         return {"shadow": self.shadow}
 

@@ -31,7 +31,6 @@ from hiar.codecs import build_codec  # noqa: E402
 from hiar.config import Config, config_to_dict, load_config  # noqa: E402
 from hiar.data import PromptSource  # noqa: E402
 from hiar.distill import DMD, exit_step, forward_kl_loss, self_rollout  # noqa: E402
-from hiar.models import WanModel  # noqa: E402
 from hiar.ode import TrajectoryStore, trajectory_batch  # noqa: E402
 from hiar.pipeline import render  # noqa: E402
 from hiar.sampling import block_noise, generate, stable_hash  # noqa: E402
@@ -151,11 +150,7 @@ def main(argv=None) -> None:
 
     trainer.fit(step_fn=step_fn, on_sample=on_sample)
     if trainer.step >= t.steps:
-        final = generator
-        if ema.shadow is not None:  # inference uses the EMA weights
-            final = WanModel(cfg.model)
-            final.load_state_dict(ema.shadow)
-        trainer.log(f"model: {trainer.export(module=final)}")
+        trainer.log(f"model: {trainer.export(module=ema.averaged(generator))}")  # inference uses the EMA
 
 
 if __name__ == "__main__":

@@ -54,12 +54,7 @@ def main(argv=None) -> None:
         return {"loss": loss, "grad_norm": trainer.grad_norms.get("model", float("nan"))}
 
     def averaged() -> WanModel:
-        """The weights to sample and export: the EMA once it has started, else the trained ones."""
-        if ema is None or ema.shadow is None:
-            return trainer.model
-        model = WanModel(cfg.model)
-        model.load_state_dict(ema.shadow)
-        return model.to(next(trainer.model.parameters()).device).eval()
+        return ema.averaged(trainer.model) if ema is not None else trainer.model
 
     def on_sample(step):
         if trainer.rank == 0:
