@@ -1,7 +1,7 @@
 """The training loop every train/ program shares, on DeepSpeed (CPU with gloo works, as does the launcher).
 
-A program supplies a loss function `loss_fn(model, step) -> loss`; the `Trainer` owns everything else:
-the DeepSpeed engine (ZeRO stage and offload from `train.deepspeed`; batch size, clipping and
+A program supplies a step function `step_fn(step) -> metrics` that computes its losses and hands them
+to `Trainer.optimize`; the `Trainer` owns everything else: the DeepSpeed engines (ZeRO stage and offload from `train.deepspeed`; batch size, clipping and
 precision from the config), a torch AdamW (no C++ op build), warm-up, a progress bar, logging to
 stdout and optionally wandb (offline by default), atomic checkpoints, `--resume`, SIGTERM handling
 and the non-finite-loss guard.
@@ -31,9 +31,6 @@ from tqdm import tqdm
 from hiar.atomic import atomic_path
 from hiar.checkpoints import save_model
 from hiar.config import Config, config_to_dict, save_config
-
-LossFn = Callable[[torch.nn.Module, int], torch.Tensor]
-
 
 def init_distributed() -> tuple[int, int]:
     """Join (or, run as a plain script, create) the process group; returns (rank, world size)."""
@@ -100,8 +97,8 @@ class Trainer:
     loop, logging and checkpoints.
 
     `models` maps a name to a model, or to (model, learning rate) when it differs from train.lr.
-    A program gives `fit` either `loss_fn(engine, step) -> loss` (one model) or, for several, a step
-    function `step_fn(step) -> metrics` that calls `optimize(name, loss)` for each update it makes.
+    A program gives `fit` a step function `step_fn(step) -> metrics` that calls `optimize(name, loss)`
+    for each update it makes (`update(loss)` when it trains one model).
     `extra` objects (e.g. the generator's EMA) ride along in checkpoints through `state_dict` /
     `load_state_dict`; `on_save(folder)` may add files to a checkpoint before it is published.
     """
@@ -162,14 +159,8 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------------
 
-    def fit(self, loss_fn: LossFn | None = None, on_sample: Callable[[int], None] | None = None,
-            step_fn: Callable[[int], dict[str, float]] | None = None) -> None:
+    def fit(self, step_fn: Callable[[int], dict[str, float]], on_sample: Callable[[int], None] | None = None) -> None:
         t = self.cfg.train
-        if step_fn is None:
-            (name,) = self.engines
-            def step_fn(step: int) -> dict[str, float]:
-                loss = self.optimize(name, loss_fn(self.engines[name], step))
-                return {"loss": loss, "grad_norm": self.grad_norms.get(name, float("nan"))}
         bar = tqdm(total=t.steps, initial=self.step, unit="step", disable=self.rank != 0)
         window: dict[str, list[float]] = {}  # metrics since the last log line (a generator loss may come every 5th step)
         while self.step < t.steps and not self._stop:
@@ -211,6 +202,12 @@ class Trainer:
                 raise NonFiniteLossError(f"{self.skipped} updates had a non-finite loss (train.max_nonfinite="
                                          f"{self.cfg.train.max_nonfinite}); lower train.lr or check the data")
         return loss.item()
+
+    def update(self, loss: torch.Tensor) -> dict[str, float]:
+        """`optimize` for a program that trains one model: the metrics `fit` logs for it."""
+        (name,) = self.engines
+        loss = self.optimize(name, loss)
+        return {"loss": loss, "grad_norm": self.grad_norms.get(name, float("nan"))}
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         """Every rank skips together when any rank's loss is not finite."""

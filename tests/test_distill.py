@@ -197,6 +197,7 @@ def test_distill_trains_checkpoints_and_resumes_exactly(inputs, tmp_path):
     assert {"generator", "generator_ema", "critic", "step", "config"} <= blob.keys() and blob["step"] == 3
     ema, cfg = load_generator(ckpt, use_ema=True)
     assert torch.equal(ema.state_dict()["proj_out.weight"], blob["generator_ema"]["proj_out.weight"])
+    assert all(torch.equal(a[k], blob["generator_ema"][k].to(a[k].dtype)) for k in a)  # the export is the EMA
 
 
 def test_distill_under_torchrun_on_two_processes(inputs, tmp_path):

@@ -148,7 +148,7 @@ def main(argv=None) -> None:
             render(codec(), cfg, blocks, paths)
         trainer.log(f"samples: {', '.join(map(str, paths))}")
 
-    trainer.fit(step_fn=step_fn, on_sample=on_sample)
+    trainer.fit(step_fn, on_sample)
     if trainer.step >= t.steps:
         trainer.log(f"model: {trainer.export(module=ema.averaged(generator))}")  # inference uses the EMA
 

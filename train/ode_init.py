@@ -46,12 +46,12 @@ def main(argv=None) -> None:
     causal = BlockCausal(BlockCausalWindow.from_config(cfg.video))
     trainer = Trainer(cfg, student, resume=args.resume)
 
-    def loss_fn(model, step):
+    def step_fn(step):
         x, t, target, captions = ode_regression_batch(trajectories, cfg, step, trainer.rank, trainer.world)
-        x0 = flow.x0_from_flow(x, model(x, t, bank(captions), causal), t)
-        return (x0.float() - target.float()).square().mean()
+        x0 = flow.x0_from_flow(x, trainer.engine(x, t, bank(captions), causal), t)
+        return trainer.update((x0.float() - target.float()).square().mean())
 
-    trainer.fit(loss_fn)
+    trainer.fit(step_fn)
     if trainer.step >= cfg.train.steps:
         trainer.log(f"model: {trainer.export()}")
 

@@ -47,11 +47,11 @@ def main(argv=None) -> None:
     def step_fn(step):
         x0, captions = toy_batch(cfg, codec, step, trainer.rank, trainer.world)
         text = bank(drop_captions(captions, t.caption_dropout, t.negative_prompt))
-        loss = trainer.optimize("model", flow_matching_loss(trainer.engine, x0, text, flow))
+        metrics = trainer.update(flow_matching_loss(trainer.engine, x0, text, flow))
         if ema is not None:
             with gathered(trainer.model):
                 ema.update(trainer.model, step)
-        return {"loss": loss, "grad_norm": trainer.grad_norms.get("model", float("nan"))}
+        return metrics
 
     def averaged() -> WanModel:
         return ema.averaged(trainer.model) if ema is not None else trainer.model
@@ -62,7 +62,7 @@ def main(argv=None) -> None:
                                               f"step-{step:08d}"):
                 trainer.log(f"sample: {path}")
 
-    trainer.fit(step_fn=step_fn, on_sample=on_sample)
+    trainer.fit(step_fn, on_sample)
     if trainer.step >= cfg.train.steps:
         trainer.log(f"model: {trainer.export(module=averaged())}")
 
