@@ -10,17 +10,19 @@ Trailing `section.key=value` arguments override the config (e.g. video.window_fr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from hiar.checkpoints import CheckpointError, load_generator
-from hiar.codecs import build_codec
+from hiar.codecs import Codec, build_codec
 from hiar.config import Config, ConfigError, load_config, save_config
 from hiar.models import WanModel
 from hiar.parallel import PipelineError, StageGroup, local_rank_device, pipeline_stage, stage_steps
@@ -164,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(total=len(jobs) * num_blocks * steps, unit="cell", desc=f"{cfg.sampling.method} (rank {rank})",
                disable=rank != 0)
     try:
-        frames, seconds, first_block = generate_all(args, cfg, model, text_encoder, codec, group, jobs, num_blocks,
-                                                    device, dtype, bar)
+        frames, seconds, first_block = Generation(cfg, model, text_encoder, codec, group, device, dtype).run(
+            jobs, num_blocks, args, bar)
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -184,31 +186,44 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-@torch.no_grad()  # every stage, not only the one that renders (autograd would also keep unfused passes)
-def generate_all(args, cfg, model, text_encoder, codec, group, jobs, num_blocks, device, dtype, bar):
-    """Run every job of this process; returns (frames written, seconds, first-block latency)."""
-    frames, seconds, first_block = 0, 0.0, None
-    writes = group is None or group.is_last
-    if group:
-        group.barrier()
-    for index, prompt, paths in jobs:
-        text = text_encoder([prompt]).to(device, dtype).expand(args.num_samples, -1, -1)
-        noise = block_noise(cfg, args.seed, range(args.num_samples), device)
+@dataclasses.dataclass
+class Generation:
+    """What every job of this process shares: the model, its text encoder and codec, the pipeline group."""
+    cfg: Config
+    model: WanModel
+    text_encoder: Callable[[list[str]], torch.Tensor]
+    codec: Codec
+    group: StageGroup | None
+    device: torch.device
+    dtype: torch.dtype
+
+    @torch.no_grad()  # every stage, not only the one that renders (autograd would also keep unfused passes)
+    def run(self, jobs: list[tuple[int, str, list[Path]]], num_blocks: int, args: argparse.Namespace,
+            bar: tqdm) -> tuple[int, float, float | None]:
+        """Run every (prompt index, prompt, output paths) job; returns (frames written, seconds, first-block latency)."""
+        cfg, group = self.cfg, self.group
+        frames, seconds, first_block = 0, 0.0, None
+        writes = group is None or group.is_last
         if group:
-            blocks = pipeline_stage(CellRunner(model, text, cfg, noise, on_cell=bar.update), group, num_blocks)
-        else:
-            blocks = generate(model, text, cfg, noise, num_blocks, on_cell=bar.update)
-        if not writes:
-            for _ in blocks:  # this stage's cells; the last stage writes
-                pass
-            continue
-        latents = [p.with_suffix(".latents.safetensors") for p in paths] if args.save_latents else None
-        out = render(codec, cfg, blocks, paths, latents, {"prompt": prompt, "prompt_index": str(index)})
-        frames, seconds = frames + out.video_frames * len(paths), seconds + out.seconds
-        first_block = first_block if first_block is not None else out.first_block_seconds
-        for path in paths:
-            print(f"wrote {path}")
-    return frames, seconds, first_block
+            group.barrier()
+        for index, prompt, paths in jobs:
+            text = self.text_encoder([prompt]).to(self.device, self.dtype).expand(args.num_samples, -1, -1)
+            noise = block_noise(cfg, args.seed, range(args.num_samples), self.device)
+            if group:
+                blocks = pipeline_stage(CellRunner(self.model, text, cfg, noise, on_cell=bar.update), group, num_blocks)
+            else:
+                blocks = generate(self.model, text, cfg, noise, num_blocks, on_cell=bar.update)
+            if not writes:
+                for _ in blocks:  # this stage's cells; the last stage writes
+                    pass
+                continue
+            latents = [p.with_suffix(".latents.safetensors") for p in paths] if args.save_latents else None
+            out = render(self.codec, cfg, blocks, paths, latents, {"prompt": prompt, "prompt_index": str(index)})
+            frames, seconds = frames + out.video_frames * len(paths), seconds + out.seconds
+            first_block = first_block if first_block is not None else out.first_block_seconds
+            for path in paths:
+                print(f"wrote {path}")
+        return frames, seconds, first_block
 
 
 if __name__ == "__main__":
