@@ -142,6 +142,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     warmup_steps: int = 0
+    decay_steps: int = 0  # learning rate decays linearly to zero over the last decay_steps steps (0: constant)
     seed: int = 0
     deepspeed: str = "configs/deepspeed/zero0.json"  # ZeRO stage, offload; batch, clip and precision come from here
     bf16: bool = False

@@ -109,6 +109,7 @@ class Trainer:
         import deepspeed
 
         self.cfg, t = cfg, cfg.train
+        self.step = 0
         self.rank, self.world = init_distributed()
         self.out = Path(t.output_dir)
         self.ckpt_root = self.out / "checkpoints"
@@ -125,10 +126,9 @@ class Trainer:
                 enable_activation_checkpointing(model)
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=lr, betas=t.betas, weight_decay=t.weight_decay)
-            warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, t.warmup_steps)))
-            self.engines[name], _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=warmup,
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda updates: self._lr_scale(updates))
+            self.engines[name], _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                                config=ds)
-        self.step = 0
         self.skipped = 0
         self.grad_norms: dict[str, float] = {}  # of each model's last update, before clipping
         self._stop = False
@@ -202,6 +202,18 @@ class Trainer:
                 raise NonFiniteLossError(f"{self.skipped} updates had a non-finite loss (train.max_nonfinite="
                                          f"{self.cfg.train.max_nonfinite}); lower train.lr or check the data")
         return loss.item()
+
+    def _lr_scale(self, updates: int) -> float:
+        """The learning-rate multiplier of a model's next update, after `updates` of them: a linear warm-up
+        over its first train.warmup_steps updates, then constant, and with train.decay_steps a linear decay
+        to zero over the run's last decay_steps steps (a constant rate can be extended by resuming; the
+        decay anneals the weights at the end). The scheduler runs after an update, before `step` moves on."""
+        t = self.cfg.train
+        scale = min(1.0, (updates + 1) / max(1, t.warmup_steps))
+        if t.decay_steps:
+            upcoming = self.step + 1 if updates else self.step
+            scale *= min(1.0, (t.steps - upcoming) / t.decay_steps)
+        return scale
 
     def update(self, loss: torch.Tensor) -> dict[str, float]:
         """`optimize` for a program that trains one model: the metrics `fit` logs for it."""

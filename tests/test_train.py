@@ -1,5 +1,6 @@
 """Training programs on the tiny preset: a few steps, then resume; the resumed run equals the straight one."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -31,6 +32,16 @@ def test_teacher_resume_equals_an_uninterrupted_run(tmp_path):
     # training moved the weights
     fresh = teacher.WanModel(teacher.load_config("tiny").model).state_dict()
     assert any(not torch.equal(fresh[k], straight[k]) for k in fresh if fresh[k].shape == straight[k].shape)
+
+
+def test_learning_rate_warms_up_then_decays_to_zero(tmp_path):
+    """Warm-up over 2 updates, linear decay over the last 2 of 6 steps. The rate logged after step k is
+    the one update k uses: 1/2 at update 0 (not logged), then full, then 1/2 at the last update (5)."""
+    out = tmp_path / "run"
+    teacher.main([*TINY_TEACHER, "train.steps=6", "train.decay_steps=2", f"train.output_dir={out}"])
+    lr = teacher.load_config("tiny").train.lr
+    logged = [json.loads(line)["lr"] / lr for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx([1, 1, 1, 1, 0.5, 0])
 
 
 def test_teacher_ema_is_exported_and_resumes(tmp_path):
