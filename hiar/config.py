@@ -317,6 +317,11 @@ class Config:
         if not 0 <= self.sampling.frame_first_context_t < NUM_TRAIN_TIMESTEPS:
             raise ConfigError(f"sampling.frame_first_context_t={self.sampling.frame_first_context_t} must lie in "
                               f"[0, {NUM_TRAIN_TIMESTEPS})")
+        t = self.train
+        if t.warmup_steps < 0 or t.decay_steps < 0:
+            raise ConfigError(f"train.warmup_steps={t.warmup_steps} and train.decay_steps={t.decay_steps} must be >= 0")
+        if not 0 <= t.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay={t.ema_decay} must lie in [0, 1) (0: no EMA)")
         d = self.distill
         d.num_training_frames = d.num_training_frames or v.num_latent_frames  # resolved, so saved configs say it
         d.num_rollout_frames = d.num_rollout_frames or d.num_training_frames
@@ -333,6 +338,8 @@ class Config:
             raise ConfigError(f"distill.t_min={d.t_min} and t_max={d.t_max} must satisfy 0 < t_min < t_max < 1")
         if d.dfake_gen_update_ratio < 1:
             raise ConfigError(f"distill.dfake_gen_update_ratio={d.dfake_gen_update_ratio} must be >= 1")
+        if not 0 <= d.ema_decay < 1:
+            raise ConfigError(f"distill.ema_decay={d.ema_decay} must lie in [0, 1)")
         if not 0 <= d.fkl_steps <= len(steps):
             raise ConfigError(f"distill.fkl_steps={d.fkl_steps} must lie in [0, {len(steps)}] (student steps)")
         return self

@@ -59,6 +59,10 @@ def test_inconsistent_geometry_says_what_to_change():
         load_config("tiny", ["video.window_frames=4", "video.sink_frames=2"])
     with pytest.raises(ConfigError, match=r"strictly decreasing"):
         load_config("tiny", ["schedule.denoising_steps=[250, 500]"])
+    with pytest.raises(ConfigError, match=r"train.decay_steps=-1 must be >= 0"):
+        load_config("tiny", ["train.decay_steps=-1"])
+    with pytest.raises(ConfigError, match=r"train.ema_decay=1.0 must lie in \[0, 1\)"):
+        load_config("tiny", ["train.ema_decay=1.0"])
 
 
 def test_unknown_preset_lists_presets():
