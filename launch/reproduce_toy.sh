@@ -8,7 +8,8 @@
 # stage's wall-clock is appended to runs/toy/timings.tsv. EVALUATE=0 skips the evaluation.
 # SCALE=N multiplies the variants' training length (train.steps of configs/toy/<variant>.yaml) and puts
 # them and their evaluation under runs/toy/x<N>/ and in docs/results.md's "<N>x" section; the teacher,
-# ODE pairs and ODE initialisation are shared by every length. JOBS=N trains N variants at once with
+# ODE pairs and ODE initialisation are shared by every length, and a variant continues from the end of
+# its longest finished shorter run (the same run, less compute: continue_shorter below). JOBS=N trains N variants at once with
 # nproc/N threads each: the toy model is too small to keep many threads busy, so on a machine with more
 # cores this is the way to use them (on the 2-core VM the gain is small; docs/results.md, 10x).
 set -euo pipefail
@@ -44,9 +45,31 @@ stage teacher runs/toy/teacher/model.safetensors $py train/teacher.py --config_p
 stage ode_pairs runs/toy/ode_pairs/manifest.json $py train/ode_pairs.py --config_path configs/toy/ode_pairs.yaml
 stage ode_init runs/toy/ode_init/model.safetensors $py train/ode_init.py --config_path configs/toy/ode_init.yaml --resume
 
+continue_shorter() {  # continue_shorter VARIANT: a longer run starts from the end of the longest finished
+  # shorter run of the variant, not from scratch. At a constant learning rate every step draws from (seed,
+  # step), so this is the run from scratch (tests/test_distill.py resumes a 2-step run to 3 steps); with
+  # train.decay_steps the rate depends on the length and the run starts over.
+  local length dir
+  [ ! -e "$runs/$1/checkpoints/latest" ] && [ "$decay" = 0 ] || return 0
+  for length in $( (echo 1; ls -d runs/toy/x*/ 2>/dev/null | sed 's|runs/toy/x\([0-9]*\)/|\1|') | sort -rn); do
+    [ "$length" -lt "$scale" ] || continue
+    dir=runs/toy; [ "$length" = 1 ] || dir=runs/toy/x$length
+    [ -e "$dir/$1/model.safetensors" ] || continue
+    echo "== $1 (${scale}x): continues $dir/$1 ($(cat "$dir/$1/checkpoints/latest"))"
+    mkdir -p "$runs/$1/checkpoints"
+    cp -r "$dir/$1/checkpoints/$(cat "$dir/$1/checkpoints/latest")" "$dir/$1/checkpoints/latest" "$runs/$1/checkpoints/"
+    cp "$dir/$1/metrics.jsonl" "$runs/$1/"
+    return 0
+  done
+}
+
 distill() {  # distill VARIANT: its config's training length times $scale, under $runs (log: $runs/VARIANT.log
-  local config=configs/toy/$1.yaml steps   # when several train at once)
-  steps=$($py -c "import sys; from hiar.config import load_config; print(load_config(sys.argv[1]).train.steps)" "$config")
+  local config=configs/toy/$1.yaml steps decay   # when several train at once)
+  local params
+  params=$($py -c "import sys; from hiar.config import load_config; t = load_config(sys.argv[1]).train
+print(t.steps, t.decay_steps)" "$config")
+  read -r steps decay <<< "$params"
+  [ -e "$runs/$1/model.safetensors" ] || continue_shorter "$1"
   local run=(stage "$1 (${scale}x)" "$runs/$1/model.safetensors" $py train/distill.py --config_path "$config" --resume
              "train.output_dir=$runs/$1" "train.steps=$((steps * scale))")
   if [ "$jobs" = 1 ]; then "${run[@]}"; else echo "== $1 (${scale}x): log $runs/$1.log"; "${run[@]}" > "$runs/$1.log" 2>&1; fi
