@@ -21,6 +21,7 @@ import shutil
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,27 @@ def init_distributed() -> tuple[int, int]:
             port = s.getsockname()[1]
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     if not torch.distributed.is_initialized():
+        if not torch.cuda.is_available():
+            clear_stale_build_lock("deepspeed_shm_comm")
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def clear_stale_build_lock(op: str, stale_after_s: float = 600) -> bool:
+    """Remove torch's build lock of a C++ op (DeepSpeed loads its CPU comm op through it at start-up)
+    when it is older than any build (about a minute here). A process killed while holding it leaves it
+    behind, and every later run would then wait on it forever, silently. Returns whether it removed one."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(op, False)) / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > stale_after_s:
+            lock.unlink()
+            print(f"removed a stale build lock {lock} (left by a run killed while loading {op})", file=sys.stderr)
+            return True
+    except FileNotFoundError:
+        pass
+    return False
 
 
 def seed_step(seed: int, step: int, rank: int) -> None:

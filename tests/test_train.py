@@ -1,6 +1,7 @@
 """Training programs on the tiny preset: a few steps, then resume; the resumed run equals the straight one."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -138,3 +139,18 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny, tiny_inputs):
     assert ffn_calls == [1, 2]  # checkpointed: the block runs again in backward
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7)
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    """A run killed while DeepSpeed loaded its CPU comm op left torch's build lock, and the next run hung
+    at start-up; init_distributed now removes a lock older than any build."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from hiar.training import clear_stale_build_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = Path(_get_build_directory("some_op", False)) / "lock"
+    lock.touch()
+    assert not clear_stale_build_lock("some_op") and lock.exists()  # a build may be running
+    os.utime(lock, (lock.stat().st_atime - 3600, lock.stat().st_mtime - 3600))
+    assert clear_stale_build_lock("some_op") and not lock.exists()
