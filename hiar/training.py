@@ -1,10 +1,11 @@
 """The training loop every train/ program shares, on DeepSpeed (CPU with gloo works, as does the launcher).
 
 A program supplies a step function `step_fn(step) -> metrics` that computes its losses and hands them
-to `Trainer.optimize`; the `Trainer` owns everything else: the DeepSpeed engines (ZeRO stage and offload from `train.deepspeed`; batch size, clipping and
-precision from the config), a torch AdamW (no C++ op build), warm-up, a progress bar, logging to
-stdout and optionally wandb (offline by default), atomic checkpoints, `--resume`, SIGTERM handling
-and the non-finite-loss guard.
+to `Trainer.optimize`; the `Trainer` owns everything else: the DeepSpeed engines (ZeRO stage and
+offload from `train.deepspeed`; batch size, clipping and precision from the config), a torch AdamW (no
+C++ op build), the learning-rate schedule (warm-up, optional decay), a progress bar, logging to stdout
+and optionally wandb (offline by default), atomic checkpoints, `--resume`, SIGTERM handling and the
+non-finite-loss guard.
 
 Reproducibility: the random state of step s on rank r is seeded from (seed, s, r) at the start of the
 step, so a resumed run draws exactly what the uninterrupted run would have drawn; the checkpoint's

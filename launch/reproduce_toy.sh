@@ -9,9 +9,10 @@
 # SCALE=N multiplies the variants' training length (train.steps of configs/toy/<variant>.yaml) and puts
 # them and their evaluation under runs/toy/x<N>/ and in docs/results.md's "<N>x" section; the teacher,
 # ODE pairs and ODE initialisation are shared by every length, and a variant continues from the end of
-# its longest finished shorter run (the same run, less compute: continue_shorter below). JOBS=N trains N variants at once with
-# nproc/N threads each: the toy model is too small to keep many threads busy, so on a machine with more
-# cores this is the way to use them (on the 2-core VM the gain is small; docs/results.md, 10x).
+# its longest finished shorter run (the same run, less compute: continue_shorter below). JOBS=N trains
+# N variants at once with nproc/N threads each: the toy model is too small to keep many threads busy,
+# so on a machine with more cores this is the way to use them (on the 2-core VM the gain is small;
+# docs/results.md, 10x).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/env.sh
@@ -64,8 +65,7 @@ continue_shorter() {  # continue_shorter VARIANT: a longer run starts from the e
 }
 
 distill() {  # distill VARIANT: its config's training length times $scale, under $runs (log: $runs/VARIANT.log
-  local config=configs/toy/$1.yaml steps decay   # when several train at once)
-  local params
+  local config=configs/toy/$1.yaml params steps decay   # when several train at once)
   params=$($py -c "import sys; from hiar.config import load_config; t = load_config(sys.argv[1]).train
 print(t.steps, t.decay_steps)" "$config")
   read -r steps decay <<< "$params"
