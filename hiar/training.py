@@ -90,12 +90,13 @@ class EMA:
     def update(self, model: torch.nn.Module, step: int) -> None:
         if step < self.start:
             return
-        state = model.state_dict()
-        if self.shadow is None:
-            self.shadow = {k: v.detach().float().clone() for k, v in state.items()}
-            return
-        for k, v in state.items():
-            self.shadow[k].lerp_(v.detach().float(), 1 - self.decay)
+        with gathered(model):  # whole tensors under ZeRO-3, read before they are partitioned again
+            state = model.state_dict()
+            if self.shadow is None:
+                self.shadow = {k: v.detach().float().clone() for k, v in state.items()}
+                return
+            for k, v in state.items():
+                self.shadow[k].lerp_(v.detach().float(), 1 - self.decay)
 
     def averaged(self, model: torch.nn.Module) -> torch.nn.Module:
         """The weights to sample and export: a copy of `model` holding the EMA once it has started,

@@ -124,8 +124,7 @@ def main(argv=None) -> None:
                 loss = loss + d.fkl_weight * fkl
             metrics["generator_loss"] = trainer.optimize("generator", loss)
             metrics["generator_grad_norm"] = trainer.grad_norms.get("generator", float("nan"))
-            with gathered(generator):
-                ema.update(generator, step)
+            ema.update(generator, step)
         with torch.no_grad():
             x = rollout(text, ids, step, "critic", exit, grad=False)
         metrics["critic_loss"] = trainer.optimize("critic", dmd.critic_loss(critic, x, text))

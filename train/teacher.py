@@ -21,7 +21,7 @@ from hiar.flow import FlowMatching  # noqa: E402
 from hiar.models import WanModel  # noqa: E402
 from hiar.text import build_text_encoder  # noqa: E402
 from hiar.toytrain import PromptBank, drop_captions, flow_matching_loss, toy_batch, write_teacher_samples  # noqa: E402
-from hiar.training import EMA, Trainer, gathered, main_guard, seed_step  # noqa: E402
+from hiar.training import EMA, Trainer, main_guard, seed_step  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,8 +49,7 @@ def main(argv=None) -> None:
         text = bank(drop_captions(captions, t.caption_dropout, t.negative_prompt))
         metrics = trainer.update(flow_matching_loss(trainer.engine, x0, text, flow))
         if ema is not None:
-            with gathered(trainer.model):
-                ema.update(trainer.model, step)
+            ema.update(trainer.model, step)
         return metrics
 
     def averaged() -> WanModel:
