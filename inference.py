@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from hiar.checkpoints import CheckpointError, load_generator
 from hiar.codecs import Codec, build_codec
-from hiar.config import Config, ConfigError, load_config, save_config
+from hiar.config import Config, ConfigError, load_config, save_config, whole_blocks
 from hiar.models import WanModel
 from hiar.parallel import PipelineError, StageGroup, local_rank_device, pipeline_stage, stage_steps
 from hiar.pipeline import render, writable_folder
@@ -88,14 +88,6 @@ def read_prompts(args: argparse.Namespace, cfg: Config) -> list[str]:
     return prompts
 
 
-def check_frames(num_frames: int, k: int) -> int:
-    if num_frames < k or num_frames % k:
-        below = max(k, num_frames // k * k)
-        raise ValueError(f"--num_output_frames={num_frames} is not a multiple of the block size {k}: "
-                         f"use {below} or {below + k}")
-    return num_frames // k
-
-
 def output_stem(prompt: str, index: int, sample: int, by_index: bool) -> str:
     if by_index:
         return f"{index}-{sample}"
@@ -130,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve_config(args)
         num_frames = args.num_output_frames or cfg.video.num_latent_frames
-        num_blocks = check_frames(num_frames, cfg.video.frames_per_block)
+        num_blocks = whole_blocks("--num_output_frames", num_frames, cfg.video.frames_per_block)
         prompts = read_prompts(args, cfg)
         if args.num_samples < 1:
             raise ValueError(f"--num_samples={args.num_samples} must be at least 1")

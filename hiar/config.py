@@ -37,6 +37,15 @@ class ConfigError(ValueError):
     """A configuration the user must change; the message says what to change."""
 
 
+def whole_blocks(name: str, frames: int, k: int) -> int:
+    """How many blocks of k latent frames `frames` makes; a ConfigError naming the nearest valid lengths
+    when it is not a positive multiple of k (every length the model generates or trains on)."""
+    if frames < k or frames % k:
+        fix = max(k, frames // k * k)
+        raise ConfigError(f"{name}={frames} is not a multiple of video.frames_per_block={k}: use {fix} or {fix + k}")
+    return frames // k
+
+
 @dataclass
 class ModelConfig:
     """Wan DiT sizes (DESIGN.md section 2, 'Model sizes'); defaults are Wan2.1-T2V-1.3B."""
@@ -292,11 +301,7 @@ class Config:
         k = v.frames_per_block
         if k < 1:
             raise ConfigError(f"video.frames_per_block={k} must be at least 1")
-        if v.num_latent_frames < k or v.num_latent_frames % k:
-            fix = max(k, v.num_latent_frames // k * k)
-            raise ConfigError(
-                f"video.num_latent_frames={v.num_latent_frames} is not a multiple of video.frames_per_block={k}: "
-                f"use {fix} or {fix + k}")
+        whole_blocks("video.num_latent_frames", v.num_latent_frames, k)
         if v.sink_frames < 0 or v.window_frames < 0:
             raise ConfigError("video.window_frames and video.sink_frames must be >= 0 (0 window = unbounded)")
         if v.window_frames and v.window_frames < k + v.sink_frames:
@@ -326,9 +331,7 @@ class Config:
         d.num_training_frames = d.num_training_frames or v.num_latent_frames  # resolved, so saved configs say it
         d.num_rollout_frames = d.num_rollout_frames or d.num_training_frames
         for name in ("num_training_frames", "num_rollout_frames"):
-            if getattr(d, name) < k or getattr(d, name) % k:
-                raise ConfigError(f"distill.{name}={getattr(d, name)} must be a positive multiple of "
-                                  f"video.frames_per_block={k}")
+            whole_blocks(f"distill.{name}", getattr(d, name), k)
         if d.num_rollout_frames < d.num_training_frames:
             raise ConfigError(f"distill.num_rollout_frames={d.num_rollout_frames} must be at least "
                               f"distill.num_training_frames={d.num_training_frames} (the gradient window)")
