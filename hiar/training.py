@@ -96,7 +96,8 @@ class EMA:
                 self.shadow = {k: v.detach().float().clone() for k, v in state.items()}
                 return
             for k, v in state.items():
-                self.shadow[k].lerp_(v.detach().float(), 1 - self.decay)
+                shadow = self.shadow[k] = self.shadow[k].to(v.device)  # a resumed EMA is loaded on the CPU
+                shadow.lerp_(v.detach().float(), 1 - self.decay)
 
     def averaged(self, model: torch.nn.Module) -> torch.nn.Module:
         """The weights to sample and export: a copy of `model` holding the EMA once it has started,
@@ -121,13 +122,14 @@ class Trainer:
     `models` maps a name to a model, or to (model, learning rate) when it differs from train.lr.
     A program gives `fit` a step function `step_fn(step) -> metrics` that calls `optimize(name, loss)`
     for each update it makes (`update(loss)` when it trains one model).
-    `extra` objects (e.g. the generator's EMA) ride along in checkpoints through `state_dict` /
-    `load_state_dict`; `on_save(folder)` may add files to a checkpoint before it is published.
+    `extra` objects (e.g. the teacher's EMA) ride along in checkpoints (extra.pt) through `state_dict` /
+    `load_state_dict`; `on_save(folder)` may add files to a checkpoint before it is published, and
+    `on_load(folder)` reads back what they hold on --resume.
     """
 
     def __init__(self, cfg: Config, models: torch.nn.Module | dict[str, torch.nn.Module | tuple[torch.nn.Module, float]],
                  resume: bool = False, extra: dict[str, Any] | None = None,
-                 on_save: Callable[[Path], None] | None = None):
+                 on_save: Callable[[Path], None] | None = None, on_load: Callable[[Path], None] | None = None):
         import deepspeed
 
         self.cfg, t = cfg, cfg.train
@@ -135,7 +137,7 @@ class Trainer:
         self.rank, self.world = init_distributed()
         self.out = Path(t.output_dir)
         self.ckpt_root = self.out / "checkpoints"
-        self.extra, self.on_save = extra or {}, on_save
+        self.extra, self.on_save, self.on_load = extra or {}, on_save, on_load
         ds = json.loads(Path(t.deepspeed).read_text())
         ds.update(train_micro_batch_size_per_gpu=t.batch_size, gradient_accumulation_steps=1,
                   gradient_clipping=t.grad_clip, bf16={"enabled": t.bf16})
@@ -304,6 +306,8 @@ class Trainer:
                 obj.load_state_dict(extra[name])
             else:  # e.g. an EMA switched on for a resumed run: it starts from the resumed weights
                 self.log(f"{folder}: no '{name}' state in extra.pt, '{name}' starts afresh")
+        if self.on_load is not None:
+            self.on_load(folder)
         self.step, self.skipped = client["step"], client["skipped"]
         self.log(f"resumed from {folder} at step {self.step}")
 

@@ -1,5 +1,5 @@
 """The sampler on a CUDA device: the same video as on the CPU, bf16 close to fp32, the orders' identities
-and a flat cache footprint. Skipped without a GPU (CI has none); run on a lent GPU with
+and a flat cache footprint; a resumed training EMA on the GPU. Skipped without a GPU (CI has none); run on a lent GPU with
 `python -m pytest tests/test_cuda.py` (launch/gpu_check.sh, results in docs/benchmarks.md)."""
 
 import copy
@@ -96,3 +96,16 @@ def test_windowed_rollout_memory_is_flat_on_cuda(cpu_model):
         torch.cuda.synchronize()
         peaks.append(torch.cuda.max_memory_allocated() - base)
     assert peaks[1] <= 1.05 * peaks[0], peaks
+
+
+def test_a_resumed_ema_follows_a_cuda_model(cpu_model):
+    """Checkpoints load the EMA onto the CPU; the next update must still average the CUDA weights."""
+    from hiar.training import EMA
+
+    model = copy.deepcopy(cpu_model).to(CUDA)
+    ema = EMA(decay=0.5, start=0)
+    ema.load_state_dict({"shadow": {k: torch.zeros_like(v.float(), device="cpu") for k, v in model.state_dict().items()}})
+    ema.update(model, step=1)
+    weight = model.state_dict()["proj_out.weight"]
+    assert ema.shadow["proj_out.weight"].device.type == "cuda"
+    assert torch.equal(ema.shadow["proj_out.weight"], weight.float() * 0.5)

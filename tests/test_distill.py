@@ -198,6 +198,8 @@ def test_distill_trains_checkpoints_and_resumes_exactly(inputs, tmp_path):
     ema, cfg = load_generator(ckpt, use_ema=True)
     assert torch.equal(ema.state_dict()["proj_out.weight"], blob["generator_ema"]["proj_out.weight"])
     assert all(torch.equal(a[k], blob["generator_ema"][k].to(a[k].dtype)) for k in a)  # the export is the EMA
+    # model.pt holds the checkpoint's only EMA, and the resumed run above read it back (a == b)
+    assert "ema" not in torch.load(ckpt.parent / "extra.pt", weights_only=True)
 
 
 def test_distill_under_torchrun_on_two_processes(inputs, tmp_path):

@@ -8,9 +8,10 @@ order (the Self-Forcing baseline), plus the forward-KL regulariser (DESIGN.md se
 Two trained models, the generator (causal student, from distill.generator) and the critic (fake score,
 from distill.critic), and a frozen teacher (real score, distill.teacher, CFG against
 train.negative_prompt). Every iteration updates the critic; every distill.dfake_gen_update_ratio-th
-also the generator. Checkpoints (checkpoints/step-N/) hold both DeepSpeed states, the EMA and model.pt
+also the generator. Checkpoints (checkpoints/step-N/) hold both DeepSpeed states and model.pt
 ({generator, generator_ema, critic, step, config}: what `inference.py --checkpoint_path ... --use_ema`
-loads); the final generator (its EMA once started) is exported as model.safetensors.
+loads, and where --resume finds the EMA); the final generator (its EMA once started) is exported as
+model.safetensors.
 """
 
 from __future__ import annotations
@@ -88,8 +89,14 @@ def main(argv=None) -> None:
                     blob["generator_ema"] = ema.shadow
                 torch.save(blob, folder / "model.pt")
 
+    def read_ema(folder: Path) -> None:
+        """The EMA back from model.pt, its only copy (a 1.3B generator's is 5 GB); mmap reads only it."""
+        blob = torch.load(folder / "model.pt", map_location="cpu", mmap=True, weights_only=True)
+        if "generator_ema" in blob:  # absent before distill.ema_start
+            ema.load_state_dict({"shadow": {k: v.clone() for k, v in blob["generator_ema"].items()}})
+
     trainer = Trainer(cfg, {"generator": generator, "critic": (critic, d.critic_lr)}, resume=args.resume,
-                      extra={"ema": ema}, on_save=write_weights)
+                      on_save=write_weights, on_load=read_ema)
     device = next(generator.parameters()).device
     teacher.requires_grad_(False).eval().to(device)
 
