@@ -1,6 +1,7 @@
 """The sampler on a CUDA device: the same video as on the CPU, bf16 close to fp32, the orders' identities
-and a flat cache footprint; a resumed training EMA on the GPU. Skipped without a GPU (CI has none); run on a lent GPU with
-`python -m pytest tests/test_cuda.py` (launch/gpu_check.sh, results in docs/benchmarks.md)."""
+and a flat cache footprint; and a resumed training EMA following a CUDA model. Skipped without a GPU (CI
+has none); run on a lent GPU with `python -m pytest tests/test_cuda.py` (launch/gpu_check.sh, results in
+docs/benchmarks.md)."""
 
 import copy
 
