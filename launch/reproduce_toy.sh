@@ -20,7 +20,7 @@ py=.venv/bin/python
 variants=${VARIANTS:-"hiar self_forcing hiar_no_fkl hiar_ctx_current hiar_ctx_clean"}
 scale=${SCALE:-1}
 jobs=${JOBS:-1}
-cores=$(nproc)  # before OMP_NUM_THREADS is set below (nproc honours it)
+cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # the machine's, whatever threads the caller set
 runs=runs/toy
 [ "$scale" = 1 ] || runs=runs/toy/x$scale
 mkdir -p "$runs"
