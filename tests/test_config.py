@@ -53,8 +53,8 @@ def test_inconsistent_geometry_says_what_to_change():
     with pytest.raises(ConfigError, match=r"num_latent_frames=10 is not a multiple of video.frames_per_block=3: "
                                           r"use 9 or 12"):
         load_config("tiny", ["video.num_latent_frames=10"])
-    with pytest.raises(ConfigError, match=r"distill.num_rollout_frames=10 is not a multiple of video.frames_per_block=3: "
-                                          r"use 9 or 12"):
+    with pytest.raises(ConfigError, match=r"distill.num_rollout_frames=10 is not a multiple of "
+                                          r"video.frames_per_block=3: use 9 or 12"):
         load_config("tiny", ["distill.num_rollout_frames=10"])
     with pytest.raises(ConfigError, match=r"video.height=40 must be divisible by .* = 16: use 32"):
         load_config("tiny", ["video.height=40"])

@@ -105,7 +105,8 @@ def test_a_resumed_ema_follows_a_cuda_model(cpu_model):
 
     model = copy.deepcopy(cpu_model).to(CUDA)
     ema = EMA(decay=0.5, start=0)
-    ema.load_state_dict({"shadow": {k: torch.zeros_like(v.float(), device="cpu") for k, v in model.state_dict().items()}})
+    zeros = {k: torch.zeros_like(v.float(), device="cpu") for k, v in model.state_dict().items()}
+    ema.load_state_dict({"shadow": zeros})
     ema.update(model, step=1)
     weight = model.state_dict()["proj_out.weight"]
     assert ema.shadow["proj_out.weight"].device.type == "cuda"

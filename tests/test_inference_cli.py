@@ -51,7 +51,8 @@ def test_prompt_file_sharded_across_ranks(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--prompt", "x", "--num_output_frames", "10"], "num_output_frames=10 is not a multiple of video.frames_per_block=3: use 9 or 12"),
+    (["--prompt", "x", "--num_output_frames", "10"],
+     "num_output_frames=10 is not a multiple of video.frames_per_block=3: use 9 or 12"),
     (["--data_path", "/nonexistent/prompts.txt"], "prompt file /nonexistent/prompts.txt does not exist"),
     (["--prompt", "  "], "no prompts"),
     (["--prompt", "x", "--data_path", "p.txt"], "one of --prompt or --data_path, not both"),
