@@ -25,6 +25,10 @@ runs=runs/toy
 [ "$scale" = 1 ] || runs=runs/toy/x$scale
 mkdir -p "$runs"
 
+timed() {  # timed NAME SECONDS: one line of runs/toy/timings.tsv
+  printf '%s\t%s\t%d s\t%s\n' "$(date -u +%FT%TZ)" "$1" "$2" "$cores cores, ${OMP_NUM_THREADS:-$cores} threads" >> runs/toy/timings.tsv
+}
+
 stage() {  # stage NAME OUTPUT COMMAND...
   local name=$1 out=$2
   shift 2
@@ -39,7 +43,7 @@ stage() {  # stage NAME OUTPUT COMMAND...
     echo "== $name: stopped before writing $out; rerun to continue" >&2
     return 1
   fi
-  printf '%s\t%s\t%d s\t%s\n' "$(date -u +%FT%TZ)" "$name" $((SECONDS - start)) "$cores cores, ${OMP_NUM_THREADS:-$cores} threads" >> runs/toy/timings.tsv
+  timed "$name" $((SECONDS - start))
 }
 
 stage teacher runs/toy/teacher/model.safetensors $py train/teacher.py --config_path configs/toy/teacher.yaml --resume
@@ -86,7 +90,7 @@ unset OMP_NUM_THREADS
 if [ "${EVALUATE:-1}" = 1 ]; then
   start=$SECONDS
   $py -m eval.toy_results --runs "$runs" --out "$runs/results" --doc docs/results.md --label "${scale}x"
-  printf '%s\t%s\t%d s\t%s\n' "$(date -u +%FT%TZ)" "evaluation (${scale}x)" $((SECONDS - start)) "$cores cores" >> runs/toy/timings.tsv
+  timed "evaluation (${scale}x)" $((SECONDS - start))
 fi
 # The whole invocation, setup included: the figure docs/results.md quotes for a run from a fresh clone.
-printf '%s\t%s\t%d s\t%s\n' "$(date -u +%FT%TZ)" "whole script (${scale}x)" "$SECONDS" "$cores cores" >> runs/toy/timings.tsv
+timed "whole script (${scale}x)" "$SECONDS"
