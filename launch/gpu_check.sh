@@ -2,7 +2,8 @@
 # Everything a lent GPU machine checks, in one go (results in docs/benchmarks.md): the machine, the CUDA
 # tests (tests/test_cuda.py), then the Wan2.1-1.3B benchmark rows (launch/bench.sh gpu).
 #   bash launch/gpu_check.sh                          # with .venv
-#   PYTHON=python3 OUT=/some/dir bash launch/gpu_check.sh   # a GPU image's python3 (torch, pyyaml, pytest)
+#   PYTHON=python3 OUT=/some/dir bash launch/gpu_check.sh   # a GPU image's python3 (torch, pyyaml, pytest,
+#                                                           # deepspeed: on PYTHONPATH if not installed)
 # Writes gpu_check_<date>.log and the benchmark JSON into $OUT (default docs/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
