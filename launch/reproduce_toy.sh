@@ -40,7 +40,7 @@ stage() {  # stage NAME OUTPUT COMMAND...
   fi
   echo "== $name: $*"
   local start=$SECONDS
-  "$@"
+  "$@" || return  # also where the caller tests the stage (set -e is off there)
   if [ ! -e "$out" ]; then  # a training stopped by SIGTERM saves a checkpoint and exits 0, unfinished
     echo "== $name: stopped before writing $out; rerun to continue" >&2
     return 1
