@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from hiar.atomic import atomic_path
-from hiar.config import Config, ConfigError, config_from_dict, config_to_dict
+from hiar.config import Config, ConfigError, ModelConfig, config_from_dict, config_to_dict
 from hiar.models import WanModel
 
 
@@ -65,8 +65,17 @@ def describe(model: WanModel) -> str:
     return f"Wan DiT ({c.num_layers} layers, {c.num_heads} heads x {c.head_dim}, ffn {c.ffn_dim}, text {c.text_dim})"
 
 
-def load_weights(model: WanModel, state: dict[str, torch.Tensor], source: str) -> WanModel:
-    """`load_state_dict` that checks everything first and explains a mismatch in one paragraph."""
+def empty_model(cfg: ModelConfig) -> WanModel:
+    """A WanModel without storage (meta tensors), for `load_weights` to fill: no random initialisation
+    (minutes for 14B parameters) and no float32 copy before the weights arrive."""
+    with torch.device("meta"):
+        return WanModel(cfg)
+
+
+def load_weights(model: WanModel, state: dict[str, torch.Tensor], source: str,
+                 dtype: torch.dtype = torch.float32) -> WanModel:
+    """`load_state_dict` that checks everything first and explains a mismatch in one paragraph; the
+    weights are taken as `dtype` (assigned, so `model` may be an `empty_model`)."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -78,11 +87,11 @@ def load_weights(model: WanModel, state: dict[str, torch.Tensor], source: str) -
                  if keys]
         raise CheckpointError(f"{source} does not match the expected {describe(model)}: " + "; ".join(parts)
                               + ". Check that the config matches the checkpoint (e.g. --config_path).")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
     return model
 
 
-def _load_own(path: Path, cfg: Config | None) -> tuple[WanModel, Config]:
+def _load_own(path: Path, cfg: Config | None, dtype: torch.dtype) -> tuple[WanModel, Config]:
     """Our checkpoint -> (model, config): its stored config, or `cfg` (whose model section must equal the
     stored architecture) with the caller's sampling / inference settings intact."""
     stored = checkpoint_config(path)
@@ -90,12 +99,11 @@ def _load_own(path: Path, cfg: Config | None) -> tuple[WanModel, Config]:
         diff = [f"model.{k}: {v} in file, {getattr(cfg.model, k)} in config"
                 for k, v in vars(stored.model).items() if getattr(cfg.model, k) != v]
         raise CheckpointError(f"{path} holds another architecture than the config asks for: {'; '.join(diff[:4])}")
-    model = WanModel(stored.model)
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path}: could not read its tensors ({err}); the file may be truncated") from None
-    return load_weights(model, state, str(path)), stored if cfg is None else cfg
+    return load_weights(empty_model(stored.model), state, str(path), dtype), stored if cfg is None else cfg
 
 
 # -- foreign layouts -------------------------------------------------------------------------------
@@ -142,8 +150,9 @@ def _check_architecture(source: Path, described: dict, cfg: Config) -> None:
                               "Choose the matching config (e.g. --config_path configs/hiar.yaml for Wan2.1-1.3B).")
 
 
-def _read_folder(folder: Path, cfg: Config) -> dict[str, torch.Tensor]:
-    """A Wan or diffusers transformer folder: check config.json, read every weight shard."""
+def _read_folder(folder: Path, cfg: Config, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A Wan or diffusers transformer folder: check config.json, read every weight shard as `dtype`
+    (shard by shard, so a 14B model read in bfloat16 never holds its float32 files whole)."""
     if (folder / "transformer").is_dir():
         folder = folder / "transformer"
     config_json = folder / "config.json"
@@ -160,7 +169,7 @@ def _read_folder(folder: Path, cfg: Config) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
         try:
-            state.update(load_file(str(shard)))
+            state.update({k: v.to(dtype) for k, v in load_file(str(shard)).items()})
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{shard}: could not read its tensors ({err}); the file may be truncated") from None
     return state
@@ -187,9 +196,9 @@ def _read_training_checkpoint(path: Path, use_ema: bool) -> tuple[dict[str, torc
     return blob[key], blob.get("config")
 
 
-def load_generator(path: str | os.PathLike, cfg: Config | None = None,
-                   use_ema: bool = False) -> tuple[WanModel, Config]:
-    """The student from any supported layout (module docstring) -> (model, config).
+def load_generator(path: str | os.PathLike, cfg: Config | None = None, use_ema: bool = False,
+                   dtype: torch.dtype = torch.float32) -> tuple[WanModel, Config]:
+    """The student from any supported layout (module docstring) -> (model on the CPU in `dtype`, config).
 
     Our checkpoints carry their config, returned when `cfg` is None; every other layout is built from
     `cfg` and checked against it.
@@ -200,7 +209,7 @@ def load_generator(path: str | os.PathLike, cfg: Config | None = None,
     if path.is_file() and path.suffix == ".safetensors":
         if use_ema:
             warnings.warn(f"{path} holds one set of weights; --use_ema has nothing to choose", stacklevel=2)
-        return _load_own(path, cfg)
+        return _load_own(path, cfg, dtype)
     if path.is_file() and path.suffix in (".pt", ".pth", ".bin"):
         state, stored = _read_training_checkpoint(path, use_ema)
         if cfg is None and stored is not None:  # ours (train/distill.py) carry their config
@@ -211,8 +220,8 @@ def load_generator(path: str | os.PathLike, cfg: Config | None = None,
     if cfg is None:
         raise CheckpointError(f"{path}: this layout carries no HiAR config; pass one (e.g. configs/hiar.yaml)")
     if path.is_dir():
-        state = _read_folder(path, cfg)
+        state = _read_folder(path, cfg, dtype)
     elif path.suffix not in (".pt", ".pth", ".bin"):
         raise CheckpointError(f"{path}: unknown checkpoint type; expected .safetensors (HiAR), .pt (HiAR / "
                               "Self-Forcing training checkpoint) or a Wan2.1 / diffusers model folder")
-    return load_weights(WanModel(cfg.model), to_diffusers_names(clean_keys(state)), str(path)), cfg
+    return load_weights(empty_model(cfg.model), to_diffusers_names(clean_keys(state)), str(path), dtype), cfg

@@ -146,6 +146,9 @@ class TrainConfig:
     output_dir: str = "runs/train"
     steps: int = 1000
     batch_size: int = 4  # per rank and micro-step
+    # Samples per update over all ranks (0: batch_size x world size). Larger totals accumulate
+    # gradients over total / (batch_size x world) micro-steps, each on fresh samples.
+    total_batch_size: int = 0
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
@@ -160,6 +163,8 @@ class TrainConfig:
     save_every: int = 500
     sample_every: int = 0  # 0: no sample videos during training
     max_nonfinite: int = 10  # skipped steps with a non-finite loss before the run aborts
+    # Prompt states kept by caption (toy captions repeat; full-scale prompts mostly do not), per rank.
+    prompt_cache_mb: int = 1024
     wandb: Literal["disabled", "offline", "online"] = "disabled"
     caption_dropout: float = 0.1  # teacher: empty prompt this often, for classifier-free guidance
     timestep_shift: float = 3.0  # teacher: noise levels sigma = shift(u), u ~ U(0, 1)
@@ -185,7 +190,18 @@ class ODEConfig:
     guidance_scale: float = 6.0
     output_dir: str = "runs/toy/ode_pairs"
     per_shard: int = 64
-    storage_dtype: Literal["float32", "bfloat16", "float16"] = "float16"
+    # The points of the teacher's `steps`-step grid a trajectory keeps besides its final latent, one per
+    # student step (forward-KL step j regresses the chord from point j to point j + 1, or to the final
+    # latent after the last; `hiar.ode.kept_indices`). "uniform": every (steps / S)-th point, [0, 12, 24,
+    # 36] of 48 for S = 4 student steps, the reference's (scripts/generate_ode_pairs.py --save_indices
+    # 0,12,24,36,-1; teacher timesteps 1000, 960, 888.9, 727.3); "aligned": the points nearest the
+    # student's timesteps ([0, 17, 30, 40] of 48: 1000, 935.9, 827.6, 615.4 for 1000, 937.5, 833.3, 625).
+    keep: Literal["uniform", "aligned"] = "uniform"
+    keep_indices: tuple[int, ...] = ()  # explicit grid indices instead (S of them, increasing); (): by `keep`
+    # Latents on disk. float32 is the reference's; bfloat16 halves the disk, but its rounding adds rms
+    # noise to the chord target, a difference of two close points over their small sigma gap: ~5.7% on
+    # the first chord with keep=uniform (sigma 1 -> 0.96), ~3.4% with aligned (float16: ~0.7%, 0.4%).
+    storage_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = 0
     batch_size: int = 4  # trajectories integrated together
 
@@ -199,6 +215,10 @@ class DistillConfig:
     generator: str = "runs/toy/ode_init/model.safetensors"  # the student's initialisation
     teacher: str = "runs/toy/teacher/model.safetensors"  # real score, frozen
     teacher_model: str = ""  # a preset whose `model` section is the teacher's (e.g. wan14b); "": the student's
+    # The frozen teacher's placement (its precision is train.bf16's): a whole copy on every rank, or
+    # sharded over the ranks by a DeepSpeed ZeRO-3 engine without optimizer (zero3_offload: parameters
+    # on the host, streamed in layer by layer). A 14B teacher needs zero3 on 80 GB cards.
+    teacher_sharding: Literal["replicated", "zero3", "zero3_offload"] = "replicated"
     critic: str = "runs/toy/teacher/model.safetensors"  # fake score's initialisation (the base model)
     prompts: str = "toyworld"  # "toyworld" (captions of the world's clips) or a prompt file
     num_training_frames: int = 0  # the gradient window, the last frames of the rollout (0: video.num_latent_frames)
@@ -206,13 +226,34 @@ class DistillConfig:
     min_exit_step: int = 0
     dfake_gen_update_ratio: int = 5  # critic updates per generator update
     critic_lr: float = 3.0e-7
-    guidance_scale: float = 3.0  # real score's CFG against train.negative_prompt
-    timestep_shift: float = 5.0  # DMD and critic noise levels: shift(U) clamped to [t_min, t_max]
+    # The real score's CFG against train.negative_prompt, v_neg + s (v_text - v_neg). The reference's
+    # `guidance_scale: 3.0` means cond + 3 (cond - uncond) (model/dmd.py _compute_kl_grad), s = 4 here.
+    guidance_scale: float = 4.0
+    timestep_shift: float = 5.0  # DMD and critic noise levels: shift(u), clamped to [t_min, t_max]
+    # How u is drawn. "clamp_after_shift" (the reference, model/dmd.py compute_distribution_matching_loss):
+    # u = k / 1000 for an integer k ~ U{0, ..., 999}, shifted, then clamped, so t spans [20, 980] with
+    # 0.5% of draws at 20 and 9.2% at 980 (shift 5); "range_before_shift": u ~ U(t_min, t_max),
+    # continuous, then shifted: t never goes below 92.6 (shift 5), the low noise levels go untrained.
+    timestep_draw: Literal["clamp_after_shift", "range_before_shift"] = "clamp_after_shift"
     t_min: float = 0.02
     t_max: float = 0.98
+    # Rollouts longer than the gradient window (num_rollout_frames > num_training_frames), as the
+    # reference's model/base.py _run_generator runs them. rollout_length "uniform": each rollout is
+    # num_training_frames ... num_rollout_frames long, in whole blocks, uniformly (a pure function of its
+    # noise seed, `hiar.distill.rollout_blocks`); "max": always num_rollout_frames.
+    rollout_length: Literal["uniform", "max"] = "uniform"
+    # window_start "reencode": in a rollout longer than the window, the window's first latent frame is
+    # replaced by the codec's encoding, as a lone image, of the last pixel frame decoded from the rollout
+    # up to it (so teacher and critic see a window that starts as a video does), and the window's first
+    # block carries no gradient and is left out of the DMD loss; "slice": the plain last frames, all in it.
+    window_start: Literal["reencode", "slice"] = "reencode"
     fkl_weight: float = 0.1  # 0 turns the forward-KL regulariser off
     fkl_steps: int = 1  # regress the teacher's chord on the first K student steps
     fkl_attention: Literal["bidirectional", "block_causal"] = "bidirectional"
+    # The timestep the student is told at forward-KL step j: "student", its own t_j (the reference,
+    # model/timestep_forcing_dmd.py pd_segments' input_timestep), whatever the stored point's level; or
+    # "stored", the point's exact teacher timestep. The chord target always uses the stored levels.
+    fkl_timestep: Literal["student", "stored"] = "student"
     ema_decay: float = 0.99
     ema_start: int = 200  # the training step at which the EMA starts
 
@@ -345,6 +386,11 @@ class Config:
             raise ConfigError(f"distill.ema_decay={d.ema_decay} must lie in [0, 1)")
         if not 0 <= d.fkl_steps <= len(steps):
             raise ConfigError(f"distill.fkl_steps={d.fkl_steps} must lie in [0, {len(steps)}] (student steps)")
+        if self.ode.steps < 1:
+            raise ConfigError(f"ode.steps={self.ode.steps} must be at least 1")
+        from hiar.ode import kept_indices  # the rule lives with the trajectories; it raises what to change
+
+        kept_indices(self)
         return self
 
 

@@ -81,13 +81,22 @@ def load_prompts(path: str | os.PathLike) -> list[str]:
 
 
 class PromptSource:
-    """Prompt i of a stream: "toyworld" (captions of the world's clips from `seed`) or a prompt file
-    (`load_prompts`, cycled). Relative file paths are taken from `root` (the repository)."""
+    """Prompt i of a stream: "toyworld" (captions of the world's clips from `seed`), a prompt file
+    (`load_prompts`, cycled; training reads it in a shuffled order, `hiar.order`) or a list of prompts.
+    Relative file paths are taken from `root` (the repository)."""
 
-    def __init__(self, source: str, seed: int, height: int, width: int, root: str | os.PathLike = "."):
+    def __init__(self, source: str | list[str], seed: int, height: int, width: int, root: str | os.PathLike = "."):
         self.seed, self.height, self.width = seed, height, width
-        path = Path(source)
-        self.prompts = None if source == "toyworld" else load_prompts(path if path.is_absolute() else Path(root) / path)
+        if isinstance(source, list):  # prompts given directly
+            self.prompts = source
+        else:
+            path = Path(source)
+            self.prompts = None if source == "toyworld" else load_prompts(path if path.is_absolute() else Path(root) / path)
+
+    @property
+    def size(self) -> int | None:
+        """How many prompts the file holds; None for the toy world's endless captions."""
+        return None if self.prompts is None else len(self.prompts)
 
     def __getitem__(self, i: int) -> str:
         if self.prompts is None:

@@ -4,7 +4,10 @@ will be sampled in, plus the forward-KL regulariser on teacher ODE trajectories.
 * `self_rollout`: the generator's sample. One exit step e (`exit_step`, the same on every rank) is
   run for every block; the cells of steps before e run without grad, the exit step's cells in the
   gradient window with grad, and every cache write without grad (`CellRunner`), so the generator's
-  gradient comes only from the exit step's x0 predictions.
+  gradient comes only from the exit step's x0 predictions. A rollout may be longer than the window
+  (distill.num_rollout_frames): by default it then runs as the reference's does, with a length drawn
+  per rollout (`rollout_blocks`) and the window's first frame re-encoded as an image, its first block
+  out of the loss (`window_loss_start`).
 * `DMD`: reverse-KL gradient g = (x0_fake - x0_real) / mean|x - x0_real| at a shifted-uniform noise
   level, applied as the loss 0.5 ||x - stopgrad(x - g)||^2; the critic learns the generator's samples
   by flow matching.
@@ -16,8 +19,9 @@ from __future__ import annotations
 
 import torch
 
+from hiar.codecs import Codec, build_codec
 from hiar.config import Config
-from hiar.flow import FlowMatching
+from hiar.flow import NUM_TRAIN_TIMESTEPS, FlowMatching
 from hiar.models import AttentionMode, BlockCausal, BlockCausalWindow, Bidirectional, WanModel
 from hiar.sampling import CellNoise, CellRunner, guided, run_order, stable_hash
 
@@ -28,20 +32,65 @@ def exit_step(seed: int, step: int, low: int, num_steps: int) -> int:
     return low + stable_hash("exit", seed, step) % (num_steps - low)
 
 
+def rollout_blocks(key: int, cfg: Config) -> int:
+    """How many blocks one self-rollout runs. distill.rollout_length=uniform: uniform over
+    [num_training_frames, num_rollout_frames] / k, as the reference draws it for every rollout
+    (model/base.py _run_generator: torch.randint on rank 0, broadcast). Here it is a pure function of
+    `key`, the rollout's noise seed, which train/distill.py derives from (train.seed, role, step), so
+    every rank draws the same length without communication. "max": always num_rollout_frames / k."""
+    d, k = cfg.distill, cfg.video.frames_per_block
+    low, high = d.num_training_frames // k, d.num_rollout_frames // k
+    if d.rollout_length == "max":
+        return high
+    return low + stable_hash("rollout", key) % (high - low + 1)
+
+
+def window_loss_start(cfg: Config, num_blocks: int) -> int:
+    """The first frame of the gradient window that the DMD loss covers after a `num_blocks` rollout:
+    k when the window's first block holds a re-encoded frame (a rollout longer than the window with
+    distill.window_start=reencode; the reference's gradient_mask), else 0."""
+    k = cfg.video.frames_per_block
+    longer = num_blocks > cfg.distill.num_training_frames // k
+    return k if longer and cfg.distill.window_start == "reencode" else 0
+
+
+@torch.no_grad()
+def reencoded_frame(latents: torch.Tensor, codec: Codec) -> torch.Tensor:
+    """The last pixel frame that `latents` [B, F, C, h, w] decode to, encoded on its own as an image:
+    [B, 1, C, h, w]. A window cut from a long rollout starts mid-video, where the Wan VAE's latent
+    frames stand for 4 pixel frames each; a video's first latent frame stands for one. The teacher
+    only ever saw windows that start as videos do, so the reference re-encodes the boundary frame."""
+    pixels = codec.decode(latents)
+    return codec.encode(pixels[:, -1:]).to(latents.device, latents.dtype)
+
+
 def self_rollout(generator: WanModel, text: torch.Tensor, cfg: Config, noise: CellNoise, exit: int,
-                 grad: bool) -> torch.Tensor:
+                 grad: bool, num_blocks: int | None = None, codec: Codec | None = None) -> torch.Tensor:
     """The generator's sample [B, num_training_frames, C, h, w]: the x0 predictions of step `exit` for
-    the last `distill.num_training_frames` frames of a `distill.num_rollout_frames` rollout in the
-    configured order. With `grad`, the exit step's cells of those frames carry autograd; nothing
-    else does."""
+    the last `distill.num_training_frames` frames of a `num_blocks`-block rollout (default
+    `rollout_blocks(noise.seed, cfg)`) in the configured order.
+
+    With `grad`, the exit step's cells of the window's blocks carry autograd, except a first block the
+    DMD loss leaves out (`window_loss_start`); nothing else does. That block's first frame is then
+    `reencoded_frame` of the rollout up to it, by `codec` (default: the config's, built for this call;
+    a training program passes the one it keeps)."""
     k, d = cfg.video.frames_per_block, cfg.distill
-    num_blocks = d.num_rollout_frames // k
+    num_blocks = rollout_blocks(noise.seed, cfg) if num_blocks is None else num_blocks
     first = num_blocks - d.num_training_frames // k  # the gradient window's first block
-    cells = (lambda n, j: j == exit and n >= first) if grad else None
+    if first < 0:
+        raise ValueError(f"a {num_blocks}-block rollout is shorter than the {d.num_training_frames}-frame window")
+    skip = window_loss_start(cfg, num_blocks) // k  # 1: the first block is out of the loss, so no grad
+    cells = (lambda n, j: j == exit and n >= first + skip) if grad else None
     with torch.set_grad_enabled(grad):
         runner = CellRunner(generator, text, cfg, noise, exit_step=exit, grad_cells=cells)
         blocks = dict(run_order(runner, num_blocks))
-    return torch.cat([blocks[n] for n in range(first, num_blocks)], dim=1)
+    window = torch.cat([blocks[n] for n in range(first, num_blocks)], dim=1)
+    if not skip:
+        return window
+    # As the reference: decode every frame up to the window's first, keep the last pixel frame.
+    before = torch.cat([blocks[n] for n in range(first)] + [window[:, :1]], dim=1)
+    image = reencoded_frame(before, codec if codec is not None else build_codec(cfg, window.device))
+    return torch.cat([image, window[:, 1:]], dim=1)
 
 
 def dmd_gradient(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> torch.Tensor:
@@ -59,23 +108,37 @@ class DMD:
         d = cfg.distill
         self.teacher, self.negative, self.scale = teacher, negative, d.guidance_scale
         self.flow = FlowMatching(d.timestep_shift)
-        self.t_min, self.t_max = d.t_min, d.t_max
+        self.draw, self.t_min, self.t_max = d.timestep_draw, d.t_min, d.t_max
 
     def timesteps(self, batch: int) -> torch.Tensor:
-        """One noise level a sample: sigma = shift(u), u ~ U(t_min, t_max), clamped to [t_min, t_max]."""
-        u = self.t_min + (self.t_max - self.t_min) * torch.rand(batch, dtype=torch.float64)
+        """One noise level a sample: t = 1000 shift(u), clamped to [1000 t_min, 1000 t_max], with u
+        drawn as distill.timestep_draw says: k / 1000 for an integer k ~ U{0, ..., 999}, the
+        reference's lattice (clamp_after_shift), or u ~ U(t_min, t_max) (range_before_shift)."""
+        if self.draw == "clamp_after_shift":
+            u = torch.randint(NUM_TRAIN_TIMESTEPS, (batch,)).double() / NUM_TRAIN_TIMESTEPS
+        else:
+            u = self.t_min + (self.t_max - self.t_min) * torch.rand(batch, dtype=torch.float64)
         return self.flow.timestep(self.flow.shifted(u).clamp(self.t_min, self.t_max))
 
-    def generator_loss(self, x: torch.Tensor, text: torch.Tensor,
-                       critic: WanModel) -> tuple[torch.Tensor, dict[str, float]]:
-        """0.5 ||x - stopgrad(x - g)||^2 (mean over elements): its gradient in x is g / numel."""
+    def real_x0(self, xt: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The real score: the teacher's x0 under CFG with scale s, x0_neg + s (x0_text - x0_neg), which
+        is the reference's x0_text + (s - 1)(x0_text - x0_neg). Guiding the flow, as `guided` does, is
+        the same: at fixed (x_t, t) the x0 is affine in the flow and the weights sum to one."""
+        return self.flow.x0_from_flow(xt, guided(self.teacher, text, self.negative, self.scale)(xt, t), t)
+
+    def generator_loss(self, x: torch.Tensor, text: torch.Tensor, critic: WanModel,
+                       loss_from: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
+        """0.5 ||x - stopgrad(x - g)||^2, the mean over the frames from `loss_from` on (the reference's
+        gradient_mask, `window_loss_start`): its gradient in those frames is g / their numel. g sees
+        the whole window (its normaliser too), as the reference's does."""
         with torch.no_grad():
             t = self.timesteps(x.shape[0])
             xt = self.flow.add_noise(x, torch.randn_like(x), t)
-            real_x0 = self.flow.x0_from_flow(xt, guided(self.teacher, text, self.negative, self.scale)(xt, t), t)
+            real_x0 = self.real_x0(xt, t, text)
             fake_x0 = self.flow.x0_from_flow(xt, critic(xt, t, text), t)
-            g = dmd_gradient(x, real_x0, fake_x0)
-        loss = 0.5 * (x.double() - (x.double() - g).detach()).square().mean()
+            g = dmd_gradient(x, real_x0, fake_x0)[:, loss_from:]
+        kept = x[:, loss_from:].double()
+        loss = 0.5 * (kept - (kept - g).detach()).square().mean()
         return loss, {"dmd_grad_norm": g.norm().item() / g.numel() ** 0.5, "dmd_t": t.mean().item()}
 
     def critic_loss(self, critic: WanModel, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -106,17 +169,25 @@ def forward_kl_attention(cfg: Config) -> AttentionMode:
 def forward_kl_loss(generator: WanModel, batch: dict, text: torch.Tensor, cfg: Config) -> torch.Tensor:
     """Mean over the first `distill.fkl_steps` stored points j of ||x0_student(x_j) - chord_x0(x_j, x_{j+1})||^2.
 
-    `batch`: points [B, K, F, ...] (the teacher's trajectory at the student's steps), timesteps [B, K],
-    final [B, F, ...] (the point after the last one, at t = 0), from `hiar.ode.trajectory_batch`.
+    `batch`: points [B, K, F, ...] (the teacher's trajectory, one point a student step: `hiar.ode.
+    kept_indices`), their exact timesteps [B, K], final [B, F, ...] (the point after the last one, at
+    t = 0), from `hiar.ode.trajectory_batch`. As in the reference (model/timestep_forcing_dmd.py,
+    pd_loss_type x0, pd_x0_target_mode pred_x0): the chord of step j runs through points j and j + 1
+    at their stored levels, and the student sees x_j told its own step t_j (distill.fkl_timestep=
+    student; "stored": the point's level), its x0 taken at that t_j. The reference trains one j a
+    update, drawn in [0, fkl_steps); the mean over j is that draw's expectation (for fkl_steps = 1,
+    the default, the same loss).
     """
     points, ts, final = batch["points"], batch["timesteps"], batch["final"]
     num_points = points.shape[1]
     attention, flow = forward_kl_attention(cfg), FlowMatching(cfg.schedule.shift)
+    student = flow.denoising_timesteps(cfg.schedule.denoising_steps, cfg.schedule.warp).tolist()
     losses = []
     for j in range(min(cfg.distill.fkl_steps, num_points)):
         x_j, t_j = points[:, j], ts[:, j]
         x_next, t_next = (points[:, j + 1], ts[:, j + 1]) if j + 1 < num_points else (final, torch.zeros_like(t_j))
         target = chord_x0(x_j, x_next, t_j, t_next)
-        x0 = flow.x0_from_flow(x_j, generator(x_j, t_j, text, attention), t_j)
+        t_in = torch.full_like(t_j, student[j]) if cfg.distill.fkl_timestep == "student" else t_j
+        x0 = flow.x0_from_flow(x_j, generator(x_j, t_in, text, attention), t_in)
         losses.append((x0.double() - target).square().mean())
     return torch.stack(losses).mean()

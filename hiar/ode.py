@@ -1,8 +1,9 @@
 """Teacher ODE trajectories on disk: which points to keep, how shards are written and read back.
 
 A trajectory is the teacher's Euler integration (`sampling.teacher_ode`) of one prompt from one noise
-draw. It keeps the points whose timesteps lie nearest the student's step list (their exact
-timesteps are stored with them) and the final clean latents. Trajectories are grouped into shards of
+draw. It keeps one point of the teacher's grid per student step (`kept_indices`: by default every
+(steps / S)-th, as the reference keeps 0, 12, 24, 36 of 48; their exact timesteps are stored with them)
+and the final clean latents. Trajectories are grouped into shards of
 `per_shard`; shard i always holds trajectories i * per_shard ... so a restarted run skips shards that
 exist (each is written to a temporary name and renamed) and never duplicates or corrupts one. Ranks
 take shards i = rank, rank + world, ...; the manifest lists every shard once all are written.
@@ -22,6 +23,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from hiar.atomic import atomic_path
+from hiar.config import Config, ConfigError
+from hiar.flow import FlowMatching
 
 
 def aligned_indices(teacher_timesteps: torch.Tensor, student_timesteps: torch.Tensor) -> list[int]:
@@ -30,13 +33,40 @@ def aligned_indices(teacher_timesteps: torch.Tensor, student_timesteps: torch.Te
     return [int((grid - t).abs().argmin()) for t in student_timesteps]
 
 
+def kept_indices(cfg: Config) -> list[int]:
+    """The teacher grid points (indices into `FlowMatching(ode.shift).sampling_timesteps(ode.steps)`) a
+    trajectory keeps, one per student step: ode.keep_indices, else the rule ode.keep names. Raises a
+    ConfigError saying what to change when they are not S increasing points of the grid."""
+    o, s = cfg.ode, cfg.schedule
+    num = len(s.denoising_steps)
+    if o.keep_indices:
+        indices, source = list(o.keep_indices), f"ode.keep_indices={list(o.keep_indices)}"
+    elif o.keep == "uniform":
+        if o.steps % num:
+            low = max(num, o.steps // num * num)
+            raise ConfigError(f"ode.keep=uniform keeps every (ode.steps / {num})-th teacher point, one per student "
+                              f"step: ode.steps={o.steps} is not a multiple of {num}; use {low} or {low + num}, "
+                              "or ode.keep=aligned")
+        indices, source = [j * (o.steps // num) for j in range(num)], "ode.keep=uniform"
+    else:
+        grid = FlowMatching(o.shift).sampling_timesteps(o.steps)
+        indices = aligned_indices(grid, FlowMatching(s.shift).denoising_timesteps(s.denoising_steps, s.warp))
+        source = f"ode.keep=aligned (ode.steps={o.steps})"
+    if len(indices) != num or indices[0] < 0 or indices[-1] >= o.steps or indices != sorted(set(indices)):
+        raise ConfigError(f"{source} gives teacher points {indices}: a trajectory needs {num} increasing points in "
+                          f"[0, {o.steps}) (one a student step; the final latent is always kept). Set "
+                          f"ode.keep_indices to {num} such indices, or use more ode.steps")
+    return indices
+
+
 def shard_path(folder: Path, shard: int) -> Path:
     return folder / f"shard-{shard:06d}.tar"
 
 
 def write_shard(path: Path, records: list[dict], dtype: torch.dtype) -> None:
     """records: {key, caption, points [K, F, C, h, w], timesteps [K], final [F, C, h, w]} -> one webdataset
-    tar, atomically; latents stored as safetensors in `dtype` (bfloat16 and float16 halve the disk)."""
+    tar, atomically; latents stored as safetensors in `dtype` (float32, the default, keeps the chord
+    targets exact; bfloat16 and float16 halve the disk)."""
     with atomic_path(path) as tmp, tarfile.open(tmp, "w") as tar:
         for r in records:
             latents = torch.cat([r["points"], r["final"][None]]).to(dtype).contiguous()  # [K + 1, F, C, h, w]
@@ -70,7 +100,7 @@ def read_trajectories(folder: str | os.PathLike) -> Iterator[dict]:
 
 class TrajectoryStore:
     """Random access to the trajectories of folder/manifest.json without holding them in memory
-    (16k full-scale trajectories are ~340 GB): trajectory i is read from its shard when asked for.
+    (16k full-scale trajectories are ~670 GB in float32): trajectory i is read from its shard when asked for.
     The shards are plain tars, so a member is one seek away once the shard's header index is read."""
 
     def __init__(self, folder: str | os.PathLike):
@@ -114,11 +144,10 @@ def write_manifest(folder: Path, num_shards: int, per_shard: int, total: int, in
     return folder / "manifest.json"
 
 
-def trajectory_batch(trajectories: Sequence[dict], batch_size: int, step: int, rank: int, world: int) -> dict:
-    """The trajectories rank `rank` uses at `step` (taken in order, wrapping around), stacked:
-    points [B, K, F, C, h, w], timesteps [B, K], final [B, F, C, h, w], captions."""
-    first = (step * world + rank) * batch_size
-    chosen = [trajectories[(first + i) % len(trajectories)] for i in range(batch_size)]
+def trajectory_batch(trajectories: Sequence[dict], indices: Sequence[int]) -> dict:
+    """Trajectories `indices` (from `hiar.order.ShuffledOrder`), stacked: points [B, K, F, C, h, w],
+    timesteps [B, K], final [B, F, C, h, w], captions."""
+    chosen = [trajectories[i] for i in indices]
     return {"points": torch.stack([c["points"] for c in chosen]),
             "timesteps": torch.stack([c["timesteps"] for c in chosen]),
             "final": torch.stack([c["final"] for c in chosen]), "captions": [c["caption"] for c in chosen]}

@@ -1,11 +1,12 @@
 """The training loop every train/ program shares, on DeepSpeed (CPU with gloo works, as does the launcher).
 
-A program supplies a step function `step_fn(step) -> metrics` that computes its losses and hands them
-to `Trainer.optimize`; the `Trainer` owns everything else: the DeepSpeed engines (ZeRO stage and
-offload from `train.deepspeed`; batch size, clipping and precision from the config), a torch AdamW (no
-C++ op build), the learning-rate schedule (warm-up, optional decay), a progress bar, logging to stdout
-and optionally wandb (offline by default), atomic checkpoints, `--resume`, SIGTERM handling and the
-non-finite-loss guard.
+A program supplies a step function `step_fn(step) -> metrics` that hands `Trainer.optimize` a function
+giving the loss of each micro-step; the `Trainer` owns everything else: the process group and device
+(`hiar.distributed`), the DeepSpeed engines (ZeRO stage and offload from `train.deepspeed`; micro
+batch, gradient accumulation to `train.total_batch_size`, clipping and precision from the config), a
+torch AdamW (no C++ op build), the learning-rate schedule (warm-up, optional decay), a progress bar,
+logging to stdout and optionally wandb (offline by default), atomic checkpoints, `--resume`, SIGTERM
+handling and the non-finite-loss guard.
 
 Reproducibility: the random state of step s on rank r is seeded from (seed, s, r) at the start of the
 step, so a resumed run draws exactly what the uninterrupted run would have drawn; the checkpoint's
@@ -20,9 +21,7 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,42 +29,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from hiar import distributed
 from hiar.atomic import atomic_path
 from hiar.checkpoints import save_model
-from hiar.config import Config, config_to_dict, save_config
-
-def init_distributed() -> tuple[int, int]:
-    """Join (or, run as a plain script, create) the process group; returns (rank, world size)."""
-    import deepspeed
-
-    if "RANK" not in os.environ:  # a plain single-process run: a group of one on a free local port
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    if not torch.distributed.is_initialized():
-        if not torch.cuda.is_available():
-            clear_stale_build_lock("deepspeed_shm_comm")
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
-
-
-def clear_stale_build_lock(op: str, stale_after_s: float = 600) -> bool:
-    """Remove torch's build lock of a C++ op (DeepSpeed loads its CPU comm op through it at start-up)
-    when it is older than any build (about a minute here). A process killed while holding it leaves it
-    behind, and every later run would then wait on it forever, silently. Returns whether it removed one."""
-    from torch.utils.cpp_extension import _get_build_directory
-
-    lock = Path(_get_build_directory(op, False)) / "lock"
-    try:
-        if time.time() - lock.stat().st_mtime > stale_after_s:
-            lock.unlink()
-            print(f"removed a stale build lock {lock} (left by a run killed while loading {op})", file=sys.stderr)
-            return True
-    except FileNotFoundError:
-        pass
-    return False
-
+from hiar.config import Config, ConfigError, config_to_dict, save_config
 
 def seed_step(seed: int, step: int, rank: int) -> None:
     s = hash((seed, step, rank)) & 0x7FFFFFFF
@@ -77,13 +44,32 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-class EMA:
-    """Exponential moving average of a model's weights (float32), started at training step `start`
-    from the weights of that moment, then updated after every update of the model (the distilled
-    generator; the toy teacher with train.ema_decay)."""
+def accumulation_steps(cfg: Config, world_size: int) -> int:
+    """Micro-steps per update: train.total_batch_size / (train.batch_size x world size), exactly."""
+    t = cfg.train
+    per_micro_step = t.batch_size * world_size
+    total = t.total_batch_size or per_micro_step
+    if total % per_micro_step:
+        fits = [n for n in range(1, 4097) if total % (t.batch_size * n) == 0]
+        raise ConfigError(f"train.total_batch_size={total} is not a multiple of train.batch_size={t.batch_size} x "
+                          f"{world_size} processes; it divides evenly on {fits[:8]} processes, or set "
+                          f"train.total_batch_size={-(-total // per_micro_step) * per_micro_step}")
+    return total // per_micro_step
 
-    def __init__(self, decay: float, start: int):
-        self.decay, self.start = decay, start
+
+class EMA:
+    """Exponential moving average of a model's weights, started at training step `start` from the
+    weights of that moment, then updated after every update of the model (the distilled generator;
+    the toy teacher with train.ema_decay).
+
+    The average lives in float32 in host memory, on the main rank only (`keep`): a 1.3B generator's is
+    5.2 GB, which would otherwise take GPU memory on every rank. Every rank still calls `update`, since
+    reading a ZeRO-3 model's weights is collective, and knows whether the average has `started`.
+    """
+
+    def __init__(self, decay: float, start: int, keep: bool = True):
+        self.decay, self.start, self.keep = decay, start, keep
+        self.started = False
         self.shadow: dict[str, torch.Tensor] | None = None
 
     @torch.no_grad()
@@ -91,19 +77,20 @@ class EMA:
         if step < self.start:
             return
         with gathered(model):  # whole tensors under ZeRO-3, read before they are partitioned again
-            state = model.state_dict()
-            if self.shadow is None:
-                self.shadow = {k: v.detach().float().clone() for k, v in state.items()}
-                return
-            for k, v in state.items():
-                shadow = self.shadow[k] = self.shadow[k].to(v.device)  # a resumed EMA is loaded on the CPU
-                shadow.lerp_(v.detach().float(), 1 - self.decay)
+            if self.keep:
+                first = self.shadow is None  # then copies: a CPU float32 model's .to() would alias its weights
+                state = {k: v.detach().to("cpu", torch.float32, copy=first) for k, v in model.state_dict().items()}
+                if first:
+                    self.shadow = state
+                else:
+                    for k, v in state.items():
+                        self.shadow[k].lerp_(v, 1 - self.decay)
+        self.started = True
 
     def averaged(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The weights to sample and export: a copy of `model` holding the EMA once it has started,
-        else `model` itself."""
+        """A copy of `model` (on its device) holding the average; call where `keep` and `started`."""
         if self.shadow is None:
-            return model
+            raise RuntimeError("the EMA has not started on this rank")
         copy = type(model)(model.config)  # a fresh module, not a deepcopy: ZeRO-3 partitions `model`'s tensors
         copy.load_state_dict(self.shadow)
         return copy.to(next(model.parameters()).device).eval()
@@ -112,7 +99,8 @@ class EMA:
         return {"shadow": self.shadow}
 
     def load_state_dict(self, state: dict) -> None:
-        self.shadow = state["shadow"]
+        self.started = state["shadow"] is not None
+        self.shadow = {k: v.float().cpu() for k, v in state["shadow"].items()} if self.keep and self.started else None
 
 
 class Trainer:
@@ -120,8 +108,9 @@ class Trainer:
     loop, logging and checkpoints.
 
     `models` maps a name to a model, or to (model, learning rate) when it differs from train.lr.
-    A program gives `fit` a step function `step_fn(step) -> metrics` that calls `optimize(name, loss)`
-    for each update it makes (`update(loss)` when it trains one model).
+    A program gives `fit` a step function `step_fn(step) -> metrics` that calls
+    `optimize(name, micro_loss)` for each update it makes (`update(micro_loss)` when it trains one
+    model); `micro_loss(m)` computes micro-step m's loss on that micro-step's own samples.
     `extra` objects (e.g. the teacher's EMA) ride along in checkpoints (extra.pt) through `state_dict` /
     `load_state_dict`; `on_save(folder)` may add files to a checkpoint before it is published, and
     `on_load(folder)` reads back what they hold on --resume.
@@ -129,17 +118,21 @@ class Trainer:
 
     def __init__(self, cfg: Config, models: torch.nn.Module | dict[str, torch.nn.Module | tuple[torch.nn.Module, float]],
                  resume: bool = False, extra: dict[str, Any] | None = None,
-                 on_save: Callable[[Path], None] | None = None, on_load: Callable[[Path], None] | None = None):
+                 on_save: Callable[[Path], None] | None = None, on_load: Callable[[Path], None] | None = None,
+                 world: distributed.World | None = None):
         import deepspeed
 
         self.cfg, t = cfg, cfg.train
         self.step = 0
-        self.rank, self.world = init_distributed()
+        self.world = world or distributed.init()
+        self.rank, self.device = self.world.rank, self.world.device
+        self.accumulation = accumulation_steps(cfg, self.world.size)
         self.out = Path(t.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         self.extra, self.on_save, self.on_load = extra or {}, on_save, on_load
         ds = json.loads(Path(t.deepspeed).read_text())
-        ds.update(train_micro_batch_size_per_gpu=t.batch_size, gradient_accumulation_steps=1,
+        ds.update(train_micro_batch_size_per_gpu=t.batch_size, gradient_accumulation_steps=self.accumulation,
+                  train_batch_size=t.batch_size * self.accumulation * self.world.size,
                   gradient_clipping=t.grad_clip, bf16={"enabled": t.bf16})
         if isinstance(models, torch.nn.Module):
             models = {"model": models}
@@ -151,8 +144,10 @@ class Trainer:
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=lr, betas=t.betas, weight_decay=t.weight_decay)
             schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda updates: self._lr_scale(updates))
+            # DeepSpeed moves the model to this rank's device (and to bf16) itself
             self.engines[name], _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                                config=ds)
+        self.zero_stage = next(iter(self.engines.values())).zero_optimization_stage()
         self.skipped = 0
         self.grad_norms: dict[str, float] = {}  # of each model's last update, before clipping
         self._stop = False
@@ -208,24 +203,43 @@ class Trainer:
         if self._stop:
             self.log(f"SIGTERM: saved step {self.step} to {self.ckpt_root}; resume with --resume")
 
-    def optimize(self, name: str, loss: torch.Tensor) -> float:
-        """One update of model `name` from `loss`; a non-finite loss (on any rank) skips it. Returns the loss."""
+    def optimize(self, name: str, micro_loss: Callable[[int], tuple[torch.Tensor, dict[str, float]]]) -> dict[str, float]:
+        """One update of model `name`: `micro_loss(m)` gives the loss (and metrics) of micro-step m for
+        m < `accumulation`, each on fresh samples; DeepSpeed averages their gradients and steps once.
+
+        A non-finite loss on any rank (one all-reduce on this rank's device) is not back-propagated:
+        with one micro-step the update is skipped; with several, that micro-step contributes a zero
+        gradient instead (every rank must still run the backward: ZeRO's gradient reduction is
+        collective), so the update is made from the finite micro-steps. Returns the micro-steps' mean
+        metrics with `loss` and `grad_norm`."""
         engine = self.engines[name]
-        if self._all_finite(loss):
+        sums: dict[str, float] = {}
+        norm = None
+        for micro in range(self.accumulation):
+            loss, metrics = micro_loss(micro)
+            for key, value in {"loss": loss.item(), **metrics}.items():
+                sums[key] = sums.get(key, 0.0) + value / self.accumulation
+            if not distributed.all_true(bool(torch.isfinite(loss.detach()).all()), self.device):
+                self._count_nonfinite(name, loss)
+                if self.accumulation == 1:
+                    return {**sums, "grad_norm": float("nan")}
+                loss = zero_loss(engine.module)
             engine.backward(loss)
-            # ZeRO 1-3 keep gradients in their own buffers and measure the norm; stage 0 leaves them in .grad
-            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-            norm = torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])).item() if grads else None
+            if engine.is_gradient_accumulation_boundary():
+                # ZeRO 1-3 keep gradients in their own buffers and measure the norm; stage 0 leaves them in .grad
+                grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+                norm = torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])).item() if grads else None
             engine.step()
-            self.grad_norms[name] = norm if norm is not None else float(engine.get_global_grad_norm() or "nan")
-        else:
-            self.skipped += 1
-            self.log(f"step {self.step}: non-finite {name} loss {loss.item()}, update skipped "
-                     f"({self.skipped} so far)")
-            if self.skipped > self.cfg.train.max_nonfinite:
-                raise NonFiniteLossError(f"{self.skipped} updates had a non-finite loss (train.max_nonfinite="
-                                         f"{self.cfg.train.max_nonfinite}); lower train.lr or check the data")
-        return loss.item()
+        self.grad_norms[name] = norm if norm is not None else float(engine.get_global_grad_norm() or "nan")
+        return {**sums, "grad_norm": self.grad_norms[name]}
+
+    def _count_nonfinite(self, name: str, loss: torch.Tensor) -> None:
+        self.skipped += 1
+        self.log(f"step {self.step}: non-finite {name} loss {loss.item()} on some rank, not back-propagated "
+                 f"({self.skipped} so far)")
+        if self.skipped > self.cfg.train.max_nonfinite:
+            raise NonFiniteLossError(f"{self.skipped} micro-steps had a non-finite loss (train.max_nonfinite="
+                                     f"{self.cfg.train.max_nonfinite}); lower train.lr or check the data")
 
     def _lr_scale(self, updates: int) -> float:
         """The learning-rate multiplier of a model's next update, after `updates` of them: a linear warm-up
@@ -239,17 +253,19 @@ class Trainer:
             scale *= min(1.0, (t.steps - upcoming) / t.decay_steps)
         return scale
 
-    def update(self, loss: torch.Tensor) -> dict[str, float]:
-        """`optimize` for a program that trains one model: the metrics `fit` logs for it."""
+    def update(self, micro_loss: Callable[[int], torch.Tensor]) -> dict[str, float]:
+        """`optimize` for a program that trains one model, from the loss of each micro-step."""
         (name,) = self.engines
-        loss = self.optimize(name, loss)
-        return {"loss": loss, "grad_norm": self.grad_norms.get(name, float("nan"))}
+        return self.optimize(name, lambda micro: (micro_loss(micro), {}))
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        """Every rank skips together when any rank's loss is not finite."""
-        flag = torch.tensor([float(torch.isfinite(loss.detach()).all())])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        return bool(flag.item())
+    def sampling_module(self, name: str | None = None, ema: EMA | None = None) -> torch.nn.Module | None:
+        """The module this rank samples videos with, or None when it sits out: the EMA copy on the main
+        rank once the average has started; else the trained model on the main rank, and under ZeRO-3 on
+        every rank, since each forward there gathers parameters collectively (rank 0 alone would hang)."""
+        module = self.engines[name].module if name else self.model
+        if ema is not None and ema.started:
+            return ema.averaged(module) if ema.keep else None
+        return module if self.rank == 0 or self.zero_stage == 3 else None
 
     def _log_scalars(self, scalars: dict[str, float]) -> None:
         self.log(f"step {self.step}: " + ", ".join(f"{k} {v:.5g}" for k, v in scalars.items()))
@@ -312,16 +328,49 @@ class Trainer:
         self.log(f"resumed from {folder} at step {self.step}")
 
     def export(self, path: str | os.PathLike | None = None, name: str | None = None,
-               module: torch.nn.Module | None = None) -> Path:
-        """A trained model (`name`, or any `module`) as one safetensors file with its config: what
-        inference and the next stage load."""
+               ema: EMA | None = None) -> Path:
+        """A trained model (`name`, or the one model) as one safetensors file with its config, what
+        inference and the next stage load: its EMA once that has started (written by the main rank,
+        which holds it), else the model's own weights (gathered whole under ZeRO-3, on every rank)."""
         path = Path(path) if path else self.out / "model.safetensors"
-        module = module if module is not None else self.engines[name].module if name else self.model
-        with gathered(module):  # whole tensors under ZeRO-3
-            if self.rank == 0:
-                save_model(module, self.cfg, path)
+        module = self.engines[name].module if name else self.model
+        if ema is not None and ema.started:
+            if ema.keep:
+                save_model(ema.averaged(module), self.cfg, path)
+        else:
+            with gathered(module):
+                if self.rank == 0:
+                    save_model(module, self.cfg, path)
         torch.distributed.barrier()
         return path
+
+
+def zero_loss(module: torch.nn.Module) -> torch.Tensor:
+    """A loss whose gradient is zero for every trainable parameter (stands in for a non-finite one)."""
+    return sum(p.sum() for p in module.parameters() if p.requires_grad) * 0.0
+
+
+def frozen(model: torch.nn.Module, cfg: Config, world: distributed.World, placement: str) -> torch.nn.Module:
+    """A model that is only evaluated (distillation's teacher) in train.bf16's precision, placed per
+    `placement` (distill.teacher_sharding): "replicated", a whole copy on this rank's device; "zero3",
+    its parameters partitioned over the ranks by a DeepSpeed ZeRO-3 engine without optimizer, each
+    layer gathered for its forward (a 14B teacher takes 28 GB / world size per GPU instead of 28 GB);
+    "zero3_offload", the partitions in pinned host memory, streamed in as layers run. Under ZeRO-3 the
+    forwards are collective: every rank must run the same number of them."""
+    import deepspeed
+
+    model.requires_grad_(False).eval()
+    dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
+    if placement == "replicated":
+        return model.to(world.device, dtype)
+    zero = {"stage": 3}
+    if placement == "zero3_offload":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": world.device.type == "cuda"}
+    ds = {"train_micro_batch_size_per_gpu": cfg.train.batch_size, "gradient_accumulation_steps": 1,
+          "train_batch_size": cfg.train.batch_size * world.size, "zero_optimization": zero,
+          "bf16": {"enabled": cfg.train.bf16}, "steps_per_print": 10**9}
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds)
+    return engine.module
 
 
 def gathered(module: torch.nn.Module):
@@ -334,8 +383,10 @@ def gathered(module: torch.nn.Module):
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
     """Recompute each transformer block's activations in the backward pass instead of storing them.
 
-    Applied from outside the model (STYLE.md 3). Safe with the KV cache: cache writes run without grad,
-    so no checkpointed forward writes the cache.
+    Applied from outside the model, per transformer block. Safe with the KV cache: a cached forward
+    captures the context K/V it attends to when it starts (`SelfAttentionContext`), so a block
+    recomputed in backward reads the same tensors even after the rollout has evicted or rewritten
+    those frames, and a recompute never writes the cache again.
     """
     from torch.utils.checkpoint import checkpoint
 

@@ -37,7 +37,9 @@ def test_generator_gradient_comes_only_from_the_exit_step_forwards(method):
     rebuild the gradient from the recorded exit-step forwards alone: it must equal the rollout's. No
     cache write may run with grad, and no cached K/V may require grad."""
     cfg = load_config("tiny", [f"sampling.method={method}", "distill.num_rollout_frames=9",
-                               "distill.num_training_frames=6", "sampling.fused=true"])
+                               "distill.num_training_frames=6", "sampling.fused=true",
+                               # the plain window (tests/test_recipe.py covers the re-encoded one)
+                               "distill.rollout_length=max", "distill.window_start=slice"])
     model = random_model(cfg)
     text = torch.randn(2, cfg.model.text_len, cfg.model.text_dim, generator=torch.Generator().manual_seed(0))
     calls = []

@@ -143,10 +143,10 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny, tiny_inputs):
 
 def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
     """A run killed while DeepSpeed loaded its CPU comm op left torch's build lock, and the next run hung
-    at start-up; init_distributed now removes a lock older than any build."""
+    at start-up; hiar.distributed.init now removes a lock older than any build."""
     from torch.utils.cpp_extension import _get_build_directory
 
-    from hiar.training import clear_stale_build_lock
+    from hiar.distributed import clear_stale_build_lock
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     lock = Path(_get_build_directory("some_op", False)) / "lock"

@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import os
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,17 +29,20 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from hiar import distributed  # noqa: E402
 from hiar.checkpoints import load_generator  # noqa: E402
 from hiar.codecs import build_codec  # noqa: E402
 from hiar.config import Config, config_to_dict, load_config  # noqa: E402
 from hiar.data import PromptSource  # noqa: E402
-from hiar.distill import DMD, exit_step, forward_kl_loss, self_rollout  # noqa: E402
+from hiar.distill import DMD, exit_step, forward_kl_loss, rollout_blocks, self_rollout, window_loss_start  # noqa: E402
 from hiar.ode import TrajectoryStore, trajectory_batch  # noqa: E402
+from hiar.order import ShuffledOrder, updates_before  # noqa: E402
 from hiar.pipeline import render  # noqa: E402
+from hiar.plan import check_fits, estimate  # noqa: E402
+from hiar.rehearsal import MemoryLog, RandomTrajectories, RandomUMT5, random_wan, rehearsal_prompts  # noqa: E402
 from hiar.sampling import block_noise, generate, stable_hash  # noqa: E402
-from hiar.text import build_text_encoder  # noqa: E402
 from hiar.toytrain import PromptBank  # noqa: E402
-from hiar.training import EMA, Trainer, gathered, main_guard  # noqa: E402
+from hiar.training import EMA, Trainer, accumulation_steps, frozen, gathered, main_guard  # noqa: E402
 
 DMD_PROMPT_SEED = 2_000_003  # toyworld prompts for DMD: captions of clips no earlier stage used
 
@@ -47,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config_path", default="configs/toy/hiar.yaml")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--max_steps", type=int, help="train this many steps in all (sets train.steps)")
+    p.add_argument("--rehearse", action="store_true",
+                   help="random weights of the config's sizes, random prompts and trajectories, no downloads: "
+                        "measure memory and time of an iteration (launch/rehearse.sh)")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     return p.parse_intermixed_args(argv)  # options may follow the section.key=value overrides
@@ -66,18 +74,56 @@ def check_inputs(cfg: Config) -> None:
                          "(README: teacher -> ODE pairs -> ODE init), or point the config at existing files.")
 
 
+def rehearsal_report(cfg: Config, world: distributed.World, memory: MemoryLog,
+                     seconds: dict[bool, list[float]]) -> str:
+    """Measured time per iteration and memory per start-up stage, next to the planner's estimate."""
+    d = cfg.distill
+    lines = [f"rehearsal on {world.size} x {world.device.type} (random weights; memory and time, not quality), "
+             f"{accumulation_steps(cfg, world.size)} micro-step(s) of {cfg.train.batch_size} sample(s) an update:"]
+    for generator_step, label in ((True, "generator + critic step"), (False, "critic-only step")):
+        if seconds[generator_step]:
+            lines.append(f"  {label:<28} {sum(seconds[generator_step]) / len(seconds[generator_step]):8.2f} s "
+                         f"(mean of {len(seconds[generator_step])})")
+    if seconds[True] and seconds[False]:
+        r = d.dfake_gen_update_ratio
+        mean = {g: sum(v) / len(v) for g, v in seconds.items()}
+        lines.append(f"  {'per iteration (1 in ' + str(r) + ' steps updates the generator)':<28} "
+                     f"{(mean[True] + (r - 1) * mean[False]) / r:8.2f} s")
+    lines.append(memory.table())
+    if world.device.type == "cuda":
+        capacity = torch.cuda.get_device_properties(world.device).total_memory
+        lines.append(estimate(cfg, world.size, capacity / 2**30,
+                              int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count()))).table())
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = load_config(args.config_path, args.overrides + ([f"train.steps={args.max_steps}"] if args.max_steps else []))
-    check_inputs(cfg)
+    if not args.rehearse:
+        check_inputs(cfg)
     d, t, k = cfg.distill, cfg.train, cfg.video.frames_per_block
+    world = distributed.init()
+    memory = MemoryLog(world.device)
+    accumulation = accumulation_steps(cfg, world.size)  # a total batch that does not divide fails here
+    if world.device.type == "cuda":  # refuse a run that cannot fit before loading any weights
+        plan = check_fits(cfg, world.size, torch.cuda.get_device_properties(world.device).total_memory,
+                          int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count())))
+        if world.is_main:
+            print(plan.table())
 
-    # 1. models: generator and critic are trained, the teacher is frozen (it may be larger: teacher_model)
-    generator, _ = load_generator(d.generator, cfg)
-    critic, _ = load_generator(d.critic, cfg)
-    teacher_cfg = dataclasses.replace(cfg, model=load_config(d.teacher_model).model) if d.teacher_model else cfg
-    teacher, _ = load_generator(d.teacher, teacher_cfg)
-    ema = EMA(d.ema_decay, d.ema_start)
+    # 1. models: generator and critic are trained (DeepSpeed places them), the teacher is frozen (it
+    # may be larger, teacher_model), in train.bf16's precision and placed by distill.teacher_sharding
+    teacher_model = load_config(d.teacher_model).model if d.teacher_model else cfg.model
+    teacher_dtype = torch.bfloat16 if t.bf16 else torch.float32
+    if args.rehearse:  # built straight on the GPU: a 14B teacher in float32 on the host would take minutes
+        generator, critic = random_wan(cfg.model), random_wan(cfg.model)
+        teacher = random_wan(teacher_model, world.device, teacher_dtype)
+    else:
+        generator, _ = load_generator(d.generator, cfg)
+        critic, _ = load_generator(d.critic, cfg)
+        teacher, _ = load_generator(d.teacher, dataclasses.replace(cfg, model=teacher_model), dtype=teacher_dtype)
+    ema = EMA(d.ema_decay, d.ema_start, keep=world.is_main)
 
     def write_weights(folder: Path) -> None:
         """model.pt: the layout HiAR / Self-Forcing checkpoints use, loadable by inference.py."""
@@ -92,71 +138,127 @@ def main(argv=None) -> None:
     def read_ema(folder: Path) -> None:
         """The EMA back from model.pt, its only copy (a 1.3B generator's is 5 GB); mmap reads only it."""
         blob = torch.load(folder / "model.pt", map_location="cpu", mmap=True, weights_only=True)
-        if "generator_ema" in blob:  # absent before distill.ema_start
-            ema.load_state_dict({"shadow": {k: v.clone() for k, v in blob["generator_ema"].items()}})
+        ema.load_state_dict({"shadow": blob.get("generator_ema")})  # absent before distill.ema_start
 
     trainer = Trainer(cfg, {"generator": generator, "critic": (critic, d.critic_lr)}, resume=args.resume,
-                      on_save=write_weights, on_load=read_ema)
-    device = next(generator.parameters()).device
-    teacher.requires_grad_(False).eval().to(device)
+                      on_save=write_weights, on_load=read_ema, world=world)
+    memory.mark("generator and critic")
+    teacher = frozen(teacher, cfg, world, d.teacher_sharding)
+    memory.mark(f"teacher ({d.teacher_sharding})")
+    device = world.device
 
-    # 2. data: prompts for the rollouts, teacher trajectories for the forward-KL term
-    bank = PromptBank(build_text_encoder(cfg))
-    prompts = PromptSource(d.prompts, DMD_PROMPT_SEED, cfg.video.height, cfg.video.width, ROOT)
-    trajectories = TrajectoryStore(cfg.ode.output_dir) if d.fkl_weight > 0 else None
-    dmd = DMD(teacher, bank([t.negative_prompt]).to(device), cfg)
+    # 2. data: prompts for the rollouts, teacher trajectories for the forward-KL term, each read in a
+    # seeded order that is reshuffled every epoch and split over the ranks (hiar.order)
+    if args.rehearse and cfg.model.text_encoder == "umt5-xxl":
+        bank = PromptBank(RandomUMT5(cfg.model.text_len, device), t.prompt_cache_mb * 2**20, device)
+    else:
+        bank = PromptBank.for_config(cfg, device)
+    memory.mark("text encoder")
+    prompts = PromptSource(rehearsal_prompts() if args.rehearse else d.prompts, DMD_PROMPT_SEED, cfg.video.height,
+                           cfg.video.width, ROOT)
+    prompt_order = ShuffledOrder(prompts.size, t.seed, world.size, world.rank)
+    if d.fkl_weight > 0:
+        trajectories = RandomTrajectories(cfg) if args.rehearse else TrajectoryStore(cfg.ode.output_dir)
+    else:
+        trajectories = None
+    trajectory_order = ShuffledOrder(len(trajectories), t.seed, world.size, world.rank) if trajectories else None
+    dmd = DMD(teacher, bank([t.negative_prompt]), cfg)
     num_steps = len(cfg.schedule.denoising_steps)
 
-    def rollout(text: torch.Tensor, ids: list[int], step: int, role: str, exit: int, grad: bool) -> torch.Tensor:
-        # Own noise streams for the generator's and the critic's rollouts, a function of the step.
-        noise = block_noise(cfg, stable_hash(t.seed, role, step) >> 1, ids, device)
-        return self_rollout(generator, text, cfg, noise, exit, grad)
+    def prompt_draw(step: int, critic: bool, micro: int) -> int:
+        """Every update reads fresh prompts: draws are numbered by the updates made before this one
+        (the critic's every step, the generator's every dfake_gen_update_ratio-th, before the critic's)."""
+        updates = step + updates_before(step, d.dfake_gen_update_ratio)
+        if critic and step % d.dfake_gen_update_ratio == 0:
+            updates += 1  # this step's generator update came first
+        return updates * accumulation + micro
 
-    # 3. one iteration: maybe a generator update, always a critic update
+    codec = functools.cache(lambda: build_codec(cfg, device))  # built when first needed, once (Wan VAE)
+
+    def rollout(ids: list[int], text: torch.Tensor, step: int, role: str, micro: int, exit: int,
+                grad: bool) -> tuple[torch.Tensor, int]:
+        """The sample and the number of frames in front of the window the loss leaves out."""
+        # Own noise streams for the generator's and the critic's rollouts, a function of (step, micro-step);
+        # the rollout's length (longer rollouts than the window) is drawn from the same key.
+        noise = block_noise(cfg, stable_hash(t.seed, role, step, micro) >> 1, ids, device)
+        num_blocks = rollout_blocks(noise.seed, cfg)
+        loss_from = window_loss_start(cfg, num_blocks)  # > 0: the window's first frame is re-encoded
+        x = self_rollout(generator, text, cfg, noise, exit, grad, num_blocks, codec() if loss_from else None)
+        return x, loss_from
+
+    # 3. one iteration: maybe a generator update, always a critic update, each over micro-steps
+    def generator_loss(step: int, exit: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
+        ids = prompt_order.draw(prompt_draw(step, False, micro), t.batch_size)
+        text = bank([prompts[i] for i in ids])
+        x, loss_from = rollout(ids, text, step, "generator", micro, exit, grad=True)
+        loss, metrics = dmd.generator_loss(x, text, critic, loss_from)
+        metrics["dmd_loss"] = loss.item()
+        if trajectories is not None:
+            indices = trajectory_order.draw(step // d.dfake_gen_update_ratio * accumulation + micro, t.batch_size)
+            batch = trajectory_batch(trajectories, indices)
+            fkl = forward_kl_loss(generator, {key: v.to(device) if torch.is_tensor(v) else v for key, v in batch.items()},
+                                  bank(batch["captions"]), cfg)
+            metrics["fkl_loss"] = fkl.item()
+            loss = loss + d.fkl_weight * fkl
+        return loss, metrics
+
+    def critic_loss(step: int, exit: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
+        ids = prompt_order.draw(prompt_draw(step, True, micro), t.batch_size)
+        text = bank([prompts[i] for i in ids])
+        with torch.no_grad():
+            x, _ = rollout(ids, text, step, "critic", micro, exit, grad=False)  # the critic sees every frame
+        return dmd.critic_loss(critic, x, text), {}
+
     def step_fn(step: int) -> dict[str, float]:
-        ids = [(step * trainer.world + trainer.rank) * t.batch_size + i for i in range(t.batch_size)]
-        captions = [prompts[i] for i in ids]
-        text = bank(captions).to(device)
         exit = exit_step(t.seed, step, d.min_exit_step, num_steps)
         metrics: dict[str, float] = {"exit_step": exit}
         if step % d.dfake_gen_update_ratio == 0:
-            x = rollout(text, ids, step, "generator", exit, grad=True)
-            loss, info = dmd.generator_loss(x, text, critic)
-            metrics.update(info, dmd_loss=loss.item())
-            if trajectories is not None:
-                batch = trajectory_batch(trajectories, t.batch_size, step, trainer.rank, trainer.world)
-                fkl = forward_kl_loss(generator, {key: v.to(device) if torch.is_tensor(v) else v
-                                                  for key, v in batch.items()}, bank(batch["captions"]).to(device), cfg)
-                metrics["fkl_loss"] = fkl.item()
-                loss = loss + d.fkl_weight * fkl
-            metrics["generator_loss"] = trainer.optimize("generator", loss)
-            metrics["generator_grad_norm"] = trainer.grad_norms.get("generator", float("nan"))
+            update = trainer.optimize("generator", lambda micro: generator_loss(step, exit, micro))
+            metrics.update({key if key.startswith(("dmd", "fkl")) else f"generator_{key}": v for key, v in update.items()})
             ema.update(generator, step)
-        with torch.no_grad():
-            x = rollout(text, ids, step, "critic", exit, grad=False)
-        metrics["critic_loss"] = trainer.optimize("critic", dmd.critic_loss(critic, x, text))
-        metrics["critic_grad_norm"] = trainer.grad_norms.get("critic", float("nan"))
+        update = trainer.optimize("critic", lambda micro: critic_loss(step, exit, micro))
+        metrics.update({f"critic_{key}": v for key, v in update.items()})
         return metrics
 
-    codec = functools.cache(lambda: build_codec(cfg, device))  # built at the first sample video, once (Wan VAE)
-
     def on_sample(step: int) -> None:
-        """Sample videos of the first prompts with the current generator, in the configured order."""
-        if trainer.rank != 0:
+        """Sample videos of the first prompts with the current generator, in the configured order (under
+        ZeRO-3 every rank runs the forwards, which gather parameters collectively; rank 0 writes)."""
+        model = trainer.sampling_module("generator")
+        if model is None:
             return
         captions = [prompts[i] for i in range(2)]
-        folder = trainer.out / "samples"
-        folder.mkdir(parents=True, exist_ok=True)
-        paths = [folder / f"step-{step:08d}-{i}.mp4" for i in range(len(captions))]
         with torch.no_grad():
-            blocks = generate(generator, bank(captions).to(device), cfg, block_noise(cfg, 0, range(len(captions)), device),
+            blocks = generate(model, bank(captions), cfg, block_noise(cfg, 0, range(len(captions)), device),
                               cfg.video.num_latent_frames // k)
+            if not world.is_main:
+                for _ in blocks:  # the same forwards as rank 0, nothing written
+                    pass
+                return
+            folder = trainer.out / "samples"
+            folder.mkdir(parents=True, exist_ok=True)
+            paths = [folder / f"step-{step:08d}-{i}.mp4" for i in range(len(captions))]
             render(codec(), cfg, blocks, paths)
         trainer.log(f"samples: {', '.join(map(str, paths))}")
 
-    trainer.fit(step_fn, on_sample)
-    if trainer.step >= t.steps:
-        trainer.log(f"model: {trainer.export(module=ema.averaged(generator))}")  # inference uses the EMA
+    if not args.rehearse:
+        trainer.fit(step_fn, on_sample)
+        if trainer.step >= t.steps:
+            trainer.log(f"model: {trainer.export(name='generator', ema=ema)}")  # inference uses the EMA
+        return
+    seconds: dict[bool, list[float]] = {True: [], False: []}  # by whether the step updates the generator
+
+    def timed_step(step: int) -> dict[str, float]:
+        start = time.perf_counter()
+        metrics = step_fn(step)
+        if world.device.type == "cuda":
+            torch.cuda.synchronize(world.device)
+        if step > 0:  # step 0 pays for allocation and kernel selection
+            seconds[step % d.dfake_gen_update_ratio == 0].append(time.perf_counter() - start)
+        return metrics
+
+    memory.start_steps()
+    trainer.fit(timed_step)
+    trainer.log(rehearsal_report(cfg, world, memory, seconds))
 
 
 if __name__ == "__main__":

@@ -17,12 +17,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch  # noqa: E402
+
+from hiar import distributed  # noqa: E402
 from hiar.checkpoints import load_generator  # noqa: E402
 from hiar.config import load_config  # noqa: E402
 from hiar.flow import FlowMatching  # noqa: E402
 from hiar.models import BlockCausal, BlockCausalWindow  # noqa: E402
 from hiar.ode import TrajectoryStore  # noqa: E402
-from hiar.text import build_text_encoder  # noqa: E402
+from hiar.order import ShuffledOrder  # noqa: E402
 from hiar.toytrain import PromptBank, ode_regression_batch  # noqa: E402
 from hiar.training import Trainer, main_guard  # noqa: E402
 
@@ -39,17 +42,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = load_config(args.config_path, args.overrides)
-    trajectories = TrajectoryStore(cfg.ode.output_dir)  # read on demand: full scale is ~340 GB
+    world = distributed.init()
+    trajectories = TrajectoryStore(cfg.ode.output_dir)  # read on demand: full scale is hundreds of GB
     student, _ = load_generator(cfg.ode.teacher, cfg)  # the student starts as the teacher
-    bank = PromptBank(build_text_encoder(cfg))
+    bank = PromptBank.for_config(cfg, world.device)
     flow = FlowMatching(cfg.schedule.shift)
     causal = BlockCausal(BlockCausalWindow.from_config(cfg.video))
-    trainer = Trainer(cfg, student, resume=args.resume)
+    trainer = Trainer(cfg, student, resume=args.resume, world=world)
+    order = ShuffledOrder(len(trajectories), cfg.train.seed, world.size, world.rank)
+
+    def micro_loss(step: int, micro: int) -> torch.Tensor:
+        indices = order.draw(step * trainer.accumulation + micro, cfg.train.batch_size)
+        x, t, target, captions = (v.to(world.device) if torch.is_tensor(v) else v
+                                  for v in ode_regression_batch(trajectories, cfg, indices))
+        x0 = flow.x0_from_flow(x, trainer.engine(x, t, bank(captions), causal), t)
+        return (x0.float() - target.float()).square().mean()
 
     def step_fn(step):
-        x, t, target, captions = ode_regression_batch(trajectories, cfg, step, trainer.rank, trainer.world)
-        x0 = flow.x0_from_flow(x, trainer.engine(x, t, bank(captions), causal), t)
-        return trainer.update((x0.float() - target.float()).square().mean())
+        return trainer.update(lambda micro: micro_loss(step, micro))
 
     trainer.fit(step_fn)
     if trainer.step >= cfg.train.steps:

@@ -4,14 +4,16 @@
     torchrun --nproc_per_node=N train/ode_pairs.py --config_path ...     # shards split across ranks
 
 Resumable: rerun the same command after a crash; finished shards are kept, missing ones are made.
+Each process owns one device (`hiar.distributed`: GPU LOCAL_RANK under torchrun, else the CPU); the
+teacher runs there in the run's precision, the noise is drawn on the CPU (the same bits on any device).
 Disk: a trajectory stores K + 1 latents of F x C x h x w values (K = student steps), e.g. 5 x 21 x 16 x 60
-x 104 x 2 bytes = 21 MB at full scale in float16, so 16-20k trajectories take 330-420 GB.
+x 104 x 4 bytes = 42 MB at full scale in float32 (ode.storage_dtype), so 16k trajectories take 670 GB
+(half that in bfloat16).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -21,14 +23,14 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from hiar import distributed  # noqa: E402
 from hiar.checkpoints import load_generator  # noqa: E402
 from hiar.config import load_config, save_config  # noqa: E402
 from hiar.data import PromptSource  # noqa: E402
 from hiar.flow import FlowMatching  # noqa: E402
-from hiar.ode import aligned_indices, shard_path, write_manifest, write_shard  # noqa: E402
+from hiar.ode import kept_indices, shard_path, write_manifest, write_shard  # noqa: E402
 from hiar.sampling import guided, teacher_ode  # noqa: E402
 from hiar.text import build_text_encoder  # noqa: E402
-from hiar.training import init_distributed  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,36 +46,43 @@ def prompt_list(cfg) -> list[str]:
     return [source[i] for i in range(cfg.ode.num_trajectories)]
 
 
+def trajectory_noise(cfg, index: int) -> torch.Tensor:
+    """The starting noise [F, C, h, w] of trajectory `index`, drawn on the CPU from its own seed: the
+    same bits whichever rank or device integrates it."""
+    geo = cfg.geometry
+    g = torch.Generator().manual_seed(cfg.ode.seed * 10**9 + index)
+    return torch.randn(geo.num_latent_frames, cfg.model.in_channels, geo.latent_height, geo.latent_width, generator=g)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = load_config(args.config_path, args.overrides)
-    o, geo = cfg.ode, cfg.geometry
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    o = cfg.ode
+    world = distributed.init()
+    device = world.device
     out = Path(o.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     prompts = prompt_list(cfg)
     num_shards = -(-o.num_trajectories // o.per_shard)
-    todo = [s for s in range(rank, num_shards, world) if not shard_path(out, s).is_file()]
-    teacher, _ = load_generator(o.teacher, cfg)
-    teacher.eval()
-    encoder = build_text_encoder(cfg)
+    todo = [s for s in range(world.rank, num_shards, world.size) if not shard_path(out, s).is_file()]
+    teacher, _ = load_generator(o.teacher, cfg, dtype=cfg.torch_dtype(device))  # bfloat16 on CUDA (runtime.dtype)
+    teacher.requires_grad_(False).eval().to(device)
+    encoder = build_text_encoder(cfg, device)
     flow = FlowMatching(o.shift)
     grid = flow.sampling_timesteps(o.steps)
-    student = FlowMatching(cfg.schedule.shift).denoising_timesteps(cfg.schedule.denoising_steps, cfg.schedule.warp)
-    keep = aligned_indices(grid, student)
-    negative = encoder([cfg.train.negative_prompt])
+    keep = kept_indices(cfg)
+    negative = encoder([cfg.train.negative_prompt]).to(device)
     bar = tqdm(total=sum(min(o.per_shard, o.num_trajectories - s * o.per_shard) for s in todo), unit="trajectory",
-               disable=rank != 0)
+               disable=not world.is_main)
     for shard in todo:
         indices = range(shard * o.per_shard, min((shard + 1) * o.per_shard, o.num_trajectories))
         records = []
         for start in range(indices.start, indices.stop, o.batch_size):
             batch = list(range(start, min(start + o.batch_size, indices.stop)))
-            noise = torch.stack([torch.randn(geo.num_latent_frames, cfg.model.in_channels, geo.latent_height,
-                                             geo.latent_width, generator=torch.Generator().manual_seed(o.seed * 10**9 + i))
-                                 for i in batch])
-            denoiser = guided(teacher, encoder([prompts[i] for i in batch]), negative, o.guidance_scale)
+            noise = torch.stack([trajectory_noise(cfg, i) for i in batch]).to(device)
+            denoiser = guided(teacher, encoder([prompts[i] for i in batch]).to(device), negative, o.guidance_scale)
             final, points = teacher_ode(denoiser, grid, noise, flow, keep)
+            final, points = final.cpu(), {k: points[k].cpu() for k in keep}  # shards are written from the host
             for b, i in enumerate(batch):
                 records.append({"key": f"{i:08d}", "caption": prompts[i], "final": final[b],
                                 "points": torch.stack([points[k][b] for k in keep]),
@@ -81,12 +90,12 @@ def main(argv=None) -> None:
             bar.update(len(batch))
         write_shard(shard_path(out, shard), records, getattr(torch, o.storage_dtype))
     bar.close()
-    if world > 1:
-        init_distributed()
+    if world.size > 1:
         torch.distributed.barrier()  # every rank's shards are on disk
-    if rank == 0:
+    if world.is_main:
         save_config(cfg, out / "config.yaml")
-        print(f"manifest: {write_manifest(out, num_shards, o.per_shard, o.num_trajectories, {'keep': keep})}")
+        info = {"keep": keep, "keep_timesteps": [grid[k].item() for k in keep], "storage_dtype": o.storage_dtype}
+        print(f"manifest: {write_manifest(out, num_shards, o.per_shard, o.num_trajectories, info)}")
 
 
 if __name__ == "__main__":

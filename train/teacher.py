@@ -14,12 +14,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
+from hiar import distributed  # noqa: E402
 from hiar.codecs import build_codec  # noqa: E402
 from hiar.config import load_config  # noqa: E402
 from hiar.data import load_prompts  # noqa: E402
 from hiar.flow import FlowMatching  # noqa: E402
 from hiar.models import WanModel  # noqa: E402
-from hiar.text import build_text_encoder  # noqa: E402
+from hiar.order import ShuffledOrder  # noqa: E402
 from hiar.toytrain import PromptBank, drop_captions, flow_matching_loss, toy_batch, write_teacher_samples  # noqa: E402
 from hiar.training import EMA, Trainer, main_guard, seed_step  # noqa: E402
 
@@ -36,34 +37,38 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = load_config(args.config_path, args.overrides)
-    codec, bank = build_codec(cfg), PromptBank(build_text_encoder(cfg))
+    world = distributed.init()
+    codec, bank = build_codec(cfg, world.device), PromptBank.for_config(cfg, world.device)
     flow = FlowMatching(cfg.train.timestep_shift)
     seed_step(cfg.train.seed, step=-1, rank=0)  # the initial weights, identical on every rank and run
     t = cfg.train
-    ema = EMA(t.ema_decay, t.ema_start) if t.ema_decay else None
-    trainer = Trainer(cfg, WanModel(cfg.model), resume=args.resume, extra={"ema": ema} if ema else None)
+    ema = EMA(t.ema_decay, t.ema_start, keep=world.is_main) if t.ema_decay else None
+    trainer = Trainer(cfg, WanModel(cfg.model), resume=args.resume, extra={"ema": ema} if ema else None, world=world)
+    clips = ShuffledOrder(None, t.seed, world.size, world.rank)  # the toy world is an endless stream of clips
     prompts = load_prompts(Path(__file__).resolve().parent.parent / cfg.runtime.prompts)[:2]
 
-    def step_fn(step):
-        x0, captions = toy_batch(cfg, codec, step, trainer.rank, trainer.world)
+    def micro_loss(step: int, micro: int):
+        x0, captions = toy_batch(cfg, codec, clips.draw(step * trainer.accumulation + micro, t.batch_size))
         text = bank(drop_captions(captions, t.caption_dropout, t.negative_prompt))
-        metrics = trainer.update(flow_matching_loss(trainer.engine, x0, text, flow))
+        return flow_matching_loss(trainer.engine, x0.to(world.device), text, flow)
+
+    def step_fn(step):
+        metrics = trainer.update(lambda micro: micro_loss(step, micro))
         if ema is not None:
             ema.update(trainer.model, step)
         return metrics
 
-    def averaged() -> WanModel:
-        return ema.averaged(trainer.model) if ema is not None else trainer.model
-
     def on_sample(step):
-        if trainer.rank == 0:
-            for path in write_teacher_samples(averaged(), codec, bank, cfg, prompts, trainer.out / "samples",
-                                              f"step-{step:08d}"):
+        model = trainer.sampling_module(ema=ema)
+        if model is not None:
+            paths = write_teacher_samples(model, codec, bank, cfg, prompts, trainer.out / "samples", f"step-{step:08d}",
+                                          write=world.is_main)
+            for path in paths:
                 trainer.log(f"sample: {path}")
 
     trainer.fit(step_fn, on_sample)
     if trainer.step >= cfg.train.steps:
-        trainer.log(f"model: {trainer.export(module=averaged())}")
+        trainer.log(f"model: {trainer.export(ema=ema)}")
 
 
 if __name__ == "__main__":

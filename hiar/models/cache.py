@@ -50,8 +50,10 @@ class KVCache:
                     for store in self._layers for kv in store.values() for t in kv}
         return sum(storages.values())
 
-    def read(self, layer: int, frames: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of `frames` concatenated in order: [B, len(frames) * T, H, D] each."""
+    def entries(self, layer: int, frames: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The stored (k, v) [B, T, H, D] of each of `frames`, in order: the cache's own tensors, not
+        copies. Holding them keeps exactly those frames as they are now, whatever is later replaced or
+        evicted (a forward snapshots its context this way, so a recompute in backward reads the same)."""
         store = self._layers[layer]
         missing = [f for f in frames if f not in store]
         if missing:
@@ -59,7 +61,11 @@ class KVCache:
             span = f"{held[0]}..{held[-1]}" if held else "nothing"
             raise CacheMissError(f"KV cache layer {layer} lacks context frames {missing[:6]} (holds {span}); "
                                  "write each block before the blocks after it read it")
-        keys, values = zip(*(store[f] for f in frames))
+        return [store[f] for f in frames]
+
+    def read(self, layer: int, frames: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of `frames` concatenated in order: [B, len(frames) * T, H, D] each."""
+        keys, values = zip(*self.entries(layer, frames))
         return torch.cat(keys, dim=1), torch.cat(values, dim=1)
 
     def write(self, layer: int, start_frame: int, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -140,7 +140,11 @@ class Prompt:
 class SelfAttentionContext:
     """What one forward's self-attention layers share: RoPE angles, query groups, and the cache traffic.
 
-    Built once per forward by `WanModel`; each layer calls `__call__` with its own projections.
+    Built once per forward by `WanModel`, outside the transformer blocks; each layer calls `__call__`
+    with its own projections. A layer may be called a second time: activation checkpointing recomputes
+    a block in backward, possibly long after the forward, when the rollout has moved on and the cache
+    has evicted or replaced this forward's context frames. So the context K/V are captured when the
+    forward starts, and the cache is written only on a layer's first call.
     """
 
     def __init__(self, rope: tuple[torch.Tensor, torch.Tensor], groups: QueryGroups | None,
@@ -149,6 +153,15 @@ class SelfAttentionContext:
         self.groups = groups  # the block-causal rule (None: every query sees every key)
         self.mode = mode
         self.context_frames = context_frames
+        # Per layer, the cache's own (k, v) [B, T, H, Dh] of each context frame, taken now, before any
+        # layer of this forward writes: references, not a concatenated copy, so the snapshot costs no
+        # memory beyond keeping those frames alive while a pending backward may recompute a block.
+        # The cache never modifies a stored tensor in place, so these stay what the forward read.
+        # A missing frame raises CacheMissError here, at the start of the forward.
+        self._context: list[list[tuple[torch.Tensor, torch.Tensor]] | None] = []
+        if isinstance(mode, Cached):
+            self._context = [mode.cache.entries(layer, context_frames) for layer in range(mode.cache.num_layers)]
+        self._written: set[int] = set()  # layers that have written the cache: a later call is a recompute
 
     def __call__(self, layer: int, attn: Attention, x: torch.Tensor) -> torch.Tensor:
         # x [B, F, T, D] -> [B, F, T, D]
@@ -158,13 +171,24 @@ class SelfAttentionContext:
         q, k = apply_rope(q, *self.rope), apply_rope(k, *self.rope)
         k_all, v_all = k, v
         if isinstance(self.mode, Cached):
-            cache = self.mode.cache
-            if self.context_frames:
-                k_ctx, v_ctx = cache.read(layer, self.context_frames)
-                k_all, v_all = torch.cat([k_ctx, k], dim=1), torch.cat([v_ctx, v], dim=1)
-            if self.mode.write_frames:
+            context = self._context[layer]
+            if context is None:
+                raise RuntimeError(f"self-attention layer {layer} ran again after a forward without grad; "
+                                   "a SelfAttentionContext serves one forward (and its recomputes)")
+            if context:  # [B, C*T + F*T, H, Dh]: the snapshot's frames in order, then this call's
+                keys, values = zip(*context)
+                k_all, v_all = torch.cat([*keys, k], dim=1), torch.cat([*values, v], dim=1)
+            if self.mode.write_frames and layer not in self._written:
+                # Once per layer: a recompute must not store its K/V again (it would replace what later
+                # blocks wrote with this forward's, and evict by this forward's position).
+                self._written.add(layer)
                 n = self.mode.write_frames
-                cache.write(layer, self.mode.start_frame, k.unflatten(1, (f, t))[:, :n], v.unflatten(1, (f, t))[:, :n])
+                self.mode.cache.write(layer, self.mode.start_frame, k.unflatten(1, (f, t))[:, :n],
+                                      v.unflatten(1, (f, t))[:, :n])
+            if not torch.is_grad_enabled():
+                # No autograd graph, so no recompute: let the frames this forward's writes evicted go now
+                # rather than at the end of the forward (inference keeps the cache at one window).
+                self._context[layer] = None
         return attn.output(q, k_all, v_all, self.groups).unflatten(1, (f, t))
 
 
