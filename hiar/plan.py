@@ -1,7 +1,7 @@
 """Memory planner for distillation (train/distill.py): per-GPU and per-host memory by component, a
 verdict, hints when a run does not fit, and a rough time per iteration.
 
-    python -m hiar.plan --config_path configs/hiar.yaml --gpus 8 --gpu_memory 80 [--gpus_per_node 8]
+    python train/plan.py --config_path configs/hiar.yaml --gpus 8 --gpu_memory 80 [--gpus_per_node 8]
         [--host_memory 1000] [section.key=value ...]       # exit code 0: fits, 1: does not
 
 `estimate(cfg, gpus, gpu_memory_gb, gpus_per_node, host_memory_gb)` -> `MemoryPlan`; `check_fits(cfg,
@@ -29,11 +29,9 @@ What is modelled (docs/memory.md has the formulas in words and the CPU validatio
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -891,29 +889,5 @@ def check_fits(cfg: Config, world_size: int, device_memory_bytes: int, gpus_per_
     plan = estimate(cfg, world_size, device_memory_bytes / GiB, gpus_per_node,
                     host_memory_bytes / GiB if host_memory_bytes else None)
     if not plan.fits:
-        raise ConfigError("this distillation run does not fit (python -m hiar.plan prints this table):\n" + plan.table())
+        raise ConfigError("this distillation run does not fit (python train/plan.py prints this table):\n" + plan.table())
     return plan
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config_path", default="configs/hiar.yaml")
-    p.add_argument("--gpus", type=int, required=True, help="GPUs in the run (the world size)")
-    p.add_argument("--gpu_memory", type=float, required=True, help="memory of one GPU, GiB (an H100 80GB: 79.6)")
-    p.add_argument("--gpus_per_node", type=int, default=8)
-    p.add_argument("--host_memory", type=float, default=None, help="host memory of one node, GiB (checked when given)")
-    p.add_argument("--tflops", type=float, default=DEFAULT_TFLOPS, help="sustained bf16 TFLOP/s for the time estimate")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value")
-    args = p.parse_intermixed_args(argv)
-    try:
-        cfg = load_config(args.config_path, args.overrides)
-        plan = estimate(cfg, args.gpus, args.gpu_memory, args.gpus_per_node, args.host_memory, tflops=args.tflops)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(plan.table())
-    return 0 if plan.fits else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

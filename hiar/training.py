@@ -395,9 +395,13 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
 
 
 def main_guard(fn: Callable[[], None]) -> None:
-    """Run a training program; a non-finite-loss abort ends it with its message and exit code 3."""
+    """Run a training program: a setting to change (a bad config, a run that does not fit, a total batch
+    that does not divide) ends it with its message and exit code 2, a non-finite-loss abort with 3."""
     try:
         fn()
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(3)

@@ -2,7 +2,7 @@
 # Rehearse full-scale distillation before downloading anything: train/distill.py --rehearse on the
 # config's real sizes with random weights, random prompts and trajectories, for a few iterations on
 # every GPU of this machine (or the CPU), then print seconds per iteration and memory per component
-# next to the planner's estimate (python -m hiar.plan).
+# next to the planner's estimate (python train/plan.py).
 #   bash launch/rehearse.sh                                   # configs/hiar.yaml on this machine's GPUs
 #   CONFIG=configs/tiny.yaml STEPS=2 bash launch/rehearse.sh  # the tiny preset, what CI runs on the CPU
 #   bash launch/rehearse.sh distill.teacher_model=wan1.3b     # any section.key=value override

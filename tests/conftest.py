@@ -1,3 +1,6 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -50,3 +53,21 @@ def tiny_inputs(tiny):
     x, text = random_inputs(tiny, batch=2, seed=1)
     t = torch.tensor([[937.5] * 3 + [833.3] * 3 + [625.0] * 3, [1000.0] * 3 + [250.0] * 3 + [0.0] * 3])
     return x, t, text
+
+
+@pytest.fixture(scope="session")
+def distill_inputs(tmp_path_factory):
+    """train/distill.py overrides for a random tiny teacher (also the generator's and the critic's start)
+    and 4 of its ODE trajectories in 2 shards: one prompt a micro-step, a generator update every 2nd step."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "train"))
+    import ode_pairs
+    from hiar.checkpoints import save_model
+
+    folder = tmp_path_factory.mktemp("distill_inputs")
+    cfg = load_config("tiny")
+    teacher = save_model(random_model(cfg), cfg, folder / "teacher.safetensors")
+    ode_pairs.main(["--config_path", "tiny", f"ode.teacher={teacher}", f"ode.output_dir={folder / 'pairs'}",
+                    "ode.num_trajectories=4", "ode.per_shard=2", "ode.steps=4", "ode.batch_size=2"])
+    return [f"distill.generator={teacher}", f"distill.teacher={teacher}", f"distill.critic={teacher}",
+            f"ode.output_dir={folder / 'pairs'}", "train.batch_size=1", "train.log_every=1",
+            "distill.dfake_gen_update_ratio=2", "train.lr=1e-3", "distill.critic_lr=1e-3"]

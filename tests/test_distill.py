@@ -155,19 +155,8 @@ def test_forward_kl_regresses_the_chord(tiny):
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    """A random tiny teacher (also the generator's and critic's start) and its ODE pairs."""
-    import ode_pairs
-
-    folder = tmp_path_factory.mktemp("distill_inputs")
-    cfg = load_config("tiny")
-    teacher = save_model(random_model(cfg), cfg, folder / "teacher.safetensors")
-    ode_pairs.main(["--config_path", "tiny", f"ode.teacher={teacher}", f"ode.output_dir={folder / 'pairs'}",
-                    "ode.num_trajectories=4", "ode.per_shard=4", "ode.steps=4", "ode.batch_size=4"])
-    return [f"distill.generator={teacher}", f"distill.teacher={teacher}",
-            f"distill.critic={teacher}", f"ode.output_dir={folder / 'pairs'}", "train.batch_size=1",
-            "train.log_every=1", "train.save_every=2", "distill.dfake_gen_update_ratio=2", "distill.ema_start=1",
-            "distill.ema_decay=0.5", "train.lr=1e-3", "distill.critic_lr=1e-3"]
+def inputs(distill_inputs):
+    return [*distill_inputs, "train.save_every=2", "distill.ema_start=1", "distill.ema_decay=0.5"]
 
 
 def metrics(folder: Path) -> list[dict]:

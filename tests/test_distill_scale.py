@@ -8,28 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import random_model
-
-from hiar.checkpoints import save_model
-from hiar.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "train"))
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    """A random tiny teacher (also the generator's and critic's start) and 4 ODE trajectories."""
-    import ode_pairs
-
-    folder = tmp_path_factory.mktemp("scale_inputs")
-    cfg = load_config("tiny")
-    teacher = save_model(random_model(cfg), cfg, folder / "teacher.safetensors")
-    ode_pairs.main(["--config_path", "tiny", f"ode.teacher={teacher}", f"ode.output_dir={folder / 'pairs'}",
-                    "ode.num_trajectories=4", "ode.per_shard=2", "ode.steps=4", "ode.batch_size=2"])
-    return [f"distill.generator={teacher}", f"distill.teacher={teacher}", f"distill.critic={teacher}",
-            f"ode.output_dir={folder / 'pairs'}", "train.batch_size=1", "train.log_every=1",
-            "distill.dfake_gen_update_ratio=2", "distill.ema_start=0", "train.lr=1e-3", "distill.critic_lr=1e-3"]
+def inputs(distill_inputs):
+    return [*distill_inputs, "distill.ema_start=0"]
 
 
 def metrics(folder: Path) -> list[dict]:
@@ -89,3 +75,14 @@ def test_the_rehearsal_runs_the_program_on_random_weights(tmp_path, capsys):
     assert "generator + critic step" in text and "critic-only step" in text and "peak during the steps" in text
     assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3]
     assert "fkl_loss" in metrics(tmp_path)[0]
+
+
+def test_a_total_batch_that_does_not_divide_ends_with_a_message_before_any_model(tmp_path, capsys):
+    import distill
+
+    with pytest.raises(SystemExit) as end:
+        distill.main_guard(lambda: distill.main(["--config_path", "tiny", "--rehearse", "train.batch_size=2",
+                                                 "train.total_batch_size=3", f"train.output_dir={tmp_path}"]))
+    assert end.value.code == 2
+    assert "train.total_batch_size=3 is not a multiple of train.batch_size=2" in capsys.readouterr().err
+    assert not (tmp_path / "config.yaml").exists()  # nothing was built or written

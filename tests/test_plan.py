@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import collections
 import gc
+import sys
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +26,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from hiar import plan as P
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "train"))
+import plan as program  # noqa: E402  train/plan.py, the command line
 from hiar.config import ConfigError, load_config, with_overrides
 from hiar.distill import DMD, forward_kl_loss, self_rollout
 from hiar.models import KVCache, WanModel
@@ -466,7 +471,7 @@ def test_full_window_cell_flops_match_the_benchmark_note():
 @pytest.mark.parametrize("gpus", [8, 64])
 def test_cli_prints_a_table_for_the_full_scale_config(gpus, capsys):
     args = ["--config_path", "configs/hiar.yaml", "--gpus", str(gpus), "--gpu_memory", "80"]
-    code = P.main(args)
+    code = program.main(args)
     out = capsys.readouterr().out
     plan = P.estimate(load_config("configs/hiar.yaml"), gpus, 80)
     assert code == (0 if plan.fits else 1)
@@ -483,7 +488,7 @@ def test_check_fits_refuses_an_impossible_run_and_says_what_to_change():
     with pytest.raises(ConfigError, match="DOES NOT FIT") as err:
         P.check_fits(cfg, 1, 16 * GiB, 8)
     assert "distill.teacher_sharding=zero3" in str(err.value) and "capacity" in str(err.value)
-    assert P.main(["--config_path", "configs/hiar.yaml", "--gpus", "1", "--gpu_memory", "16",
+    assert program.main(["--config_path", "configs/hiar.yaml", "--gpus", "1", "--gpu_memory", "16",
                    "distill.teacher_sharding=replicated"]) == 1
     plan = P.check_fits(load_config("configs/hiar.yaml", ["distill.teacher_sharding=zero3"]), 64, 80 * GiB, 8)
     assert plan.fits

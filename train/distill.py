@@ -92,9 +92,13 @@ def rehearsal_report(cfg: Config, world: distributed.World, memory: MemoryLog,
     lines.append(memory.table())
     if world.device.type == "cuda":
         capacity = torch.cuda.get_device_properties(world.device).total_memory
-        lines.append(estimate(cfg, world.size, capacity / 2**30,
-                              int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count()))).table())
+        lines.append(estimate(cfg, world.size, capacity / 2**30, gpus_per_node()).table())
     return "\n".join(lines)
+
+
+def gpus_per_node() -> int:
+    """GPUs of this node in the run (torchrun's LOCAL_WORLD_SIZE; else every GPU the node has)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count()))
 
 
 def main(argv=None) -> None:
@@ -107,8 +111,10 @@ def main(argv=None) -> None:
     memory = MemoryLog(world.device)
     accumulation = accumulation_steps(cfg, world.size)  # a total batch that does not divide fails here
     if world.device.type == "cuda":  # refuse a run that cannot fit before loading any weights
-        plan = check_fits(cfg, world.size, torch.cuda.get_device_properties(world.device).total_memory,
-                          int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count())))
+        capacity, per_node = torch.cuda.get_device_properties(world.device).total_memory, gpus_per_node()
+        # a rehearsal measures what the planner estimates, so it runs even where the planner says no
+        plan = estimate(cfg, world.size, capacity / 2**30, per_node) if args.rehearse else \
+            check_fits(cfg, world.size, capacity, per_node)
         if world.is_main:
             print(plan.table())
 
