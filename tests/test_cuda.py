@@ -111,3 +111,49 @@ def test_a_resumed_ema_follows_a_cuda_model(cpu_model):
     weight = model.state_dict()["proj_out.weight"]
     assert ema.shadow["proj_out.weight"].device.type == "cpu"
     assert torch.equal(ema.shadow["proj_out.weight"], weight.float().cpu() * 0.5)
+
+
+# -- training on CUDA with NCCL: each program in its own process, as the launchers start them ----------
+
+
+def torchrun(*args, procs: int = 1) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", *args]
+    result = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_training_programs_on_cuda_with_nccl(tmp_path, distill_inputs):
+    """ODE pairs, ODE initialisation and distillation (bf16, ZeRO-2, a ZeRO-3 teacher, accumulation, the
+    finite-loss all-reduce) on the GPU under NCCL; what a CPU-only run with gloo could not show."""
+    import json
+
+    from hiar.checkpoints import save_model
+
+    cfg = load_config("tiny")
+    teacher = save_model(random_model(cfg), cfg, tmp_path / "teacher.safetensors")
+    pairs = tmp_path / "pairs"
+    torchrun("train/ode_pairs.py", "--config_path", "tiny", f"ode.teacher={teacher}", f"ode.output_dir={pairs}",
+             "ode.num_trajectories=4", "ode.per_shard=2", "ode.steps=4", "ode.batch_size=2")
+    torchrun("train/ode_init.py", "--config_path", "tiny", f"ode.teacher={teacher}", f"ode.output_dir={pairs}",
+             f"train.output_dir={tmp_path / 'init'}", "train.steps=2", "train.batch_size=1", "train.total_batch_size=2",
+             "train.bf16=true")
+    out = tmp_path / "distill"
+    torchrun("train/distill.py", "--config_path", "tiny", *distill_inputs, f"ode.output_dir={pairs}",
+             f"distill.generator={tmp_path / 'init' / 'model.safetensors'}", "train.bf16=true",
+             "train.deepspeed=configs/deepspeed/zero2.json", "distill.teacher_sharding=zero3",
+             "train.total_batch_size=2", "train.gradient_checkpointing=true", "--max_steps", "2",
+             f"train.output_dir={out}")
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(logged) == 2 and all(v == v for m in logged for v in m.values())
+    assert (out / "model.safetensors").is_file()
+
+
+def test_the_rehearsal_runs_on_cuda(tmp_path):
+    torchrun("train/distill.py", "--rehearse", "--config_path", "tiny", "--max_steps", "3", "train.bf16=true",
+             f"train.output_dir={tmp_path}", "train.save_every=0", "distill.dfake_gen_update_ratio=2")

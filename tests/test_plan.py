@@ -550,3 +550,15 @@ def test_time_estimate_counts_the_work():
     no_ckpt = P.time_estimate(with_overrides(cfg, ["train.gradient_checkpointing=false"]), 64, 8)
     assert no_ckpt.flops_per_iteration < sixty_four.flops_per_iteration  # no recompute
     assert sixty_four.seconds_per_iteration == pytest.approx(sixty_four.flops_per_iteration / (P.DEFAULT_TFLOPS * 1e12))
+
+
+@pytest.mark.parametrize("gpus,overrides", [
+    (64, []), (8, []),
+    (1, ["train.deepspeed=configs/deepspeed/zero2_offload.json", "distill.teacher_sharding=zero3_offload"]),
+])
+def test_the_documented_settings_for_1_8_and_64_gpus_fit_80_gb(gpus, overrides):
+    """docs/training.md's table: the same recipe (total batch 64) on 64, 8 or 1 GPU of 80 GB."""
+    cfg = load_config("configs/hiar.yaml", overrides)
+    assert P.check_fits(cfg, gpus, int(79.6 * GiB), min(gpus, 8)).fits
+    if gpus == 1:  # without the offloads one 80 GB card is too small
+        assert not P.estimate(load_config("configs/hiar.yaml"), 1, 79.6).fits

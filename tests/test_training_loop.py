@@ -123,3 +123,24 @@ def test_the_ema_lives_on_the_host_of_the_main_rank_only():
         model.proj_out.weight.add_(1.0)
     main.update(model, step=2)
     torch.testing.assert_close(main.shadow["proj_out.weight"], weight + 0.5)
+
+
+def test_the_prompt_cache_is_bounded_and_encodes_misses_together():
+    """Full-scale prompts are mostly unique: the cache keeps at most its budget (least recently used out)
+    and every call encodes the captions it lacks in one batch."""
+    from hiar.toytrain import PromptBank
+
+    calls = []
+
+    def encoder(captions):
+        calls.append(list(captions))
+        return torch.stack([torch.full((2, 4), float(len(c))) for c in captions])  # 32 bytes a caption
+
+    bank = PromptBank(encoder, max_bytes=3 * 32)
+    states = bank(["a", "bb", "a", "ccc"])
+    assert calls == [["a", "bb", "ccc"]] and states[:, 0, 0].tolist() == [1, 2, 1, 3]
+    bank(["a"])  # held: no call; "a" becomes the most recent
+    assert len(calls) == 1
+    bank(["dddd"])  # over budget: the least recently used ("bb") goes
+    bank(["bb", "a"])
+    assert calls[-1] == ["bb"] and bank._bytes <= 3 * 32
