@@ -1,9 +1,10 @@
 """Distil the causal student with DMD on its own rollouts, in step-first order (HiAR) or block-first
-order (the Self-Forcing baseline), plus the forward-KL regulariser (DESIGN.md section 2).
+order (the Self-Forcing baseline), plus the forward-KL regulariser (docs/training.md).
 
     deepspeed train/distill.py --config_path configs/toy/hiar.yaml
     torchrun --nproc_per_node=8 train/distill.py --config_path configs/hiar.yaml
     python train/distill.py --config_path configs/toy/hiar.yaml --resume --max_steps 200
+    torchrun --nproc_per_node=8 train/distill.py --config_path configs/hiar.yaml --rehearse --max_steps 6
 
 Two trained models, the generator (causal student, from distill.generator) and the critic (fake score,
 from distill.critic), and a frozen teacher (real score, distill.teacher, CFG against
@@ -11,7 +12,8 @@ train.negative_prompt). Every iteration updates the critic; every distill.dfake_
 also the generator. Checkpoints (checkpoints/step-N/) hold both DeepSpeed states and model.pt
 ({generator, generator_ema, critic, step, config}: what `inference.py --checkpoint_path ... --use_ema`
 loads, and where --resume finds the EMA); the final generator (its EMA once started) is exported as
-model.safetensors.
+model.safetensors. On CUDA the memory planner (hiar/plan.py) checks the run before any weights are read;
+--rehearse swaps the weights, the text encoder and the data for random ones of the same sizes.
 """
 
 from __future__ import annotations
