@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from hiar.atomic import atomic_path
-from hiar.flow import NUM_TRAIN_TIMESTEPS
+from hiar.flow import NUM_TRAIN_TIMESTEPS, FlowMatching
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -192,7 +192,7 @@ class ODEConfig:
     per_shard: int = 64
     # The points of the teacher's `steps`-step grid a trajectory keeps besides its final latent, one per
     # student step (forward-KL step j regresses the chord from point j to point j + 1, or to the final
-    # latent after the last; `hiar.ode.kept_indices`). "uniform": every (steps / S)-th point, [0, 12, 24,
+    # latent after the last; `hiar.config.kept_indices`). "uniform": every (steps / S)-th point, [0, 12, 24,
     # 36] of 48 for S = 4 student steps, the reference's (scripts/generate_ode_pairs.py --save_indices
     # 0,12,24,36,-1; teacher timesteps 1000, 960, 888.9, 727.3); "aligned": the points nearest the
     # student's timesteps ([0, 17, 30, 40] of 48: 1000, 935.9, 827.6, 615.4 for 1000, 937.5, 833.3, 625).
@@ -388,10 +388,43 @@ class Config:
             raise ConfigError(f"distill.fkl_steps={d.fkl_steps} must lie in [0, {len(steps)}] (student steps)")
         if self.ode.steps < 1:
             raise ConfigError(f"ode.steps={self.ode.steps} must be at least 1")
-        from hiar.ode import kept_indices  # the rule lives with the trajectories; it raises what to change
-
-        kept_indices(self)
+        kept_indices(self)  # raises what to change
         return self
+
+
+# -- which teacher points an ODE trajectory keeps (hiar/ode.py stores them) -----------------------
+
+
+def aligned_indices(teacher_timesteps: torch.Tensor, student_timesteps: torch.Tensor) -> list[int]:
+    """For each student timestep, the index of the nearest point of the teacher's schedule."""
+    grid = teacher_timesteps[:-1]  # the last point is t = 0, the output
+    return [int((grid - t).abs().argmin()) for t in student_timesteps]
+
+
+def kept_indices(cfg: Config) -> list[int]:
+    """The teacher grid points (indices into `FlowMatching(ode.shift).sampling_timesteps(ode.steps)`) a
+    trajectory keeps, one per student step: ode.keep_indices, else the rule ode.keep names. Raises a
+    ConfigError saying what to change when they are not S increasing points of the grid."""
+    o, s = cfg.ode, cfg.schedule
+    num = len(s.denoising_steps)
+    if o.keep_indices:
+        indices, source = list(o.keep_indices), f"ode.keep_indices={list(o.keep_indices)}"
+    elif o.keep == "uniform":
+        if o.steps % num:
+            low = max(num, o.steps // num * num)
+            raise ConfigError(f"ode.keep=uniform keeps every (ode.steps / {num})-th teacher point, one per student "
+                              f"step: ode.steps={o.steps} is not a multiple of {num}; use {low} or {low + num}, "
+                              "or ode.keep=aligned")
+        indices, source = [j * (o.steps // num) for j in range(num)], "ode.keep=uniform"
+    else:
+        grid = FlowMatching(o.shift).sampling_timesteps(o.steps)
+        indices = aligned_indices(grid, FlowMatching(s.shift).denoising_timesteps(s.denoising_steps, s.warp))
+        source = f"ode.keep=aligned (ode.steps={o.steps})"
+    if len(indices) != num or indices[0] < 0 or indices[-1] >= o.steps or indices != sorted(set(indices)):
+        raise ConfigError(f"{source} gives teacher points {indices}: a trajectory needs {num} increasing points in "
+                          f"[0, {o.steps}) (one a student step; the final latent is always kept). Set "
+                          f"ode.keep_indices to {num} such indices, or use more ode.steps")
+    return indices
 
 
 # ---------------------------------------------------------------------------------------------

@@ -169,8 +169,8 @@ def forward_kl_attention(cfg: Config) -> AttentionMode:
 def forward_kl_loss(generator: WanModel, batch: dict, text: torch.Tensor, cfg: Config) -> torch.Tensor:
     """Mean over the first `distill.fkl_steps` stored points j of ||x0_student(x_j) - chord_x0(x_j, x_{j+1})||^2.
 
-    `batch`: points [B, K, F, ...] (the teacher's trajectory, one point a student step: `hiar.ode.
-    kept_indices`), their exact timesteps [B, K], final [B, F, ...] (the point after the last one, at
+    `batch`: points [B, K, F, ...] (the teacher's trajectory, one point a student step:
+    `hiar.config.kept_indices`), their exact timesteps [B, K], final [B, F, ...] (the point after the last one, at
     t = 0), from `hiar.ode.trajectory_batch`. As in the reference (model/timestep_forcing_dmd.py,
     pd_loss_type x0, pd_x0_target_mode pred_x0): the chord of step j runs through points j and j + 1
     at their stored levels, and the student sees x_j told its own step t_j (distill.fkl_timestep=

@@ -1,10 +1,9 @@
-"""Teacher ODE trajectories on disk: which points to keep, how shards are written and read back.
+"""Teacher ODE trajectories on disk: how shards are written and read back.
 
 A trajectory is the teacher's Euler integration (`sampling.teacher_ode`) of one prompt from one noise
-draw. It keeps one point of the teacher's grid per student step (`kept_indices`: by default every
-(steps / S)-th, as the reference keeps 0, 12, 24, 36 of 48; their exact timesteps are stored with them)
-and the final clean latents. Trajectories are grouped into shards of
-`per_shard`; shard i always holds trajectories i * per_shard ... so a restarted run skips shards that
+draw. It keeps one point of the teacher's grid per student step (`hiar.config.kept_indices`: by default
+every (steps / S)-th, as the reference keeps 0, 12, 24, 36 of 48; their exact timesteps are stored with
+them) and the final clean latents. Trajectories are grouped into shards of `per_shard`; shard i always holds trajectories i * per_shard ... so a restarted run skips shards that
 exist (each is written to a temporary name and renamed) and never duplicates or corrupts one. Ranks
 take shards i = rank, rank + world, ...; the manifest lists every shard once all are written.
 """
@@ -23,40 +22,6 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from hiar.atomic import atomic_path
-from hiar.config import Config, ConfigError
-from hiar.flow import FlowMatching
-
-
-def aligned_indices(teacher_timesteps: torch.Tensor, student_timesteps: torch.Tensor) -> list[int]:
-    """For each student timestep, the index of the nearest point of the teacher's schedule."""
-    grid = teacher_timesteps[:-1]  # the last point is t = 0, the output
-    return [int((grid - t).abs().argmin()) for t in student_timesteps]
-
-
-def kept_indices(cfg: Config) -> list[int]:
-    """The teacher grid points (indices into `FlowMatching(ode.shift).sampling_timesteps(ode.steps)`) a
-    trajectory keeps, one per student step: ode.keep_indices, else the rule ode.keep names. Raises a
-    ConfigError saying what to change when they are not S increasing points of the grid."""
-    o, s = cfg.ode, cfg.schedule
-    num = len(s.denoising_steps)
-    if o.keep_indices:
-        indices, source = list(o.keep_indices), f"ode.keep_indices={list(o.keep_indices)}"
-    elif o.keep == "uniform":
-        if o.steps % num:
-            low = max(num, o.steps // num * num)
-            raise ConfigError(f"ode.keep=uniform keeps every (ode.steps / {num})-th teacher point, one per student "
-                              f"step: ode.steps={o.steps} is not a multiple of {num}; use {low} or {low + num}, "
-                              "or ode.keep=aligned")
-        indices, source = [j * (o.steps // num) for j in range(num)], "ode.keep=uniform"
-    else:
-        grid = FlowMatching(o.shift).sampling_timesteps(o.steps)
-        indices = aligned_indices(grid, FlowMatching(s.shift).denoising_timesteps(s.denoising_steps, s.warp))
-        source = f"ode.keep=aligned (ode.steps={o.steps})"
-    if len(indices) != num or indices[0] < 0 or indices[-1] >= o.steps or indices != sorted(set(indices)):
-        raise ConfigError(f"{source} gives teacher points {indices}: a trajectory needs {num} increasing points in "
-                          f"[0, {o.steps}) (one a student step; the final latent is always kept). Set "
-                          f"ode.keep_indices to {num} such indices, or use more ode.steps")
-    return indices
 
 
 def shard_path(folder: Path, shard: int) -> Path:

@@ -13,11 +13,11 @@ import torch
 from conftest import random_model
 from hiar.checkpoints import save_model
 from hiar.codecs import ToyDCTCodec
-from hiar.config import ConfigError, DistillConfig, ODEConfig, load_config
+from hiar.config import ConfigError, DistillConfig, ODEConfig, kept_indices, load_config
 from hiar.distill import DMD, chord_x0, forward_kl_loss, rollout_blocks, self_rollout, window_loss_start
 from hiar.flow import FlowMatching
 from hiar.models import Bidirectional
-from hiar.ode import kept_indices, read_trajectories
+from hiar.ode import read_trajectories
 from hiar.sampling import block_noise, guided, teacher_ode
 from hiar.text import build_text_encoder
 

@@ -25,10 +25,10 @@ from tqdm import tqdm  # noqa: E402
 
 from hiar import distributed  # noqa: E402
 from hiar.checkpoints import load_generator  # noqa: E402
-from hiar.config import load_config, save_config  # noqa: E402
+from hiar.config import kept_indices, load_config, save_config  # noqa: E402
 from hiar.data import PromptSource  # noqa: E402
 from hiar.flow import FlowMatching  # noqa: E402
-from hiar.ode import kept_indices, shard_path, write_manifest, write_shard  # noqa: E402
+from hiar.ode import shard_path, write_manifest, write_shard  # noqa: E402
 from hiar.sampling import guided, teacher_ode  # noqa: E402
 from hiar.text import build_text_encoder  # noqa: E402
 
