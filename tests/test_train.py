@@ -154,3 +154,25 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatc
     assert not clear_stale_build_lock("some_op") and lock.exists()  # a build may be running
     os.utime(lock, (lock.stat().st_atime - 3600, lock.stat().st_mtime - 3600))
     assert clear_stale_build_lock("some_op") and not lock.exists()
+
+
+def test_ode_pairs_on_two_ranks_with_uneven_shares(tmp_path):
+    """3 shards over 2 ranks: rank 0 makes two, rank 1 one and finishes first; whichever finds every
+    shard on disk writes the manifest (no barrier a slower rank could time out)."""
+    import subprocess
+
+    from conftest import random_model
+    from hiar.checkpoints import save_model
+
+    cfg = teacher.load_config("tiny")
+    path = save_model(random_model(cfg), cfg, tmp_path / "teacher.safetensors")
+    out = tmp_path / "pairs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train/ode_pairs.py",
+           "--config_path", "tiny", f"ode.teacher={path}", f"ode.output_dir={out}", "ode.num_trajectories=3",
+           "ode.per_shard=1", "ode.steps=4", "ode.batch_size=1"]
+    result = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["file"] for s in manifest["shards"]] == [f"shard-00000{i}.tar" for i in range(3)]
+    assert manifest["trajectories"] == 3

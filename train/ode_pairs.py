@@ -90,12 +90,15 @@ def main(argv=None) -> None:
             bar.update(len(batch))
         write_shard(shard_path(out, shard), records, getattr(torch, o.storage_dtype))
     bar.close()
-    if world.size > 1:
-        torch.distributed.barrier()  # every rank's shards are on disk
-    if world.is_main:
+    # The rank that finds every shard on disk writes the manifest (atomically; two that finish together
+    # write the same file). No barrier: ranks finish up to a shard's time (tens of minutes at full
+    # scale) apart, past a collective's timeout.
+    if all(shard_path(out, s).is_file() for s in range(num_shards)):
         save_config(cfg, out / "config.yaml")
         info = {"keep": keep, "keep_timesteps": [grid[k].item() for k in keep], "storage_dtype": o.storage_dtype}
         print(f"manifest: {write_manifest(out, num_shards, o.per_shard, o.num_trajectories, info)}")
+    else:
+        print(f"rank {world.rank}: its shards are written; the last rank to finish writes the manifest")
 
 
 if __name__ == "__main__":
