@@ -364,6 +364,10 @@ class Config:
             raise ConfigError(f"sampling.frame_first_context_t={self.sampling.frame_first_context_t} must lie in "
                               f"[0, {NUM_TRAIN_TIMESTEPS})")
         t = self.train
+        for name, low in (("steps", 1), ("batch_size", 1), ("log_every", 1), ("total_batch_size", 0), ("save_every", 0),
+                          ("sample_every", 0), ("max_nonfinite", 0), ("prompt_cache_mb", 0)):
+            if getattr(t, name) < low:
+                raise ConfigError(f"train.{name}={getattr(t, name)} must be at least {low}")
         if t.warmup_steps < 0 or t.decay_steps < 0:
             raise ConfigError(f"train.warmup_steps={t.warmup_steps} and train.decay_steps={t.decay_steps} must be >= 0")
         if not 0 <= t.ema_decay < 1:

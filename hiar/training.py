@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from hiar import distributed
+from hiar import distributed, runs
 from hiar.atomic import atomic_path
-from hiar.checkpoints import save_model
+from hiar.checkpoints import CheckpointError, save_model
 from hiar.config import Config, ConfigError, config_to_dict, save_config
 
 def seed_step(seed: int, step: int, rank: int) -> None:
@@ -147,12 +147,15 @@ class Trainer:
             # DeepSpeed moves the model to this rank's device (and to bf16) itself
             self.engines[name], _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                                config=ds)
+            runs.weights_only(self.engines[name])
         self.zero_stage = next(iter(self.engines.values())).zero_optimization_stage()
         self.skipped = 0
         self.grad_norms: dict[str, float] = {}  # of each model's last update, before clipping
         self._stop = False
         if resume:
             self._resume()
+        else:
+            runs.check_fresh(self.out)
         signal.signal(signal.SIGTERM, self._on_sigterm)
         self._wandb = None
         if self.rank == 0:
@@ -283,40 +286,79 @@ class Trainer:
     def save(self) -> Path:
         """Checkpoint step N as checkpoints/step-N, atomically: written under a temporary name, renamed,
         then `latest` points at it. Inside: one DeepSpeed folder per model (weights, optimizer,
-        scheduler), extra.pt (EMA and the like), the config, and the step (hence the RNG state)."""
+        scheduler), extra.pt (EMA and the like), the config, and the step (hence the RNG state). A save
+        that fails on any rank (a full disk) removes its temporary and ends the run; `latest` and the
+        checkpoints before it stay as they were (hiar/runs.py)."""
         tag = f"step-{self.step:08d}"
         final = self.ckpt_root / tag
         if final.exists():
             return final
         tmp = self.ckpt_root / f".{tag}.tmp"
-        for name, engine in self.engines.items():
-            engine.save_checkpoint(str(tmp), tag=name, save_latest=False,
-                                   client_state={"step": self.step, "skipped": self.skipped})
-        if self.on_save is not None:
-            self.on_save(tmp)
-        torch.distributed.barrier()
+        failure = None
+        try:
+            for name, engine in self.engines.items():
+                engine.save_checkpoint(str(tmp), tag=name, save_latest=False,
+                                       client_state={"step": self.step, "skipped": self.skipped})
+            if self.on_save is not None:
+                self.on_save(tmp)
+            if self.rank == 0:
+                torch.save({name: obj.state_dict() for name, obj in self.extra.items()}, tmp / "extra.pt")
+                save_config(self.cfg, tmp / "config.yaml")
+        except OSError as err:
+            failure = err
+        if not distributed.all_true(failure is None, self.device):
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"could not write checkpoint {final} ({failure or 'on another rank'}); "
+                                  f"{self.ckpt_root / 'latest'} still names the last complete one: make room, "
+                                  "then rerun with --resume")
         if self.rank == 0:
-            torch.save({name: obj.state_dict() for name, obj in self.extra.items()}, tmp / "extra.pt")
-            save_config(self.cfg, tmp / "config.yaml")
             os.replace(tmp, final)
             with atomic_path(self.ckpt_root / "latest") as f:
                 f.write_text(tag)
-            for old in sorted(self.ckpt_root.glob("step-*"))[:-2]:  # keep the last two
-                shutil.rmtree(old, ignore_errors=True)
+            runs.prune(self.ckpt_root)
         torch.distributed.barrier()
         return final
 
     def _resume(self) -> None:
-        latest = self.ckpt_root / "latest"
-        if not latest.is_file():
+        """Load the newest readable checkpoint (every rank the same one), setting unreadable ones aside;
+        with none readable, stop naming what each one failed on."""
+        if self.rank == 0:
+            for partial in runs.clean_partials(self.ckpt_root):
+                self.log(f"removed {partial}, the temporary of an interrupted save")
+        folders, failures = runs.candidates(self.ckpt_root), []
+        if not folders:
             self.log(f"--resume: no checkpoint under {self.ckpt_root}, starting at step 0")
             return
-        folder = self.ckpt_root / latest.read_text().strip()
+        for folder in folders:
+            try:
+                self._load(folder)
+                failure = None
+            except (runs.UnreadableCheckpointError, CheckpointError) as err:
+                failure = err
+            if distributed.all_true(failure is None, self.device):
+                self.log(f"resumed from {folder} at step {self.step}")
+                return
+            failures.append(f"{failure or 'unreadable on another rank'}")
+            if self.rank == 0:
+                self.log(f"--resume: {folder} is unreadable ({failures[-1]}); set aside as "
+                         f"{runs.set_aside(folder)}, trying the next newest")
+            torch.distributed.barrier()
+        raise CheckpointError(f"--resume: none of the {len(folders)} checkpoints under {self.ckpt_root} is readable "
+                              f"(set aside as corrupt-step-*): {'; '.join(failures)}")
+
+    def _load(self, folder: Path) -> None:
         for name, engine in self.engines.items():
-            _, client = engine.load_checkpoint(str(folder), tag=name)
+            if not (folder / name).is_dir():
+                raise CheckpointError(f"{folder} holds no '{name}' model: a checkpoint of another program?")
+            try:
+                _, client = engine.load_checkpoint(str(folder), tag=name)
+            except (AssertionError, KeyError, ValueError) as err:  # DeepSpeed's own checks of what it read
+                raise CheckpointError(f"{folder / name}: DeepSpeed could not load it ({type(err).__name__}: "
+                                      f"{str(err)[:200]})") from None
             if client is None:
-                raise RuntimeError(f"{folder / name}: DeepSpeed could not load this checkpoint")
-        extra = torch.load(folder / "extra.pt", map_location="cpu", weights_only=True)
+                raise CheckpointError(f"{folder / name}: DeepSpeed could not load this checkpoint")
+        extra = runs.load_weights_only(folder / "extra.pt", map_location="cpu")
         for name, obj in self.extra.items():
             if name in extra:
                 obj.load_state_dict(extra[name])
@@ -325,7 +367,6 @@ class Trainer:
         if self.on_load is not None:
             self.on_load(folder)
         self.step, self.skipped = client["step"], client["skipped"]
-        self.log(f"resumed from {folder} at step {self.step}")
 
     def export(self, path: str | os.PathLike | None = None, name: str | None = None,
                ema: EMA | None = None) -> Path:
@@ -396,12 +437,16 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
 
 def main_guard(fn: Callable[[], None]) -> None:
     """Run a training program: a setting to change (a bad config, a run that does not fit, a total batch
-    that does not divide) ends it with its message and exit code 2, a non-finite-loss abort with 3."""
+    that does not divide, a run folder in use) ends it with its message and exit code 2, a checkpoint
+    that cannot be written or read with 1, a non-finite-loss abort with 3."""
     try:
         fn()
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(3)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from hiar import distributed  # noqa: E402
+from hiar import distributed, runs  # noqa: E402
 from hiar.checkpoints import load_generator  # noqa: E402
 from hiar.codecs import build_codec  # noqa: E402
 from hiar.config import Config, config_to_dict, load_config  # noqa: E402
@@ -108,6 +108,8 @@ def main(argv=None) -> None:
     cfg = load_config(args.config_path, args.overrides + ([f"train.steps={args.max_steps}"] if args.max_steps else []))
     if not args.rehearse:
         check_inputs(cfg)
+    if not args.resume:  # before the weights are read (the trainer checks again)
+        runs.check_fresh(Path(cfg.train.output_dir))
     d, t, k = cfg.distill, cfg.train, cfg.video.frames_per_block
     world = distributed.init()
     memory = MemoryLog(world.device)
@@ -145,7 +147,7 @@ def main(argv=None) -> None:
 
     def read_ema(folder: Path) -> None:
         """The EMA back from model.pt, its only copy (a 1.3B generator's is 5 GB); mmap reads only it."""
-        blob = torch.load(folder / "model.pt", map_location="cpu", mmap=True, weights_only=True)
+        blob = runs.load_weights_only(folder / "model.pt", map_location="cpu", mmap=True)
         ema.load_state_dict({"shadow": blob.get("generator_ema")})  # absent before distill.ema_start
 
     trainer = Trainer(cfg, {"generator": generator, "critic": (critic, d.critic_lr)}, resume=args.resume,
