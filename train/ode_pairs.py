@@ -3,7 +3,11 @@
     python train/ode_pairs.py --config_path configs/toy/ode_pairs.yaml
     torchrun --nproc_per_node=N train/ode_pairs.py --config_path ...     # shards split across ranks
 
-Resumable: rerun the same command after a crash; finished shards are kept, missing ones are made.
+Resumable: rerun the same command after a crash; each rank keeps its shards that are intact (record,
+size and sha256 match) and makes again the missing, truncated or damaged ones (reading its shards back
+costs ~85 GB a rank on 8 ranks at full scale, minutes against the hours of the run). A rerun with another
+teacher or any setting that shapes a trajectory (`run_record`) into the same ode.output_dir stops before
+any compute with exit code 2 (use another ode.output_dir, or --rebuild to replace the old trajectories).
 Each process owns one device (`hiar.distributed`: GPU LOCAL_RANK under torchrun, else the CPU); the
 teacher runs there in the run's precision, the noise is drawn on the CPU (the same bits on any device).
 Disk: a trajectory stores K + 1 latents of F x C x h x w values (K = student steps), e.g. 5 x 21 x 16 x 60
@@ -14,6 +18,9 @@ x 104 x 4 bytes = 42 MB at full scale in float32 (ode.storage_dtype), so 16k tra
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -28,14 +35,20 @@ from hiar.checkpoints import load_generator  # noqa: E402
 from hiar.config import kept_indices, load_config, save_config  # noqa: E402
 from hiar.data import PromptSource  # noqa: E402
 from hiar.flow import FlowMatching  # noqa: E402
-from hiar.ode import shard_path, write_manifest, write_shard  # noqa: E402
+from hiar.ode import (MANIFEST, TrajectoryStore, claim, provenance_digest, record_path, shard_count, shard_path,  # noqa: E402
+                      shard_problem, teacher_fingerprint, write_manifest, write_shard)
 from hiar.sampling import guided, teacher_ode  # noqa: E402
 from hiar.text import build_text_encoder  # noqa: E402
+from hiar.training import main_guard  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config_path", default="configs/toy/ode_pairs.yaml")
+    p.add_argument("--rebuild", action="store_true",
+                   help="replace trajectories in ode.output_dir made with another teacher or other settings")
+    p.add_argument("--verify", action="store_true",
+                   help="only hash every shard of ode.output_dir against its manifest (a full set: ~670 GB read)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     return p.parse_intermixed_args(argv)  # options may follow the section.key=value overrides
 
@@ -54,17 +67,62 @@ def trajectory_noise(cfg, index: int) -> torch.Tensor:
     return torch.randn(geo.num_latent_frames, cfg.model.in_channels, geo.latent_height, geo.latent_width, generator=g)
 
 
+def run_record(cfg, prompts: list[str], device: torch.device) -> dict:
+    """What run.json and the manifest record: the provenance (every input that shapes a trajectory, by its
+    config name; a rerun must match it), its digest (stamped on each shard) and the teacher's files."""
+    o, v = cfg.ode, cfg.video
+    teacher = teacher_fingerprint(o.teacher)
+    provenance = {
+        "format": 1,  # the shard layout (hiar/ode.py write_shard)
+        "teacher.sha256": teacher["sha256"],  # content, not path: a moved teacher is the same teacher
+        **{f"ode.{k}": getattr(o, k) for k in ("steps", "shift", "guidance_scale", "prompts", "num_trajectories",
+                                               "per_shard", "seed", "storage_dtype")},
+        "prompts.sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),  # an edited prompt file too
+        "keep": kept_indices(cfg),  # resolved from ode.keep / ode.keep_indices (and the student's steps)
+        **{f"video.{k}": getattr(v, k) for k in ("height", "width", "codec", "vae_stride", "num_latent_frames")},
+        # the attention backend changes rounding only, not the trajectory
+        **{f"model.{f.name}": getattr(cfg.model, f.name) for f in dataclasses.fields(cfg.model)
+           if f.name != "attention_backend"},
+        "train.negative_prompt": cfg.train.negative_prompt,
+        "runtime.dtype": str(cfg.torch_dtype(device)).removeprefix("torch."),  # resolved: "auto" differs by device
+    }
+    provenance = json.loads(json.dumps(provenance))  # tuples -> lists, as read back
+    teacher = {"path": o.teacher, **teacher}
+    return {"provenance": provenance, "digest": provenance_digest(provenance), "teacher": teacher}
+
+
+def shards_to_make(cfg, out: Path, world, digest: str) -> list[int]:
+    """This rank's shards that are not intact, each checked in full (its sha256 read back); their records
+    are removed, so that no rank lists them in a manifest before they are made again."""
+    o = cfg.ode
+    todo = []
+    for shard in range(world.rank, -(-o.num_trajectories // o.per_shard), world.size):
+        problem = shard_problem(out, shard, shard_count(o.per_shard, o.num_trajectories, shard), digest, checksum=True)
+        if problem not in (None, "missing"):
+            print(f"{shard_path(out, shard)}: {problem}; making it again", file=sys.stderr)
+        if problem is not None:
+            record_path(shard_path(out, shard)).unlink(missing_ok=True)
+            todo.append(shard)
+    return todo
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = load_config(args.config_path, args.overrides)
     o = cfg.ode
+    if args.verify:
+        print(f"{o.output_dir}: {TrajectoryStore(o.output_dir).verify()} shards match their sha256")
+        return
     world = distributed.init()
     device = world.device
     out = Path(o.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     prompts = prompt_list(cfg)
     num_shards = -(-o.num_trajectories // o.per_shard)
-    todo = [s for s in range(world.rank, num_shards, world.size) if not shard_path(out, s).is_file()]
+    run = run_record(cfg, prompts, device)
+    claim(out, run, args.rebuild, num_shards)  # refuses another run's folder before any compute
+    todo = shards_to_make(cfg, out, world, run["digest"])
+    if todo:  # the manifest exists only while every shard is finished
+        (out / MANIFEST).unlink(missing_ok=True)
     teacher, _ = load_generator(o.teacher, cfg, dtype=cfg.torch_dtype(device))  # bfloat16 on CUDA (runtime.dtype)
     teacher.requires_grad_(False).eval().to(device)
     encoder = build_text_encoder(cfg, device)
@@ -88,18 +146,20 @@ def main(argv=None) -> None:
                                 "points": torch.stack([points[k][b] for k in keep]),
                                 "timesteps": [grid[k].item() for k in keep]})
             bar.update(len(batch))
-        write_shard(shard_path(out, shard), records, getattr(torch, o.storage_dtype))
+        write_shard(shard_path(out, shard), records, getattr(torch, o.storage_dtype), run["digest"])
     bar.close()
-    # The rank that finds every shard on disk writes the manifest (atomically; two that finish together
-    # write the same file). No barrier: ranks finish up to a shard's time (tens of minutes at full
-    # scale) apart, past a collective's timeout.
-    if all(shard_path(out, s).is_file() for s in range(num_shards)):
+    # The rank that finds every shard on disk finished (by its record, for this run's settings) writes the
+    # manifest (atomically; two that finish together write the same file). No barrier: ranks finish up to
+    # a shard's time (tens of minutes at full scale) apart, past a collective's timeout.
+    if all(shard_problem(out, s, shard_count(o.per_shard, o.num_trajectories, s), run["digest"], checksum=False)
+           is None for s in range(num_shards)):
         save_config(cfg, out / "config.yaml")
-        info = {"keep": keep, "keep_timesteps": [grid[k].item() for k in keep], "storage_dtype": o.storage_dtype}
-        print(f"manifest: {write_manifest(out, num_shards, o.per_shard, o.num_trajectories, info)}")
+        info = {"keep": keep, "keep_timesteps": [grid[k].item() for k in keep], "storage_dtype": o.storage_dtype,
+                **run}
+        print(f"manifest: {write_manifest(out, num_shards, o.per_shard, o.num_trajectories, info, run['digest'])}")
     else:
         print(f"rank {world.rank}: its shards are written; the last rank to finish writes the manifest")
 
 
 if __name__ == "__main__":
-    main()
+    main_guard(main)  # a refused folder or a bad setting: its message and exit code 2
