@@ -18,24 +18,29 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import yaml
 from tqdm import tqdm
 
 from hiar.checkpoints import CheckpointError, load_generator
 from hiar.codecs import Codec, build_codec
-from hiar.config import Config, ConfigError, load_config, save_config, whole_blocks
+from hiar.config import Config, ConfigError, config_to_dict, load_config, parse_override, whole_blocks
+from hiar.data import check_prompt, prompt_lines
 from hiar.models import WanModel
 from hiar.parallel import PipelineError, StageGroup, local_rank_device, pipeline_stage, stage_steps
 from hiar.pipeline import render, writable_folder
-from hiar.sampling import CellRunner, block_noise, generate
+from hiar.sampling import Blocks, CellRunner, block_noise, check_step_major, generate
 from hiar.text import build_text_encoder
+from hiar.video import Claim, claim_free
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_CONFIG = "configs/toy/hiar.yaml"
+DEFAULT_CONFIG = "configs/toy/hiar.yaml"  # of the repository, whatever the working directory
+CHECKPOINT_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config_path", default=DEFAULT_CONFIG, help="YAML config or preset name")
+    p.add_argument("--config_path", default=str(ROOT / DEFAULT_CONFIG), help=f"YAML config or preset name "
+                   f"(default: the repository's {DEFAULT_CONFIG})")
     p.add_argument("--checkpoint_path", help="model weights (default: the config's runtime.checkpoint; none: random)")
     p.add_argument("--data_path", help="text file, one prompt a line (default: the config's runtime.prompts)")
     p.add_argument("--prompt", help="a single prompt (instead of --data_path)")
@@ -65,7 +70,23 @@ def resolve_config(args: argparse.Namespace) -> Config:
                       ("num_frame_first_blocks", "num_frame_first_blocks")):
         if getattr(args, flag) is not None:
             overrides.append(f"sampling.{key}={getattr(args, flag)}")
-    return load_config(args.config_path, overrides)
+    for text in overrides:  # a YAML error here is the override's, not the config file's
+        try:
+            parse_override(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {text!r}: {yaml_message(err)}; quote the value or fix its YAML") from None
+    try:
+        return load_config(args.config_path, overrides)
+    except (yaml.YAMLError, UnicodeDecodeError) as err:  # hiar/config.py lets the parser's errors through
+        raise ConfigError(f"{args.config_path}: {yaml_message(err)}; fix the file's YAML") from None
+
+
+def yaml_message(err: Exception) -> str:
+    """One line from a YAML (or decoding) error: its problem and where, without the parser's excerpt."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        return f"line {mark.line + 1}, column {mark.column + 1}: {err.problem or err.context}"
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def read_prompts(args: argparse.Namespace, cfg: Config) -> list[str]:
@@ -74,17 +95,42 @@ def read_prompts(args: argparse.Namespace, cfg: Config) -> list[str]:
         raise ValueError("give one of --prompt or --data_path, not both")
     if args.prompt is None and args.data_path is None:
         args.data_path = str(ROOT / cfg.runtime.prompts)
-    if args.prompt is not None:
-        prompts = [args.prompt.strip()]
-    else:
-        path = Path(args.data_path)
-        if not path.is_file():
-            raise ValueError(f"prompt file {path} does not exist")
-        prompts = [line.strip() for line in path.read_text().splitlines()]
-    prompts = [p for p in prompts if p]
-    if not prompts:
-        raise ValueError(f"no prompts: {'--prompt is empty' if args.prompt is not None else f'{args.data_path} is empty'}")
-    return prompts
+    if args.prompt is None:
+        return prompt_lines(args.data_path)
+    check_prompt(args.prompt, "--prompt")
+    if not args.prompt.strip():
+        raise ValueError("no prompts: --prompt is empty")
+    return [args.prompt.strip()]
+
+
+def checked_device(name: str, world: int) -> torch.device:
+    """--device as a torch device (cuda:LOCAL_RANK under a launcher), refused when this machine lacks it."""
+    try:
+        device = local_rank_device(name) if world > 1 else torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name} is not a device: use cpu or cuda") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ValueError(f"--device {name}: inference runs on cpu or cuda only")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ValueError(f"--device {name}: this machine has no usable CUDA GPU (torch {torch.__version__}); "
+                         "use --device cpu")
+    if (device.index or 0) >= count:
+        raise ValueError(f"--device {device}: this machine has {count} CUDA GPU(s); use cuda:0 to cuda:{count - 1}")
+    return device
+
+
+def check_checkpoint(path: str) -> None:
+    """A checkpoint must be a regular file or a model folder: reading a FIFO would wait forever, and a
+    folder named like a file is a mistake, not a Wan / diffusers layout."""
+    p = Path(path)
+    if p.is_dir() and p.suffix in CHECKPOINT_FILE_SUFFIXES:
+        raise ValueError(f"checkpoint {p} is a folder named like a {p.suffix} file: give the checkpoint file itself "
+                         "(or a Wan2.1 / diffusers model folder)")
+    if p.exists() and not p.is_dir() and not p.is_file():
+        raise ValueError(f"checkpoint {p} is not a regular file (a FIFO, socket or device): give the checkpoint file")
 
 
 def output_stem(prompt: str, index: int, sample: int, by_index: bool) -> str:
@@ -93,18 +139,25 @@ def output_stem(prompt: str, index: int, sample: int, by_index: bool) -> str:
     return f"{re.sub(r'[^A-Za-z0-9 ,._-]+', '_', prompt)[:100].strip()}-{sample}"
 
 
-def free_path(folder: Path, stem: str, overwrite: bool, taken: set[Path]) -> Path:
-    """folder/stem.mp4, or the first 'stem (2).mp4', 'stem (3).mp4', ... that does not exist yet."""
-    path, i = folder / f"{stem}.mp4", 1
-    while (not overwrite and path.exists()) or path in taken:
-        i += 1
-        path = folder / f"{stem} ({i}).mp4"
-    taken.add(path)
-    return path
+def claim_outputs(folder: Path, stem: str, latents: bool, overwrite: bool) -> list[Claim]:
+    """Claims of folder/stem.mp4 (and its .latents.safetensors), or of the first 'stem (2)', 'stem (3)',
+    ... free for both: created exclusively, so no other process or rank writes the same name."""
+    return claim_free(folder, stem, (".mp4", ".latents.safetensors") if latents else (".mp4",), overwrite)
+
+
+def save_run_config(cfg: Config, folder: Path, overwrite: bool) -> Path:
+    """The resolved config as folder/config.yaml, or 'config (2).yaml', ... beside an existing one."""
+    (claim,) = claim_free(folder, "config", (".yaml",), overwrite)
+    return claim.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode())
+
+
+def checkpoint_path(args: argparse.Namespace, cfg: Config) -> str | None:
+    """--checkpoint_path, else the config's runtime.checkpoint (from the repository), else None: random weights."""
+    return args.checkpoint_path or (cfg.runtime.checkpoint and str(ROOT / cfg.runtime.checkpoint)) or None
 
 
 def build_generator(args: argparse.Namespace, cfg: Config) -> WanModel:
-    path = args.checkpoint_path or (cfg.runtime.checkpoint and str(ROOT / cfg.runtime.checkpoint))
+    path = checkpoint_path(args, cfg)
     if path:
         return load_generator(path, cfg, args.use_ema)[0]
     print("\n" + "!" * 78 + "\n!! WARNING: no --checkpoint_path: the model has RANDOM weights. The videos show\n"
@@ -120,17 +173,26 @@ def main(argv: list[str] | None = None) -> int:
     # 1. Check every input before any compute (and before any model is loaded).
     try:
         cfg = resolve_config(args)
-        num_frames = args.num_output_frames or cfg.video.num_latent_frames
+        num_frames = cfg.video.num_latent_frames if args.num_output_frames is None else args.num_output_frames
+        if num_frames < 1:  # 0 must not fall back to the config's length
+            raise ValueError(f"--num_output_frames={num_frames} must be positive: use a multiple of "
+                             f"video.frames_per_block={cfg.video.frames_per_block}")
         num_blocks = whole_blocks("--num_output_frames", num_frames, cfg.video.frames_per_block)
         prompts = read_prompts(args, cfg)
+        checkpoint = checkpoint_path(args, cfg)
+        if checkpoint:
+            check_checkpoint(checkpoint)
         if args.num_samples < 1:
             raise ValueError(f"--num_samples={args.num_samples} must be at least 1")
         if pipelined:
             if cfg.sampling.method != "timestep_first":
                 raise ValueError("--parallel pipeline runs the step-first order: use --inference_method timestep_first")
             stage_steps(len(cfg.schedule.denoising_steps), world)
+        else:
+            check_step_major(cfg.sampling.schedule, cfg.sampling.method, block_noise(cfg, 0, [0]).block_shape,
+                             args.num_samples, num_blocks)
         folder = writable_folder(args.output_folder)
-        device = local_rank_device(args.device) if world > 1 else torch.device(args.device)
+        device = checked_device(args.device, world)
         codec = build_codec(cfg, device)
         group = StageGroup(len(cfg.schedule.denoising_steps)) if pipelined else None
         text_encoder = build_text_encoder(cfg, device)
@@ -142,24 +204,20 @@ def main(argv: list[str] | None = None) -> int:
     dtype = cfg.torch_dtype(device)
     model = model.to(device, dtype).eval()
     rank = group.rank if group else int(os.environ.get("RANK", 0))
-    if rank == 0:
-        save_config(cfg, folder / "config.yaml")
 
-    # 2. Which prompts this process works on and, if it writes, the files they go to.
-    mine = list(enumerate(prompts)) if pipelined else [(i, p) for i, p in enumerate(prompts) if i % world == rank]
-    writes = group is None or group.is_last
-    taken: set[Path] = set()
-    jobs = [(i, p, [free_path(folder, output_stem(p, i, s, args.save_with_index), args.overwrite, taken)
-                    for s in range(args.num_samples)] if writes else []) for i, p in mine]
+    # 2. Which prompts this process works on (each job claims its file names just before it runs).
+    jobs = list(enumerate(prompts)) if pipelined else [(i, p) for i, p in enumerate(prompts) if i % world == rank]
 
     # 3. Generate, streaming each finished block to its file.
     steps = len(group.steps) if group else len(cfg.schedule.denoising_steps)
     bar = tqdm(total=len(jobs) * num_blocks * steps, unit="cell", desc=f"{cfg.sampling.method} (rank {rank})",
                disable=rank != 0)
     try:
+        if rank == 0:
+            save_run_config(cfg, folder, args.overwrite)
         frames, seconds, first_block = Generation(cfg, model, text_encoder, codec, group, device, dtype).run(
-            jobs, num_blocks, args, bar)
-    except PipelineError as err:
+            jobs, num_blocks, folder, args, bar)
+    except (PipelineError, OSError) as err:  # a stage died, or a file could not be written (it is named)
         print(f"error: {err}", file=sys.stderr)
         return 1
     bar.close()
@@ -189,32 +247,43 @@ class Generation:
     dtype: torch.dtype
 
     @torch.no_grad()  # every stage, not only the one that renders (autograd would also keep unfused passes)
-    def run(self, jobs: list[tuple[int, str, list[Path]]], num_blocks: int, args: argparse.Namespace,
+    def run(self, jobs: list[tuple[int, str]], num_blocks: int, folder: Path, args: argparse.Namespace,
             bar: tqdm) -> tuple[int, float, float | None]:
-        """Run every (prompt index, prompt, output paths) job; returns (frames written, seconds, first-block latency)."""
-        cfg, group = self.cfg, self.group
+        """Run every (prompt index, prompt) job; returns (frames written, seconds, first-block latency)."""
         frames, seconds, first_block = 0, 0.0, None
-        writes = group is None or group.is_last
-        if group:
-            group.barrier()
-        for index, prompt, paths in jobs:
-            text = self.text_encoder([prompt]).to(self.device, self.dtype).expand(args.num_samples, -1, -1)
-            noise = block_noise(cfg, args.seed, range(args.num_samples), self.device)
-            if group:
-                blocks = pipeline_stage(CellRunner(self.model, text, cfg, noise, on_cell=bar.update), group, num_blocks)
-            else:
-                blocks = generate(self.model, text, cfg, noise, num_blocks, on_cell=bar.update)
+        writes = self.group is None or self.group.is_last
+        if self.group:
+            self.group.barrier()
+        for index, prompt in jobs:
             if not writes:
-                for _ in blocks:  # this stage's cells; the last stage writes
+                for _ in self.blocks(prompt, num_blocks, args, bar):  # this stage's cells; the last stage writes
                     pass
                 continue
-            latents = [p.with_suffix(".latents.safetensors") for p in paths] if args.save_latents else None
-            out = render(self.codec, cfg, blocks, paths, latents, {"prompt": prompt, "prompt_index": str(index)})
-            frames, seconds = frames + out.video_frames * len(paths), seconds + out.seconds
+            claims: list[list[Claim]] = []  # per sample: the video's, then the latents'
+            try:
+                for s in range(args.num_samples):  # claimed before this job's compute
+                    stem = output_stem(prompt, index, s, args.save_with_index)
+                    claims.append(claim_outputs(folder, stem, args.save_latents, args.overwrite))
+                out = render(self.codec, self.cfg, self.blocks(prompt, num_blocks, args, bar), [c[0] for c in claims],
+                             [c[1] for c in claims] if args.save_latents else None,
+                             {"prompt": prompt, "prompt_index": str(index)})
+            finally:
+                for claim in (c for sample in claims for c in sample):
+                    claim.release()  # nothing for a published file; an unwritten claim's empty file goes
+            frames, seconds = frames + out.video_frames * len(out.paths), seconds + out.seconds
             first_block = first_block if first_block is not None else out.first_block_seconds
-            for path in paths:
-                print(f"wrote {path}")
+            for path in out.paths:
+                print(f"wrote {path} ({out.video_frames} frames)")
         return frames, seconds, first_block
+
+    def blocks(self, prompt: str, num_blocks: int, args: argparse.Namespace, bar: tqdm) -> Blocks:
+        """The clean latent blocks of one prompt's samples (this stage's part of them, in a pipeline)."""
+        text = self.text_encoder([prompt]).to(self.device, self.dtype).expand(args.num_samples, -1, -1)
+        noise = block_noise(self.cfg, args.seed, range(args.num_samples), self.device)
+        if self.group:
+            return pipeline_stage(CellRunner(self.model, text, self.cfg, noise, on_cell=bar.update), self.group,
+                                  num_blocks)
+        return generate(self.model, text, self.cfg, noise, num_blocks, on_cell=bar.update)
 
 
 if __name__ == "__main__":

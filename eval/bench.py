@@ -44,6 +44,8 @@ from pathlib import Path
 
 import torch
 
+from eval import exit_code
+from hiar.atomic import atomic_path
 from hiar.config import Config, load_config
 from hiar.models import WanModel
 from hiar.parallel import StageGroup, local_rank_device, pipeline_stage, stage_steps
@@ -305,7 +307,22 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def json_target(path: Path) -> None:
+    """Refuse a --json that cannot be written before the benchmark (minutes), not after it."""
+    if path.is_dir():
+        raise ValueError(f"--json {path} is a folder: name the result file, e.g. {path / 'bench.json'}")
+    if not os.access(next(p for p in path.absolute().parents if p.exists()), os.W_OK):
+        raise ValueError(f"--json {path}: its folder cannot be written; choose a writable path")
+
+
+def read_result(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not a readable result file ({err}): give the --json a run wrote") from None
+
+
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -335,16 +352,19 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.command == "worker":
         worker(args)
-        return
+        return 0
     if args.command == "table":
-        print(table(json.loads(Path(args.result).read_text())))
-        return
+        return exit_code(lambda: print(table(read_result(Path(args.result)))))
+    if args.json and exit_code(lambda: json_target(Path(args.json))):
+        return 2
     args.argv = argv
     result = bench(args)
     print(table(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        with atomic_path(args.json) as tmp:  # a result a long run produced is never left half-written
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -6,7 +6,8 @@ Reads <run>/scores.json (eval.drift / eval.rollout) and, when present, <run>/vbe
 (launch/vbench.sh). Writes <run>/report.json (the per-method summaries), <run>/report.md (tables:
 method x metric, with drift slopes and first -> last segment values), <run>/plots/metrics.png (each
 metric against time, one line per method) and <run>/plots/contact_sheet.png (a frame from the middle
-of each segment, one row per method and video).
+of each segment, one row per method and video). These files are views of scores.json, so a run
+rewrites them (each atomically): run it again after re-scoring or adding VBench results.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ def plot_metrics(scores: dict, path: Path) -> None:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
 
 
@@ -121,18 +123,45 @@ def contact_sheet(scores: dict, root: Path, path: Path) -> None:
                     cv2.LINE_AA)
         # videos of other sizes are padded with black to the widest row
         sheet.append(np.concatenate([strip, np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0)))], axis=1))
-    iio.imwrite(path, np.concatenate(sheet, axis=0))
+    with atomic_path(path) as tmp:
+        iio.imwrite(tmp, np.concatenate(sheet, axis=0), extension=".png")
+
+
+def read_json(path: Path, keys: tuple[str, ...], made_by: str) -> dict:
+    """A JSON file another program wrote, with the keys this one reads; ValueError naming it otherwise."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): write it again with {made_by}") from None
+    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}, so it is not what {made_by} writes: write it again "
+                         "with that program")
+    return data
+
+
+def check_videos(scores: dict, run: Path, scores_path: Path) -> None:
+    """The videos the contact sheet reads must be where scores.json says (paths relative to the run)."""
+    for method in scores["methods"].values():
+        for video in list(method["videos"].values())[:SHEET_VIDEOS]:
+            if not (run / video["path"]).is_file():
+                raise ValueError(f"{run / video['path']}, listed in {scores_path}, does not exist: put the videos "
+                                 "back, or score them again where they are (python -m eval.drift --overwrite)")
 
 
 def write_report(run: str | Path) -> dict:
     run = Path(run)
+    if run.is_file():
+        raise ValueError(f"{run} is a file: give the run folder that holds scores.json ({run.parent})")
     scores_path, vbench_path = run / "scores.json", run / "vbench" / "vbench.json"
     if not scores_path.is_file():
         raise ValueError(f"{scores_path} does not exist: score the run first (python -m eval.drift)")
-    scores = json.loads(scores_path.read_text())
+    scores = read_json(scores_path, ("segments", "metrics", "methods", "drift_score"), "python -m eval.drift")
     if not scores["methods"]:
         raise ValueError(f"{scores_path} has no methods")
-    vbench = json.loads(vbench_path.read_text()) if vbench_path.is_file() else None
+    check_videos(scores, run, scores_path)
+    vbench = (read_json(vbench_path, ("dimensions", "methods", "clip_seconds"), "python -m eval.vbench read")
+              if vbench_path.is_file() else None)
     (run / "plots").mkdir(exist_ok=True)
     plot_metrics(scores, run / "plots" / "metrics.png")
     contact_sheet(scores, run, run / "plots" / "contact_sheet.png")

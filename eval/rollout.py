@@ -7,9 +7,14 @@ Each --method is name=checkpoint[:section.key=value[:...]]; an empty checkpoint 
 (smoke tests only: the video is noise). Every method reads --config_path, then its overrides; step-first
 methods run the wavefront schedule, which streams blocks out with one window of KV cache a step, so
 memory stays flat for any length (a config whose video.window_frames is 0 attends to the whole video
-and is refused). Videos go to <out>/videos/<method>/<prompt index>-<sample>.mp4 with prompts.json, then
-<out>/scores.json is written as eval.drift writes it. Noise is a pure function of (seed, sample, block,
-step), so every method starts from the same noise.
+and is refused). Videos go to <out>/videos/<method>/<prompt index>-<sample>.mp4 with prompts.json and
+config.yaml, then <out>/scores.json is written as eval.drift writes it. Noise is a pure function of
+(seed, sample, block, step), so every method starts from the same noise.
+
+Outputs: a file this run would write that exists already stops it before any model is loaded, unless
+--overwrite (which replaces only this run's files). Each file is written in a private hidden folder
+and then claimed under its name in one step that fails rather than replace a file (config.yaml first,
+before generating: it claims the method's folder), so two runs into one --out never clobber each other.
 """
 
 from __future__ import annotations
@@ -17,19 +22,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from eval import OVERWRITE_HELP, new_file, publish, refuse_existing
 from eval.drift import write_scores
 from hiar.checkpoints import CheckpointError, load_generator
 from hiar.codecs import build_codec
 from hiar.config import Config, ConfigError, load_config, save_config
 from hiar.models import WanModel
-from hiar.pipeline import render, writable_folder
+from hiar.pipeline import render
 from hiar.sampling import block_noise, generate
 from hiar.text import build_text_encoder
 from hiar.videoset import PROMPTS_FILE
@@ -46,8 +54,11 @@ class Method:
 def parse_method(text: str) -> Method:
     name, sep, rest = text.partition("=")
     parts = rest.split(":")
-    if not sep or not name or "/" in name or any("=" not in o for o in parts[1:]):
-        raise ValueError(f"--method {text!r}: expected name=checkpoint[:section.key=value[:...]]")
+    # the name is a folder under <out>/videos: '..' or '.' would put the videos in --out or videos/ itself
+    plain = name and not name.startswith(".") and not any(c in name for c in "/\\\0")
+    if not sep or not plain or any("=" not in o for o in parts[1:]):
+        raise ValueError(f"--method {text!r}: expected name=checkpoint[:section.key=value[:...]], the name a plain "
+                         "folder name (no '/' or '\\', not starting with '.')")
     return Method(name, parts[0] or None, parts[1:])
 
 
@@ -73,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--segments", type=int, default=5)
     p.add_argument("--weights", help="local folder of the weighted metrics (see eval.drift)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     return p.parse_args(argv)
 
 
@@ -97,7 +109,55 @@ def check(args: argparse.Namespace) -> tuple[list[Method], list[str]]:
         raise ValueError(f"no prompts in {prompts_path}")
     if args.seconds <= 0 or args.num_samples < 1:
         raise ValueError("--seconds must be positive and --num_samples at least 1")
+    check_scoring(methods, args)
     return methods, prompts
+
+
+def check_scoring(methods: list[Method], args: argparse.Namespace) -> None:
+    """What eval.drift would refuse after the generation, refused before it."""
+    frames = min(1 + m.cfg.video.vae_stride[0] * (m.cfg.video.num_latent_frames - 1) for m in methods)
+    if not 2 <= args.segments <= frames:
+        raise ValueError(f"--segments={args.segments}: give 2 to {frames} (the frames of a video this long)")
+    if args.weights and not Path(args.weights).is_dir():
+        raise ValueError(f"--weights {args.weights} is not a folder: give the folder of the metric weights or omit it")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a device: use cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is visible here; use --device cpu")
+
+
+def outputs(m: Method, prompts: list[str], args: argparse.Namespace, folder: Path) -> list[Path]:
+    """Every file the run writes for method `m` into its folder."""
+    videos = [folder / f"{i:03d}-{s}.mp4" for i in range(len(prompts)) for s in range(args.num_samples)]
+    latents = [v.with_suffix(".latents.safetensors") for v in videos] if args.save_latents else []
+    return [folder / "config.yaml", folder / PROMPTS_FILE, *videos, *latents]
+
+
+def check_outputs(methods: list[Method], prompts: list[str], args: argparse.Namespace, out: Path) -> None:
+    """Refuse, before any model is loaded, to replace a file without --overwrite, or to leave a video in
+    a method's folder that this run does not write (it would be scored as that method)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a folder for videos/ and scores.json")
+    planned = {m.name: outputs(m, prompts, args, out / "videos" / m.name) for m in methods}
+    refuse_existing([out / "scores.json", *(p for paths in planned.values() for p in paths)], args.overwrite)
+    for name, paths in planned.items():
+        stray = sorted(set((out / "videos" / name).glob("*.mp4")) - set(paths))
+        if stray:
+            raise ValueError(f"{stray[0]} is not one of this run's videos but would be scored as method {name}: move "
+                             "it away, or choose another --out")
+
+
+def claim_folders(methods: list[Method], args: argparse.Namespace, out: Path) -> dict[str, Path]:
+    """Write each method's config.yaml under an exclusive claim: a second run with the same method into
+    this --out stops here, before generating anything."""
+    folders = {}
+    for m in methods:
+        folders[m.name] = out / "videos" / m.name
+        with new_file(folders[m.name] / "config.yaml", args.overwrite) as tmp:
+            save_config(m.cfg, tmp)
+    return folders
 
 
 def run_method(m: Method, prompts: list[str], args: argparse.Namespace, folder: Path) -> None:
@@ -110,31 +170,41 @@ def run_method(m: Method, prompts: list[str], args: argparse.Namespace, folder: 
         model = WanModel(cfg.model)
     model = model.to(device, cfg.torch_dtype(device)).eval()
     codec, encoder = build_codec(cfg, device), build_text_encoder(cfg, device)
-    save_config(cfg, folder / "config.yaml")
     num_blocks = cfg.video.num_latent_frames // cfg.video.frames_per_block
     bar = tqdm(total=len(prompts) * num_blocks * len(cfg.schedule.denoising_steps), unit="cell", desc=m.name)
     listed = {}
-    for i, prompt in enumerate(prompts):
-        paths = [folder / f"{i:03d}-{s}.mp4" for s in range(args.num_samples)]
-        text = encoder([prompt]).to(device, cfg.torch_dtype(device)).expand(args.num_samples, -1, -1)
-        blocks = generate(model, text, cfg, block_noise(cfg, args.seed, range(args.num_samples), device), num_blocks,
-                          on_cell=bar.update)
-        latents = [p.with_suffix(".latents.safetensors") for p in paths] if args.save_latents else None
-        render(codec, cfg, blocks, paths, latents, {"prompt": prompt, "prompt_index": str(i), "method": m.name})
-        listed |= {p.name: prompt for p in paths}
-        (folder / PROMPTS_FILE).write_text(json.dumps(listed, indent=1))
-    bar.close()
+    # Files are written whole in a private hidden folder (not scanned for *.mp4), then published.
+    private = Path(tempfile.mkdtemp(dir=folder, prefix=".rollout-"))
+    try:
+        for i, prompt in enumerate(prompts):
+            paths = [private / f"{i:03d}-{s}.mp4" for s in range(args.num_samples)]
+            text = encoder([prompt]).to(device, cfg.torch_dtype(device)).expand(args.num_samples, -1, -1)
+            blocks = generate(model, text, cfg, block_noise(cfg, args.seed, range(args.num_samples), device),
+                              num_blocks, on_cell=bar.update)
+            latents = [p.with_suffix(".latents.safetensors") for p in paths] if args.save_latents else []
+            render(codec, cfg, blocks, paths, latents or None,
+                   {"prompt": prompt, "prompt_index": str(i), "method": m.name})
+            for path in [*paths, *latents]:
+                publish(path, folder / path.name, args.overwrite)
+            listed |= {p.name: prompt for p in paths}
+            with new_file(folder / PROMPTS_FILE, args.overwrite or i > 0) as tmp:  # after the first: our own file
+                tmp.write_text(json.dumps(listed, indent=1))
+    finally:
+        bar.close()  # now, not at garbage collection, where it would print after the error
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         methods, prompts = check(args)
-        out = writable_folder(args.out)
-        folders = {m.name: writable_folder(out / "videos" / m.name) for m in methods}
+        out = Path(args.out)
+        check_outputs(methods, prompts, args, out)
+        folders = claim_folders(methods, args, out)
         for m in methods:
             run_method(m, prompts, args, folders[m.name])
-        write_scores(str(out / "videos"), str(out / "scores.json"), args.segments, 20, args.weights, args.device)
+        write_scores(str(out / "videos"), str(out / "scores.json"), args.segments, 20, args.weights, args.device,
+                     args.overwrite)
     except (ConfigError, ValueError, OSError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

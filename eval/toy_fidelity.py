@@ -10,21 +10,23 @@ ODE with CFG (train.sample_steps, train.sample_shift, train.guidance_scale of th
 `--sampler student` (default): the causal student in its config's order (trailing section.key=value
 overrides change it), one video of the config's length. A clip passes colour fidelity and moves as
 `hiar.toyworld.fidelity_verdict` says. Writes results.json and contact_sheet.png (six frames of the first
-eight clips).
+eight clips). A missing checkpoint or a bad override ends it with one line and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
 import torch
 
-from hiar.checkpoints import checkpoint_config, load_generator
-from hiar.config import with_overrides
+from hiar.atomic import atomic_path
+from hiar.checkpoints import CheckpointError, checkpoint_config, load_generator
+from hiar.config import ConfigError, with_overrides
 from hiar.codecs import build_codec
 from hiar.text import build_text_encoder
 from hiar.sampling import block_noise, sample_video
@@ -44,6 +46,11 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="runs/toy/fidelity")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (student sampler)")
     args = p.parse_args(argv)
+    if not Path(args.checkpoint).is_file():
+        raise ValueError(f"--checkpoint {args.checkpoint} does not exist: train it first (launch/reproduce_toy.sh) or "
+                         "give another")
+    if args.num_clips < 1 or args.batch_size < 1:
+        raise ValueError("--num_clips and --batch_size must be at least 1")
     cfg = with_overrides(checkpoint_config(args.checkpoint), args.overrides)  # the checkpoint's own, overridden
     model, cfg = load_generator(args.checkpoint, cfg)
     model.eval()
@@ -74,16 +81,28 @@ def main(argv=None) -> dict:
               "object_speeds": speed_census([s for c in clips for s in c["speed"].values()]), "per_clip": clips}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=1))
+    with atomic_path(out / "results.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=1))
     import imageio.v3 as iio
 
     sheet = np.concatenate([np.concatenate(list(v[:: max(1, len(v) // 6)][:6]), axis=1) for v in videos[:8]], axis=0)
-    iio.imwrite(out / "contact_sheet.png", sheet)
+    with atomic_path(out / "contact_sheet.png") as tmp:
+        iio.imwrite(tmp, sheet, extension=".png")
     census = ", ".join(f"{k} {v:.0%}" for k, v in result["object_speeds"].items())
     print(f"colour fidelity {result['colour_fidelity']:.0%}, moving {result['moving']:.0%} of {len(clips)} clips "
           f"(objects' speeds: {census}); wrote {out / 'results.json'} and {out / 'contact_sheet.png'}")
     return result
 
 
+def cli(argv=None) -> int:
+    """main() as a program: bad input is one 'error: ...' line and exit code 2, not a traceback."""
+    try:
+        main(argv)
+    except (CheckpointError, ConfigError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

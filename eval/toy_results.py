@@ -11,7 +11,8 @@ Per variant (a checkpoint under --runs and the order it is sampled in): toy-worl
 of held-out captions (`eval.toy_fidelity`: prompted colours recovered, objects moving at the world's
 speeds), then long rollouts of the same captions and seeds for every variant (`eval.rollout`, wavefront,
 flat memory) scored for drift (`eval.drift`) and reported (`eval.report`: report.md and plots). The
-table, the plots and the raw JSON are copied next to the doc.
+table, the plots and the raw JSON are copied next to the doc. --out is this program's own working
+folder: every run regenerates it (launch/reproduce_toy.sh reruns it), its long rollouts included.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 
 from eval import report, rollout, toy_fidelity
 from hiar.atomic import atomic_path
+from hiar.checkpoints import CheckpointError
+from hiar.config import ConfigError
 from hiar.toyworld import sample_clip
 
 # name -> (run folder under --runs, inference overrides, what it shows)
@@ -60,6 +63,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        return evaluate(args)
+    except (CheckpointError, ConfigError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def evaluate(args: argparse.Namespace) -> int:
     runs, out = Path(args.runs), Path(args.out)
     present = {name: v for name, v in VARIANTS.items() if (runs / v[0] / "model.safetensors").is_file()}
     if not present:
@@ -79,9 +90,10 @@ def main(argv=None) -> int:
     methods = [f"--method={name}={runs / run / 'model.safetensors'}" + "".join(f":{o}" for o in overrides)
                for name, (run, overrides, _) in present.items()]
     if rollout.main(["--out", str(out / "long"), "--config_path", args.config_path, "--data_path", str(prompts),
-                     "--seconds", str(args.seconds), *methods]) != 0:
+                     "--seconds", str(args.seconds), "--overwrite", *methods]) != 0:
         return 2
-    report.main([str(out / "long")])
+    if report.main([str(out / "long")]) != 0:  # its assets are copied below
+        return 2
     scores = json.loads((out / "long" / "scores.json").read_text())
 
     # 3. the table, the plots and the raw results next to the doc

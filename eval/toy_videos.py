@@ -6,6 +6,7 @@ the same clips with a known, synthetic drift, in the layout eval.drift reads.
 Writes <out>/truth/*.mp4 (perfect: every drift slope is ~0 and toy fidelity is exact) and
 <out>/faded/*.mp4 (each frame blended towards grey by a weight rising linearly from 0 to --fade over the
 video: saturation, colourfulness and toy colour errors drift by a known amount), each with prompts.json.
+Files that exist already stop it before anything is written, unless --overwrite.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eval import OVERWRITE_HELP, exit_code, new_file, refuse_existing
 from hiar.toyworld import sample_clip
 from hiar.video import write_video
 
@@ -37,21 +39,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--size", type=int, default=64, help="height and width in pixels")
     p.add_argument("--fade", type=float, default=0.5, help="grey weight reached at the last frame of faded/")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = p.parse_args(argv)
     num_frames = round(args.seconds * args.fps)
     if args.num_videos < 1 or num_frames < 2 or not 0 <= args.fade <= 1:
         print("error: need --num_videos >= 1, --seconds * --fps >= 2 and 0 <= --fade <= 1", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    for method, fade in (("truth", 0.0), ("faded", args.fade)):
+    return exit_code(lambda: write_references(Path(args.out), args, num_frames))
+
+
+def write_references(out: Path, args: argparse.Namespace, num_frames: int) -> None:
+    methods = (("truth", 0.0), ("faded", args.fade))
+    names = [f"{i:03d}-0.mp4" for i in range(args.num_videos)]
+    refuse_existing([out / m / n for m, _ in methods for n in [*names, "prompts.json"]], args.overwrite)
+    for method, fade in methods:
         prompts = {}
-        for i in range(args.num_videos):
+        for i, name in enumerate(names):
             clip = sample_clip(SEED, i, args.size, args.size)
-            write_video(out / method / f"{i:03d}-0.mp4", faded(clip.render(num_frames), fade), args.fps)
-            prompts[f"{i:03d}-0.mp4"] = clip.caption
-        (out / method / "prompts.json").write_text(json.dumps(prompts, indent=1))
+            with new_file(out / method / name, args.overwrite) as tmp:
+                write_video(tmp, faded(clip.render(num_frames), fade), args.fps)
+            prompts[name] = clip.caption
+        with new_file(out / method / "prompts.json", args.overwrite) as tmp:
+            tmp.write_text(json.dumps(prompts, indent=1))
     print(f"wrote {args.num_videos} videos of {num_frames} frames to {out / 'truth'} and {out / 'faded'}")
-    return 0
 
 
 if __name__ == "__main__":

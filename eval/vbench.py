@@ -28,10 +28,11 @@ import numpy as np
 from tqdm import tqdm
 
 from eval import exit_code
+from eval.drift import check_readable, videos_to_score
 from hiar.atomic import atomic_path
 from hiar.drift import fit_slope
 from hiar.video import read_video, video_fps, write_video
-from hiar.videoset import PROMPTS_FILE, find_videos
+from hiar.videoset import PROMPTS_FILE
 
 CLIPS_FILE = "clips.json"
 CLIP_SECONDS = 2.0  # VBench-Long's clip duration
@@ -50,8 +51,12 @@ def clip_bounds(num_frames: int, clip_frames: int) -> list[tuple[int, int]]:
 
 
 def write_clips(videos: str | Path, out: str | Path, clip_seconds: float = CLIP_SECONDS) -> dict:
-    """Split every video of `videos` (hiar.videoset layouts) into clips under out/<method>/."""
-    methods, out = find_videos(videos), Path(out)
+    """Split every video of `videos` (hiar.videoset layouts) into clips under out/<method>/. The clips
+    are derived files: a rerun (launch/vbench.sh) replaces them, each atomically."""
+    if not clip_seconds > 0:
+        raise ValueError(f"--clip_seconds={clip_seconds}: give a positive length (VBench-Long uses {CLIP_SECONDS:g})")
+    methods, out = videos_to_score(videos), Path(out)
+    check_readable(methods)
     written = {}
     for method, items in methods.items():
         folder = out / method
@@ -64,8 +69,9 @@ def write_clips(videos: str | Path, out: str | Path, clip_seconds: float = CLIP_
                 write_video(folder / name, frames[a:b], fps)
                 prompts[name] = item.prompt
                 clips[name] = {"video": item.name, "clip": i, "start": a, "end": b, "frames": len(frames)}
-        (folder / PROMPTS_FILE).write_text(json.dumps(prompts, indent=1))
-        (folder / CLIPS_FILE).write_text(json.dumps(clips, indent=1))
+        for name, listing in ((PROMPTS_FILE, prompts), (CLIPS_FILE, clips)):
+            with atomic_path(folder / name) as tmp:
+                tmp.write_text(json.dumps(listing, indent=1))
         written[method] = clips
     return written
 
@@ -81,8 +87,11 @@ def read_results(clips: str | Path, results: str | Path, clip_seconds: float | N
         manifest_path = clips / method_dir.name / CLIPS_FILE
         if not found or not manifest_path.is_file():
             raise ValueError(f"{method_dir}: no *_eval_results.json, or no {manifest_path}")
-        manifest = json.loads(manifest_path.read_text())
-        raw = json.loads(found[-1].read_text())  # the newest run
+        manifest, raw = _json(manifest_path), _json(found[-1])  # the newest run
+        if not isinstance(raw, dict) or not all(isinstance(v, list) and len(v) == 2 and isinstance(v[1], list)
+                                                for v in raw.values()):
+            raise ValueError(f"{found[-1]} is not VBench's {{dimension: [mean, [per clip]]}} result: point --results "
+                             "at the folder launch/vbench.sh wrote")
         videos: dict = {}
         for dim, (_, per_clip) in raw.items():
             for entry in per_clip:
@@ -111,6 +120,13 @@ def read_results(clips: str | Path, results: str | Path, clip_seconds: float | N
     if not out["methods"]:
         raise ValueError(f"no method folders with results in {results}")
     return out
+
+
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): run that step of launch/vbench.sh again") from None
 
 
 def _nanmean(values: list[float]) -> float:

@@ -2,8 +2,8 @@
 
 A toy sample in a shard is one key with `frames.npy` (uint8 [F, H, W, 3]), `caption.txt` and
 `params.json` (the clip's ground truth). Prompts come from a text file (one a line) or from any
-file the `datasets` library reads (json, jsonl, csv, parquet) with a `prompt`, `caption` or `text`
-column.
+local file the `datasets` library reads (json, jsonl, csv, parquet) with a `prompt`, `caption` or
+`text` column; any other suffix is refused.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import unicodedata
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -58,23 +59,67 @@ def toy_clip_of(sample: dict) -> ToyClip:
     return ToyClip.from_params(sample["params"])
 
 
+# Prompt files by suffix: None is text, one prompt a line; the rest are `datasets` builders, always
+# local (an unknown suffix is refused: `datasets.load_dataset` would look for a hub data set of that name).
+PROMPT_FORMATS = {".txt": None, ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
 def load_prompts(path: str | os.PathLike) -> list[str]:
     """Prompts from a .txt file (one a line) or a dataset file with a prompt/caption/text column."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"prompt source {path} does not exist")
-    if path.suffix == ".txt":
-        prompts = [line.strip() for line in path.read_text().splitlines()]
-    else:
-        import datasets
+    if path.suffix.lower() not in PROMPT_FORMATS:
+        raise ValueError(f"prompt file {path} has an unknown type {path.suffix or '(no suffix)'!r}: use one of "
+                         f"{', '.join(PROMPT_FORMATS)}")
+    kind = PROMPT_FORMATS[path.suffix.lower()]
+    if kind is None:
+        return prompt_lines(path)
+    import datasets
 
-        kind = {".jsonl": "json"}.get(path.suffix, path.suffix.lstrip("."))
-        table = datasets.load_dataset(kind, data_files=str(path), split="train")
-        column = next((c for c in ("prompt", "caption", "text") if c in table.column_names), None)
-        if column is None:
-            raise ValueError(f"{path}: no prompt, caption or text column (columns: {table.column_names})")
-        prompts = [str(p).strip() for p in table[column]]
-    prompts = [p for p in prompts if p]
+    check_regular_file(path, "prompt file")
+    table = datasets.load_dataset(kind, data_files=str(path), split="train")
+    column = next((c for c in ("prompt", "caption", "text") if c in table.column_names), None)
+    if column is None:
+        raise ValueError(f"{path}: no prompt, caption or text column (columns: {table.column_names})")
+    prompts = [str(p).strip() for p in table[column]]
+    for i, prompt in enumerate(prompts):
+        check_prompt(prompt, f"{path} row {i + 1}")
+    return nonempty([p for p in prompts if p], path)
+
+
+def prompt_lines(path: str | os.PathLike) -> list[str]:
+    """The prompts of a UTF-8 text file, one a line (blank lines skipped); ValueError naming the file
+    and line when it is not text."""
+    path = Path(path)
+    check_regular_file(path, "prompt file")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"prompt file {path} is not UTF-8 text (byte {err.start} is {err.object[err.start]:#x}): "
+                         "give a text file, one prompt a line") from None
+    prompts = [line.strip() for line in text.splitlines()]
+    for i, prompt in enumerate(prompts):
+        check_prompt(prompt, f"prompt file {path} line {i + 1}")
+    return nonempty([p for p in prompts if p], path)
+
+
+def check_prompt(prompt: str, where: str) -> None:
+    """Refuse control characters (NUL bytes of a binary file, escape sequences): a prompt is plain text."""
+    bad = next((c for c in prompt if unicodedata.category(c) == "Cc" and c != "\t"), None)
+    if bad is not None:
+        raise ValueError(f"{where} holds the control character {bad!r}; prompts are plain text: is it a binary file?")
+
+
+def check_regular_file(path: Path, what: str) -> None:
+    """FileNotFoundError when `path` is missing; ValueError when it is a folder, FIFO or device (reading
+    a FIFO would wait forever)."""
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    if not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file"
+        raise ValueError(f"{what} {path} is {kind}; give the file itself")
+
+
+def nonempty(prompts: list[str], path: Path) -> list[str]:
     if not prompts:
         raise ValueError(f"{path} holds no prompts")
     return prompts

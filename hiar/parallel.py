@@ -11,7 +11,10 @@ run for any number of stages. The last stage yields finished blocks (streaming).
 
 Failures: any stage that fails records "rank r: why" in the process group's store; a stage whose
 neighbour vanishes (gloo reports a closed connection at once) records that rank, and every stage
-stops with the first recorded root cause instead of waiting for a collective timeout.
+stops with the first recorded root cause instead of waiting for a collective timeout. A stage sent
+SIGTERM records, when no cause is recorded yet, the rank whose process is already gone (torchrun
+terminates the others after one dies), or else itself (it was stopped from outside), then exits, so
+its neighbours stop within seconds naming it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+import socket
 from collections import deque
 
 import torch
@@ -27,6 +31,7 @@ import torch.distributed as dist
 from hiar.sampling import Blocks, CellRunner
 
 FAILED_KEY = "hiar/pipeline_failed"
+PID_KEY = "hiar/stage_pid/{}"  # "host pid" of each rank, for telling a dead stage from a live one
 
 
 class PipelineError(RuntimeError):
@@ -57,6 +62,7 @@ class StageGroup:
         self.is_first, self.is_last = self.rank == 0, self.rank == self.world - 1
         # Private but stable: the rendezvous store every rank shares (hosted by torchrun's agent).
         self._store = dist.distributed_c10d._get_default_store()
+        self._store.set(PID_KEY.format(self.rank), f"{socket.gethostname()} {os.getpid()}")
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
     # -- failure bookkeeping ------------------------------------------------------------------------
@@ -79,9 +85,35 @@ class StageGroup:
         return PipelineError(f"pipeline stage {self.rank} stopped: {cause} failed")
 
     def _on_sigterm(self, signum, frame) -> None:
-        # torchrun terminates the other workers when one fails; say why before going.
-        raise PipelineError(f"pipeline stage {self.rank} stopped: "
-                            f"{self._root_cause('another stage (see the launcher summary)')} failed")
+        # torchrun terminates the other workers when one fails; say why before going. Raising also ends
+        # this process, which closes its connections: the neighbours notice and read the cause recorded.
+        raise PipelineError(f"pipeline stage {self.rank} stopped: {self._root_cause(self._sigterm_cause())} failed")
+
+    def _sigterm_cause(self) -> str:
+        """Who to blame for a SIGTERM when no stage has said yet: a rank whose process is gone (torchrun
+        stops the rest after one dies), else this one when every stage runs here and lives (the signal came
+        from outside), else nobody known."""
+        host, everyone_here = socket.gethostname(), True
+        for rank in (r for r in range(self.world) if r != self.rank):
+            where = self._stage_process(rank)
+            if where is None or where[0] != host:
+                everyone_here = False
+            elif not _alive(where[1]):
+                return f"rank {rank} (its process ended)"
+        if everyone_here:
+            return f"rank {self.rank} (it was sent SIGTERM)"
+        return "another stage (see the launcher summary)"
+
+    def _stage_process(self, rank: int) -> tuple[str, int] | None:
+        """(host, pid) that `rank` registered, or None when unknown."""
+        key = PID_KEY.format(rank)
+        try:
+            if not self._store.check([key]):  # get() would wait for the key
+                return None
+            host, pid = self._store.get(key).decode().split()
+        except Exception:  # the store went down with its host
+            return None
+        return host, int(pid)
 
     # -- messaging -----------------------------------------------------------------------------------
 
@@ -123,6 +155,21 @@ class StageGroup:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process of this host runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc: signal 0 is all there is
 
 
 def pipeline_stage(runner: CellRunner, group: StageGroup, num_blocks: int) -> Blocks:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -254,6 +255,31 @@ def timestep_first(runner: CellRunner, contexts: list[Context], blocks: Iterable
                 live[n] = (j + 1, x)
 
 
+# What a step_major sweep may hold up front (every block's input and x0 prediction): beyond it, the
+# wavefront schedule gives the same video with flat memory. 4 GiB is ~1,800 blocks of 480x832 Wan latents, one sample.
+STEP_MAJOR_MAX_BYTES = 4 * 2**30
+
+
+def step_major_bytes(block_shape: Sequence[int], batch: int, num_blocks: int) -> int:
+    """Bytes a step_major sweep of `num_blocks` blocks holds at once: two float32 tensors a block."""
+    return 2 * 4 * batch * num_blocks * math.prod(block_shape)
+
+
+def check_step_major(schedule: str, method: str, block_shape: Sequence[int], batch: int, num_blocks: int) -> None:
+    """Refuse, before any compute, a step_major sweep whose up-front latents exceed STEP_MAJOR_MAX_BYTES."""
+    if schedule != "step_major" or method == "frame_first":
+        return
+    need = step_major_bytes(block_shape, batch, num_blocks)
+    if need > STEP_MAJOR_MAX_BYTES:
+        raise ValueError(f"sampling.schedule=step_major would hold {_size(need)} of latents up front for "
+                         f"{num_blocks} blocks x {batch} samples (at most {_size(STEP_MAJOR_MAX_BYTES)}): use "
+                         "sampling.schedule=wavefront (--schedule wavefront), the same video streamed in flat memory")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def generate(model: WanModel, text: torch.Tensor, cfg: Config, noise: CellNoise, num_blocks: int | None,
              stats: SamplerStats | None = None, on_cell: Callable[[], None] | None = None) -> Blocks:
     """Blocks of one batch of prompts in the configured order, yielded as they finish.
@@ -269,6 +295,8 @@ def run_order(runner: CellRunner, num_blocks: int | None) -> Blocks:
     opts = runner.options
     if num_blocks is None and opts.schedule == "step_major" and opts.method != "frame_first":
         raise ValueError("an unbounded stream needs the wavefront schedule (sampling.schedule=wavefront)")
+    if num_blocks is not None:
+        check_step_major(opts.schedule, opts.method, runner.noise.block_shape, len(runner.noise.samples), num_blocks)
     blocks = range(num_blocks) if num_blocks is not None else itertools.count()
     first = runner.new_context()
     if opts.method == "frame_first":
