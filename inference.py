@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from hiar.checkpoints import CheckpointError, load_generator
 from hiar.codecs import Codec, build_codec
-from hiar.config import Config, ConfigError, config_to_dict, load_config, parse_override, whole_blocks
+from hiar.config import Config, ConfigError, config_to_dict, load_config, whole_blocks
 from hiar.data import check_prompt, prompt_lines
 from hiar.models import WanModel
 from hiar.parallel import PipelineError, StageGroup, local_rank_device, pipeline_stage, stage_steps
@@ -70,23 +70,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
                       ("num_frame_first_blocks", "num_frame_first_blocks")):
         if getattr(args, flag) is not None:
             overrides.append(f"sampling.{key}={getattr(args, flag)}")
-    for text in overrides:  # a YAML error here is the override's, not the config file's
-        try:
-            parse_override(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {text!r}: {yaml_message(err)}; quote the value or fix its YAML") from None
-    try:
-        return load_config(args.config_path, overrides)
-    except (yaml.YAMLError, UnicodeDecodeError) as err:  # hiar/config.py lets the parser's errors through
-        raise ConfigError(f"{args.config_path}: {yaml_message(err)}; fix the file's YAML") from None
-
-
-def yaml_message(err: Exception) -> str:
-    """One line from a YAML (or decoding) error: its problem and where, without the parser's excerpt."""
-    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
-        mark = err.problem_mark
-        return f"line {mark.line + 1}, column {mark.column + 1}: {err.problem or err.context}"
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
+    return load_config(args.config_path, overrides)
 
 
 def read_prompts(args: argparse.Namespace, cfg: Config) -> list[str]:

@@ -206,6 +206,8 @@ def load_generator(path: str | os.PathLike, cfg: Config | None = None, use_ema: 
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if not (path.is_file() or path.is_dir()):  # a FIFO or a device: reading it could hang forever
+        raise CheckpointError(f"checkpoint {path} is neither a regular file nor a folder")
     if path.is_file() and path.suffix == ".safetensors":
         if use_ema:
             warnings.warn(f"{path} holds one set of weights; --use_ema has nothing to choose", stacklevel=2)

@@ -40,8 +40,10 @@ class ConfigError(ValueError):
 def whole_blocks(name: str, frames: int, k: int) -> int:
     """How many blocks of k latent frames `frames` makes; a ConfigError naming the nearest valid lengths
     when it is not a positive multiple of k (every length the model generates or trains on)."""
-    if frames < k or frames % k:
-        fix = max(k, frames // k * k)
+    if frames < k:
+        raise ConfigError(f"{name}={frames} must be at least video.frames_per_block={k} (one block)")
+    if frames % k:
+        fix = frames // k * k
         raise ConfigError(f"{name}={frames} is not a multiple of video.frames_per_block={k}: use {fix} or {fix + k}")
     return frames // k
 
@@ -536,7 +538,18 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override '{text}' must look like section.key=value")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{text}': {yaml_message(err)}; quote the value or fix its YAML") from None
+
+
+def yaml_message(err: Exception) -> str:
+    """One line from a YAML (or decoding) error: its problem and where, without the parser's excerpt."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        return f"line {mark.line + 1}, column {mark.column + 1}: {err.problem or err.context}"
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def preset_path(preset: str | os.PathLike) -> Path:
@@ -568,7 +581,10 @@ def _read_preset(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A preset's data; `base: name-or-path` pulls in another preset underneath it."""
     if path in seen:
         raise ConfigError(f"{path}: 'base' presets form a cycle")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: {yaml_message(err)}; fix the file's YAML") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     base = data.pop("base", None)

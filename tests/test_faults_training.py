@@ -143,3 +143,25 @@ def test_a_planted_model_pt_never_runs_on_a_distillation_resume(distill_inputs, 
     assert not marker.exists()
     assert "step-00000001/model.pt: refused to unpickle" in capsys.readouterr().err
     shutil.rmtree(out)
+
+
+def test_broken_yaml_and_overrides_are_named(tmp_path):
+    from hiar.config import ConfigError, load_config
+
+    preset = tmp_path / "broken.yaml"
+    preset.write_text("base: tiny\ntrain: [steps: 3\n")
+    with pytest.raises(ConfigError, match="broken.yaml: line 3, column 1: .*fix the file"):
+        load_config(str(preset))
+    with pytest.raises(ConfigError, match=r"override .train.betas=\[0.9.: line 1"):
+        load_config("tiny", ["train.betas=[0.9"])
+    with pytest.raises(ConfigError, match="num_latent_frames=0 must be at least video.frames_per_block=3"):
+        load_config("tiny", ["video.num_latent_frames=0"])
+
+
+def test_a_checkpoint_that_is_a_fifo_is_refused(tmp_path):
+    from hiar.checkpoints import CheckpointError, load_generator
+
+    fifo = tmp_path / "model.pt"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointError, match="neither a regular file nor a folder"):
+        load_generator(fifo)
