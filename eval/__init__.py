@@ -8,9 +8,10 @@ crash leaves no half file and two runs into one folder never replace each other'
 import contextlib
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+
+from hiar import atomic
 
 OVERWRITE_HELP = "replace outputs that exist already (without it, an existing output stops the run before any compute)"
 
@@ -41,46 +42,28 @@ def _taken(dest: Path) -> OSError:
 
 
 def publish(tmp: Path, dest: Path, overwrite: bool) -> None:
-    """Move the finished file `tmp` to `dest` (same folder or file system) in one step. Without
-    `overwrite` the name is claimed exclusively: a file that appeared there meanwhile is never replaced."""
-    if overwrite:
-        os.replace(tmp, dest)
-        return
+    """`hiar.atomic.publish`, with the evaluation programs' message when the name was taken meanwhile."""
     try:
-        os.link(tmp, dest)  # unlike rename, link fails instead of replacing
+        atomic.publish(tmp, dest, overwrite)
     except FileExistsError:
         raise _taken(dest) from None
-    except OSError:  # no hard links on this file system: claim the name empty, then fill it
-        try:
-            os.close(os.open(dest, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-        except FileExistsError:
-            raise _taken(dest) from None
-        os.replace(tmp, dest)
-        return
-    os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 @contextlib.contextmanager
 def new_file(dest: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary path beside `dest`; on success it is published to `dest` (see `publish`). The
-    temporary file is created at once, so an unwritable folder fails before the caller computes."""
-    dest = Path(dest)
+    """`hiar.atomic.atomic_path` for an output: an unwritable folder (found before the caller computes)
+    or a name taken while the caller wrote is one error line naming the file."""
+    dest, stage = Path(dest), "open"
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+        with atomic.atomic_path(dest, overwrite) as tmp:
+            stage = "write"
+            yield tmp
+            stage = "publish"
+    except FileExistsError:
+        if stage == "publish":
+            raise _taken(dest) from None
+        raise
     except OSError as err:
-        raise OSError(f"cannot write {dest} ({err.strerror or err}): choose a writable --out") from None
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from the group
-        publish(Path(tmp), dest, overwrite)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if stage == "open":
+            raise OSError(f"cannot write {dest} ({err.strerror or err}): choose a writable --out") from None
+        raise

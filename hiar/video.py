@@ -21,10 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hiar.atomic import publish
+
 PARTIAL = ".partial"
-# link() is how a claim is published without replacing anything; these say the filesystem has no hard
-# links (FAT, some network mounts), where an exists-check then rename is the best that can be done.
-NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
 
 
 class VideoWriteError(OSError):
@@ -98,29 +97,12 @@ class Claim:
     def publish(self) -> Path:
         """Rename the partial file to the final name (never replacing a file without `overwrite`)."""
         try:
-            if self.overwrite:
-                os.replace(self.partial, self.final)
-            elif self._link_final():
-                os.unlink(self.partial)
-            elif os.path.lexists(self.final):  # no hard links: check, then rename, the best this filesystem allows
-                raise self._taken()
-            else:
-                os.rename(self.partial, self.final)
+            publish(self.partial, self.final, self.overwrite)
+        except FileExistsError:
+            raise self._taken() from None
         finally:
             self._close()  # unlocks: the name is now the final file's
         return self.final
-
-    def _link_final(self) -> bool:
-        """Give the file its final name too, failing if that name exists; False without hard links here."""
-        try:
-            os.link(self.partial, self.final)
-        except FileExistsError:
-            raise self._taken() from None
-        except OSError as err:
-            if err.errno not in NO_HARD_LINKS:
-                raise
-            return False
-        return True
 
     def _taken(self) -> OSError:
         return OSError(f"{self.final} appeared while this run wrote it (another program made it); the output "
