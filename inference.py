@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint_path", help="model weights (default: the config's runtime.checkpoint; none: random)")
     p.add_argument("--data_path", help="text file, one prompt a line (default: the config's runtime.prompts)")
     p.add_argument("--prompt", help="a single prompt (instead of --data_path)")
+    p.add_argument("--extended_prompt_path", help="text file of extended prompts, one a line, paired line by line "
+                   "with the prompts: videos are generated from the extended prompt and named by the original")
     p.add_argument("--output_folder", default="outputs", help="where videos go (created if needed)")
     p.add_argument("--num_output_frames", type=int, help="latent frames per video (default: the config's)")
     p.add_argument("--use_ema", action="store_true", help="use the EMA weights of a training checkpoint")
@@ -85,6 +87,18 @@ def read_prompts(args: argparse.Namespace, cfg: Config) -> list[str]:
     if not args.prompt.strip():
         raise ValueError("no prompts: --prompt is empty")
     return [args.prompt.strip()]
+
+
+def read_extended_prompts(args: argparse.Namespace, prompts: list[str]) -> list[str] | None:
+    """The lines of --extended_prompt_path, the n-th for the n-th prompt (blank lines skipped in both), or None."""
+    if args.extended_prompt_path is None:
+        return None
+    extended = prompt_lines(args.extended_prompt_path)
+    if len(extended) != len(prompts):
+        source = f"prompt file {args.data_path}" if args.prompt is None else "--prompt"
+        raise ValueError(f"extended prompt file {args.extended_prompt_path} has {len(extended)} prompt(s) but "
+                         f"{source} has {len(prompts)}: give one extended prompt for each prompt, line by line")
+    return extended
 
 
 def checked_device(name: str, world: int) -> torch.device:
@@ -163,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"video.frames_per_block={cfg.video.frames_per_block}")
         num_blocks = whole_blocks("--num_output_frames", num_frames, cfg.video.frames_per_block)
         prompts = read_prompts(args, cfg)
+        extended = read_extended_prompts(args, prompts)
         checkpoint = checkpoint_path(args, cfg)
         if checkpoint:
             check_checkpoint(checkpoint)
@@ -199,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if rank == 0:
             save_run_config(cfg, folder, args.overwrite)
-        frames, seconds, first_block = Generation(cfg, model, text_encoder, codec, group, device, dtype).run(
-            jobs, num_blocks, folder, args, bar)
+        generation = Generation(cfg, model, text_encoder, codec, group, device, dtype, extended)
+        frames, seconds, first_block = generation.run(jobs, num_blocks, folder, args, bar)
     except (PipelineError, OSError) as err:  # a stage died, or a file could not be written (it is named)
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -229,6 +244,7 @@ class Generation:
     group: StageGroup | None
     device: torch.device
     dtype: torch.dtype
+    extended: list[str] | None = None  # per prompt index: the text generated from (--extended_prompt_path)
 
     @torch.no_grad()  # every stage, not only the one that renders (autograd would also keep unfused passes)
     def run(self, jobs: list[tuple[int, str]], num_blocks: int, folder: Path, args: argparse.Namespace,
@@ -240,7 +256,8 @@ class Generation:
             self.group.barrier()
         for index, prompt in jobs:
             if not writes:
-                for _ in self.blocks(prompt, num_blocks, args, bar):  # this stage's cells; the last stage writes
+                # this stage's cells; the last stage writes
+                for _ in self.blocks(self.text_of(index, prompt), num_blocks, args, bar):
                     pass
                 continue
             claims: list[list[Claim]] = []  # per sample: the video's, then the latents'
@@ -248,9 +265,11 @@ class Generation:
                 for s in range(args.num_samples):  # claimed before this job's compute
                     stem = output_stem(prompt, index, s, args.save_with_index)
                     claims.append(claim_outputs(folder, stem, args.save_latents, args.overwrite))
-                out = render(self.codec, self.cfg, self.blocks(prompt, num_blocks, args, bar), [c[0] for c in claims],
-                             [c[1] for c in claims] if args.save_latents else None,
-                             {"prompt": prompt, "prompt_index": str(index)})
+                metadata = {"prompt": prompt, "prompt_index": str(index)}
+                if self.extended:
+                    metadata["extended_prompt"] = self.extended[index]
+                out = render(self.codec, self.cfg, self.blocks(self.text_of(index, prompt), num_blocks, args, bar),
+                             [c[0] for c in claims], [c[1] for c in claims] if args.save_latents else None, metadata)
             finally:
                 for claim in (c for sample in claims for c in sample):
                     claim.release()  # nothing for a published file; an unwritten claim's empty file goes
@@ -259,6 +278,10 @@ class Generation:
             for path in out.paths:
                 print(f"wrote {path} ({out.video_frames} frames)")
         return frames, seconds, first_block
+
+    def text_of(self, index: int, prompt: str) -> str:
+        """What prompt `index` is generated from: its extended prompt when given, else the prompt itself."""
+        return self.extended[index] if self.extended else prompt
 
     def blocks(self, prompt: str, num_blocks: int, args: argparse.Namespace, bar: tqdm) -> Blocks:
         """The clean latent blocks of one prompt's samples (this stage's part of them, in a pipeline)."""

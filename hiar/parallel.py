@@ -54,7 +54,8 @@ class StageGroup:
     """This process's place in the pipeline: rank, neighbours, steps, and the messaging between them."""
 
     def __init__(self, num_steps: int, timeout_s: float = 600.0):
-        if not dist.is_initialized():
+        self._owns_group = not dist.is_initialized()  # a group the caller made is the caller's to end
+        if self._owns_group:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -153,7 +154,7 @@ class StageGroup:
         dist.barrier()
 
     def close(self) -> None:
-        if dist.is_initialized():
+        if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
