@@ -39,6 +39,7 @@ import torch
 
 from hiar.config import Config, ConfigError, ModelConfig, load_config, with_overrides
 from hiar.models.attention import BlockCausalWindow
+from hiar.text import UMT5_XXL
 
 GiB = 2**30
 MiB = 2**20
@@ -148,10 +149,7 @@ def text_encoder_parameters(name: str) -> int:
 
     with torch.device("meta"):
         if name == "umt5-xxl":
-            config = transformers.UMT5Config(vocab_size=256384, d_model=4096, num_layers=24, num_heads=64, d_kv=64,
-                                             d_ff=10240, relative_attention_num_buckets=32,
-                                             feed_forward_proj="gated-gelu")
-            model = transformers.UMT5EncoderModel(config)
+            model = transformers.UMT5EncoderModel(transformers.UMT5Config(**UMT5_XXL))
         elif name == "all-minilm-l6-v2":
             config = transformers.BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6,
                                              num_attention_heads=12, intermediate_size=1536, max_position_embeddings=512)

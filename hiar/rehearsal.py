@@ -14,11 +14,12 @@ from collections.abc import Sequence
 
 import torch
 
+from hiar.checkpoints import empty_model
 from hiar.config import Config, ModelConfig
 from hiar.flow import FlowMatching
 from hiar.models import WanModel
 from hiar.sampling import stable_hash
-from hiar.text import zero_padded
+from hiar.text import UMT5_XXL, zero_padded
 
 
 @torch.no_grad()
@@ -26,8 +27,7 @@ def random_wan(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torc
     """A Wan DiT of `cfg`'s sizes with small random weights, made directly on `device` in `dtype` (a
     14B model built in float32 first would not fit a GPU). Norm weights are one and biases zero, so
     bf16 forwards stay finite."""
-    with torch.device("meta"):
-        model = WanModel(cfg).to(dtype)
+    model = empty_model(cfg).to(dtype)
     model.to_empty(device=device)
     for name, p in model.named_parameters():
         if name.endswith("bias"):
@@ -46,8 +46,7 @@ class RandomUMT5:
     def __init__(self, text_len: int, device: torch.device, dtype: torch.dtype = torch.bfloat16):
         from transformers import UMT5Config, UMT5EncoderModel
 
-        config = UMT5Config(vocab_size=256384, d_model=4096, num_layers=24, num_heads=64, d_kv=64, d_ff=10240,
-                            feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
+        config = UMT5Config(**UMT5_XXL)
         with torch.device(device):
             self.model = UMT5EncoderModel._from_config(config, torch_dtype=dtype).eval()
         self.text_len, self.device, self.vocab = text_len, device, config.vocab_size

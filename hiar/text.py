@@ -55,6 +55,11 @@ class MiniLMEncoder:
         return zero_padded(states, batch["attention_mask"], self.text_len)
 
 
+# umT5-XXL's encoder as Wan2.1 ships it (gated-GELU FFN, a relative-position bias in every layer): what the
+# memory planner counts and the rehearsal builds with random weights; real weights carry their own sizes.
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, num_layers=24, num_heads=64, d_kv=64, d_ff=10240,
+                relative_attention_num_buckets=32, feed_forward_proj="gated-gelu")
+
 WAN_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 WAN_TOKENIZER_DIR = "google/umt5-xxl"
 

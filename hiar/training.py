@@ -31,8 +31,9 @@ from tqdm import tqdm
 
 from hiar import distributed, runs
 from hiar.atomic import atomic_path
-from hiar.checkpoints import CheckpointError, save_model
+from hiar.checkpoints import CheckpointError, empty_model, load_weights, save_model
 from hiar.config import Config, ConfigError, config_to_dict, save_config
+
 
 def seed_step(seed: int, step: int, rank: int) -> None:
     s = hash((seed, step, rank)) & 0x7FFFFFFF
@@ -91,8 +92,9 @@ class EMA:
         """A copy of `model` (on its device) holding the average; call where `keep` and `started`."""
         if self.shadow is None:
             raise RuntimeError("the EMA has not started on this rank")
-        copy = type(model)(model.config)  # a fresh module, not a deepcopy: ZeRO-3 partitions `model`'s tensors
-        copy.load_state_dict(self.shadow)
+        # a fresh module, not a deepcopy (ZeRO-3 partitions `model`'s tensors), built without storage: the
+        # average is all its weights
+        copy = load_weights(empty_model(model.config), self.shadow, "the EMA")
         return copy.to(next(model.parameters()).device).eval()
 
     def state_dict(self) -> dict:
