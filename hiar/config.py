@@ -50,7 +50,7 @@ def whole_blocks(name: str, frames: int, k: int) -> int:
 
 @dataclass
 class ModelConfig:
-    """Wan DiT sizes (DESIGN.md section 2, 'Model sizes'); defaults are Wan2.1-T2V-1.3B."""
+    """Wan DiT sizes (docs/design.md, section 3); defaults are Wan2.1-T2V-1.3B."""
 
     num_layers: int = 30
     num_heads: int = 12
@@ -93,7 +93,7 @@ class VideoConfig:
 
 @dataclass
 class ScheduleConfig:
-    """The student's denoising steps (DESIGN.md section 2, 'Hyper-parameters')."""
+    """The student's denoising steps (docs/design.md, section 1)."""
 
     denoising_steps: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)
     # Warp the step list through the shifted-sigma map: [1000, 750, 500, 250] -> [1000, 937.5, 833.3, 625].
@@ -103,7 +103,7 @@ class ScheduleConfig:
 
 @dataclass
 class SamplingConfig:
-    """How the (block, step) cells are ordered and stepped at inference (DESIGN.md section 1)."""
+    """How the (block, step) cells are ordered and stepped at inference (docs/design.md, section 1)."""
 
     # frame_first: Self-Forcing's block-first order; timestep_first: HiAR's step-first order;
     # hybrid_block0: the first `num_frame_first_blocks` blocks frame-first, the rest step-first.
@@ -210,7 +210,7 @@ class ODEConfig:
 
 @dataclass
 class DistillConfig:
-    """DMD distillation with the forward-KL regulariser (DESIGN.md section 2). The rollout order and
+    """DMD distillation with the forward-KL regulariser (docs/design.md, section 2). The rollout order and
     the context level are `sampling.method` and `sampling.context_level`; the generator's learning
     rate, betas, weight decay and clipping are `train.*`."""
 

@@ -1,4 +1,4 @@
-"""Data-free distillation (DESIGN.md section 2): DMD on the student's own rollouts, in the order it
+"""Data-free distillation (docs/design.md, section 2): DMD on the student's own rollouts, in the order it
 will be sampled in, plus the forward-KL regulariser on teacher ODE trajectories.
 
 * `self_rollout`: the generator's sample. One exit step e (`exit_step`, the same on every rank) is

@@ -1,4 +1,4 @@
-"""Drift: how a video's quality changes from its start to its end (HiAR, section 4; DESIGN.md section 3).
+"""Drift: how a video's quality changes from its start to its end (HiAR, section 4; docs/evaluation.md).
 
 A video (uint8 [F, H, W, 3], RGB) is measured frame by frame (or frame pair by frame pair), split into
 S equal segments (default 5), each metric is averaged per segment, and a least-squares line is fitted

@@ -1,4 +1,4 @@
-"""Flow-matching math of Wan2.1, in one place (DESIGN.md section 2).
+"""Flow-matching math of Wan2.1, in one place (docs/design.md, section 2).
 
 Conventions used everywhere in HiAR:
 * A timestep t lives in [0, NUM_TRAIN_TIMESTEPS] and is the model's input *after* any shift.

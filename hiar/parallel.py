@@ -1,6 +1,6 @@
-"""Pipelined step-first inference across processes; the only module that talks to torch.distributed.
+"""Pipelined step-first inference across processes (training's process group lives in hiar/distributed.py).
 
-Step-first cell (n, j) depends on (n, j-1) and on (m < n, j), so the S steps form a pipeline (DESIGN.md
+Step-first cell (n, j) depends on (n, j-1) and on (m < n, j), so the S steps form a pipeline (docs/design.md,
 section 1): stage r owns a contiguous group of steps and the KV caches of those steps only. For every
 block, stage r receives the block's latent from stage r-1 (the first stage draws the block's noise
 instead), runs its cells, and sends the result on with a non-blocking send. The cache writes of its

@@ -1,4 +1,4 @@
-"""The (block n, step j) cell and the orders that schedule it (DESIGN.md section 1).
+"""The (block n, step j) cell and the orders that schedule it (docs/design.md, section 1).
 
 A cell denoises block n at step j:
 1. x0 = denoise(x_n at t_j | context of the blocks before n)     one forward

@@ -1,6 +1,6 @@
 """Who attends to whom: the block-causal window rule, the three attention modes, RoPE and the kernel.
 
-The rule (DESIGN.md section 2, 'Semantics a published checkpoint expects'): latent frames are cut into
+The rule (docs/design.md, section 3): latent frames are cut into
 blocks of k frames from frame 0. A query frame in the block [b, b + k) sees every frame of its own
 block and earlier frames, limited by a local window of W frames counted back from the block's end,
 the block included, plus an optional sink of the first frames that stays visible forever. One
