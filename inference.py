@@ -21,7 +21,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from hiar.checkpoints import CheckpointError, load_generator
+from hiar.checkpoints import CheckpointError, check_checkpoint_path, load_generator
 from hiar.codecs import Codec, build_codec
 from hiar.config import Config, ConfigError, config_to_dict, load_config, whole_blocks
 from hiar.data import check_prompt, prompt_lines
@@ -34,7 +34,6 @@ from hiar.video import Claim, claim_free
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = "configs/toy/hiar.yaml"  # of the repository, whatever the working directory
-CHECKPOINT_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -120,17 +119,6 @@ def checked_device(name: str, world: int) -> torch.device:
     return device
 
 
-def check_checkpoint(path: str) -> None:
-    """A checkpoint must be a regular file or a model folder: reading a FIFO would wait forever, and a
-    folder named like a file is a mistake, not a Wan / diffusers layout."""
-    p = Path(path)
-    if p.is_dir() and p.suffix in CHECKPOINT_FILE_SUFFIXES:
-        raise ValueError(f"checkpoint {p} is a folder named like a {p.suffix} file: give the checkpoint file itself "
-                         "(or a Wan2.1 / diffusers model folder)")
-    if p.exists() and not p.is_dir() and not p.is_file():
-        raise ValueError(f"checkpoint {p} is not a regular file (a FIFO, socket or device): give the checkpoint file")
-
-
 def output_stem(prompt: str, index: int, sample: int, by_index: bool) -> str:
     if by_index:
         return f"{index}-{sample}"
@@ -180,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         extended = read_extended_prompts(args, prompts)
         checkpoint = checkpoint_path(args, cfg)
         if checkpoint:
-            check_checkpoint(checkpoint)
+            check_checkpoint_path(checkpoint)
         if args.num_samples < 1:
             raise ValueError(f"--num_samples={args.num_samples} must be at least 1")
         if pipelined:

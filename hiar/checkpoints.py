@@ -196,6 +196,24 @@ def _read_training_checkpoint(path: Path, use_ema: bool) -> tuple[dict[str, torc
     return blob[key], blob.get("config")
 
 
+FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def check_checkpoint_path(path: str | os.PathLike) -> None:
+    """A checkpoint is a regular file or a model folder (cheap: programs call it before any compute).
+    Reading a FIFO or a device would wait forever; a folder named like a file is a mistake, not a Wan or
+    diffusers layout."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_dir() and path.suffix in FILE_SUFFIXES:
+        raise CheckpointError(f"checkpoint {path} is a folder named like a {path.suffix} file: give the checkpoint "
+                              "file itself (or a Wan2.1 / diffusers model folder)")
+    if not (path.is_file() or path.is_dir()):
+        raise CheckpointError(f"checkpoint {path} is not a regular file (a FIFO, socket or device: neither a "
+                              "regular file nor a folder): give the checkpoint file")
+
+
 def load_generator(path: str | os.PathLike, cfg: Config | None = None, use_ema: bool = False,
                    dtype: torch.dtype = torch.float32) -> tuple[WanModel, Config]:
     """The student from any supported layout (module docstring) -> (model on the CPU in `dtype`, config).
@@ -204,10 +222,7 @@ def load_generator(path: str | os.PathLike, cfg: Config | None = None, use_ema: 
     `cfg` and checked against it.
     """
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if not (path.is_file() or path.is_dir()):  # a FIFO or a device: reading it could hang forever
-        raise CheckpointError(f"checkpoint {path} is neither a regular file nor a folder")
+    check_checkpoint_path(path)
     if path.is_file() and path.suffix == ".safetensors":
         if use_ema:
             warnings.warn(f"{path} holds one set of weights; --use_ema has nothing to choose", stacklevel=2)
