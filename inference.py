@@ -25,9 +25,10 @@ from hiar.checkpoints import CheckpointError, check_checkpoint_path, load_genera
 from hiar.codecs import Codec, build_codec
 from hiar.config import Config, ConfigError, config_to_dict, load_config, whole_blocks
 from hiar.data import check_prompt, prompt_lines
+from hiar.distributed import local_rank_device
 from hiar.models import WanModel
-from hiar.parallel import PipelineError, StageGroup, local_rank_device, pipeline_stage, stage_steps
-from hiar.pipeline import render, writable_folder
+from hiar.parallel import PipelineError, StageGroup, pipeline_stage, stage_steps
+from hiar.render import render, writable_folder
 from hiar.sampling import Blocks, CellRunner, block_noise, check_step_major, generate
 from hiar.text import build_text_encoder
 from hiar.video import Claim, claim_free

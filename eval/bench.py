@@ -47,8 +47,9 @@ import torch
 from eval import exit_code
 from hiar.atomic import atomic_path
 from hiar.config import Config, load_config
+from hiar.distributed import local_rank_device
 from hiar.models import WanModel
-from hiar.parallel import StageGroup, local_rank_device, pipeline_stage, stage_steps
+from hiar.parallel import StageGroup, pipeline_stage, stage_steps
 from hiar.sampling import CellRunner, SamplerStats, block_noise, generate
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -37,7 +37,7 @@ from hiar.checkpoints import CheckpointError, load_generator
 from hiar.codecs import build_codec
 from hiar.config import Config, ConfigError, load_config, save_config
 from hiar.models import WanModel
-from hiar.pipeline import render
+from hiar.render import render
 from hiar.sampling import block_noise, generate
 from hiar.text import build_text_encoder
 from hiar.videoset import PROMPTS_FILE

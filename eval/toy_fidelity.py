@@ -30,7 +30,7 @@ from hiar.config import ConfigError, with_overrides
 from hiar.codecs import build_codec
 from hiar.text import build_text_encoder
 from hiar.sampling import block_noise, sample_video
-from hiar.toytrain import teacher_samples
+from hiar.toyteacher import teacher_samples
 from hiar.toyworld import caption_fidelity, clip_to_video, fidelity_verdict, sample_clip, speed_census
 from hiar.video import to_uint8
 

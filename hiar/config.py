@@ -398,7 +398,7 @@ class Config:
         return self
 
 
-# -- which teacher points an ODE trajectory keeps (hiar/ode.py stores them) -----------------------
+# -- which teacher points an ODE trajectory keeps (hiar/trajectories.py stores them) -----------------------
 
 
 def aligned_indices(teacher_timesteps: torch.Tensor, student_timesteps: torch.Tensor) -> list[int]:

@@ -171,7 +171,7 @@ def forward_kl_loss(generator: WanModel, batch: dict, text: torch.Tensor, cfg: C
 
     `batch`: points [B, K, F, ...] (the teacher's trajectory, one point a student step:
     `hiar.config.kept_indices`), their exact timesteps [B, K], final [B, F, ...] (the point after the last one, at
-    t = 0), from `hiar.ode.trajectory_batch`. As in the reference (model/timestep_forcing_dmd.py,
+    t = 0), from `hiar.trajectories.trajectory_batch`. As in the reference (model/timestep_forcing_dmd.py,
     pd_loss_type x0, pd_x0_target_mode pred_x0): the chord of step j runs through points j and j + 1
     at their stored levels, and the student sees x_j told its own step t_j (distill.fkl_timestep=
     student; "stored": the point's level), its x0 taken at that t_j. The reference trains one j a

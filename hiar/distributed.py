@@ -1,4 +1,4 @@
-"""The one place that decides a training process's device and joins its process group.
+"""The one place that decides a process's device and joins its process group.
 
 Every training program (teacher, ODE pairs, ODE initialisation, distillation) starts with `init()`:
 * launched by `deepspeed` or `torchrun` (RANK, LOCAL_RANK, WORLD_SIZE set), it joins their group;
@@ -7,12 +7,16 @@ Every training program (teacher, ODE pairs, ODE initialisation, distillation) st
 * on a CUDA machine the process owns GPU `LOCAL_RANK` (`torch.cuda.set_device`) and the group uses
   NCCL; elsewhere the CPU and gloo.
 
+Pipelined inference (hiar/parallel.py) joins the launcher's group with `join_group` and places each
+stage with `local_rank_device`.
+
 NCCL only reduces tensors that live on the process's GPU, so every collective here puts its tensor on
 `World.device` (a CPU flag handed to NCCL raises at the first call).
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import sys
@@ -55,6 +59,21 @@ def init() -> World:
             clear_stale_build_lock("deepspeed_shm_comm")
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return World(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
+
+
+def join_group(timeout_s: float) -> bool:
+    """Join the launcher's process group (NCCL with CUDA, else gloo) unless this process is already in one;
+    returns whether this call made it (then it is the caller's to end)."""
+    if torch.distributed.is_initialized():
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return True
+
+
+def local_rank_device(base: str) -> torch.device:
+    """cuda:LOCAL_RANK under a launcher when `base` is cuda; the CPU stays the CPU."""
+    return torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if base.startswith("cuda") else base)
 
 
 def all_true(flag: bool, device: torch.device) -> bool:

@@ -1,4 +1,4 @@
-"""Pipelined step-first inference across processes (training's process group lives in hiar/distributed.py).
+"""Pipelined step-first inference across processes (the process group itself is set up by hiar/distributed.py).
 
 Step-first cell (n, j) depends on (n, j-1) and on (m < n, j), so the S steps form a pipeline (docs/design.md,
 section 1): stage r owns a contiguous group of steps and the KV caches of those steps only. For every
@@ -19,7 +19,6 @@ its neighbours stop within seconds naming it.
 
 from __future__ import annotations
 
-import datetime
 import os
 import signal
 import socket
@@ -28,6 +27,7 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
+from hiar import distributed
 from hiar.sampling import Blocks, CellRunner
 
 FAILED_KEY = "hiar/pipeline_failed"
@@ -54,10 +54,7 @@ class StageGroup:
     """This process's place in the pipeline: rank, neighbours, steps, and the messaging between them."""
 
     def __init__(self, num_steps: int, timeout_s: float = 600.0):
-        self._owns_group = not dist.is_initialized()  # a group the caller made is the caller's to end
-        if self._owns_group:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        self._owns_group = distributed.join_group(timeout_s)  # a group the caller made is the caller's to end
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.steps = stage_steps(num_steps, self.world)[self.rank]
         self.is_first, self.is_last = self.rank == 0, self.rank == self.world - 1
@@ -193,9 +190,3 @@ def pipeline_stage(runner: CellRunner, group: StageGroup, num_blocks: int) -> Bl
                 group.wait(sends.popleft())
     for work in sends:
         group.wait(work)
-
-
-def local_rank_device(base: str) -> torch.device:
-    """cuda:LOCAL_RANK under a launcher when `base` is cuda; the CPU stays the CPU."""
-    return torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if base.startswith("cuda") else base)
-

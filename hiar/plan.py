@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from hiar.config import Config, ConfigError, ModelConfig, load_config, with_overrides
-from hiar.models.attention import BlockCausalWindow
+from hiar.models.window import BlockCausalWindow
 from hiar.text import UMT5_XXL
 
 GiB = 2**30

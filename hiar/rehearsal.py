@@ -72,7 +72,7 @@ def rehearsal_prompts(count: int = 256) -> list[str]:
 
 
 class RandomTrajectories:
-    """`hiar.ode.TrajectoryStore`'s interface over random tensors of the config's geometry: the points
+    """`hiar.trajectories.TrajectoryStore`'s interface over random tensors of the config's geometry: the points
     the forward-KL term reads (one per stored step), their timesteps and the clean end."""
 
     def __init__(self, cfg: Config, count: int = 256):

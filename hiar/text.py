@@ -15,6 +15,7 @@ from __future__ import annotations
 import html
 import importlib
 import re
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -145,3 +146,35 @@ def build_text_encoder(cfg: Config, device: torch.device | str = "cpu") -> TextE
     if cfg.model.text_encoder == "all-minilm-l6-v2":
         return MiniLMEncoder(cfg.model.text_len, device)
     return UMT5Encoder(cfg.runtime.base_model, cfg.model.text_len, device, cfg.torch_dtype(device))
+
+
+class PromptBank:
+    """Prompt states by caption. Captions not held are encoded together in one call; states are kept
+    in host memory, least recently used first out, up to `max_bytes` (toy captions repeat across the
+    world; full-scale prompts mostly do not, and an unbounded cache of 8 MiB umT5 states grows without
+    end). Returns states [B, text_len, text_dim] on `device`."""
+
+    def __init__(self, encoder: TextEncoder, max_bytes: int, device: torch.device | str = "cpu"):
+        self.encoder, self.max_bytes, self.device = encoder, max_bytes, torch.device(device)
+        self._held: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+
+    @classmethod
+    def for_config(cls, cfg: Config, device: torch.device) -> PromptBank:
+        """The config's text encoder on `device` (or the CPU with runtime.offload_text_encoder), a cache
+        of train.prompt_cache_mb MiB."""
+        return cls(build_text_encoder(cfg, device), cfg.train.prompt_cache_mb * 2**20, device)
+
+    def __call__(self, captions: Sequence[str]) -> torch.Tensor:
+        missing = list(dict.fromkeys(c for c in captions if c not in self._held))
+        fresh = dict(zip(missing, self.encoder(missing).cpu())) if missing else {}
+        states = torch.stack([fresh[c] if c in fresh else self._held[c] for c in captions])
+        for caption in captions:
+            if caption in self._held:
+                self._held.move_to_end(caption)
+        for caption, state in fresh.items():
+            self._held[caption] = state
+            self._bytes += state.nbytes
+        while self._bytes > self.max_bytes:
+            self._bytes -= self._held.popitem(last=False)[1].nbytes
+        return states.to(self.device)

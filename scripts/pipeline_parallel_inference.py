@@ -44,10 +44,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import inference  # noqa: E402  (after the repository is on the path)
-from hiar.pipeline import writable_folder  # noqa: E402
+import inference
+from hiar.render import writable_folder
 
 TRAINING_CHECKPOINT_SUFFIXES = (".pt", ".pth")
 

@@ -1,5 +1,3 @@
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -59,8 +57,7 @@ def tiny_inputs(tiny):
 def distill_inputs(tmp_path_factory):
     """train/distill.py overrides for a random tiny teacher (also the generator's and the critic's start)
     and 4 of its ODE trajectories in 2 shards: one prompt a micro-step, a generator update every 2nd step."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "train"))
-    import ode_pairs
+    from train import ode_pairs
     from hiar.checkpoints import save_model
 
     folder = tmp_path_factory.mktemp("distill_inputs")

@@ -20,8 +20,6 @@ from hiar.models import Cached
 from hiar.sampling import block_noise
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "train"))
-
 
 def test_exit_step_is_a_function_of_seed_and_step_and_covers_its_range():
     draws = [exit_step(0, s, 1, 4) for s in range(400)]
@@ -164,7 +162,7 @@ def metrics(folder: Path) -> list[dict]:
 
 
 def test_distill_trains_checkpoints_and_resumes_exactly(inputs, tmp_path):
-    import distill
+    from train import distill
 
     args = ["--config_path", "tiny", *inputs]
     distill.main([*args, "--max_steps", "3", f"train.output_dir={tmp_path / 'straight'}"])
@@ -207,7 +205,7 @@ def test_distill_under_torchrun_on_two_processes(inputs, tmp_path):
 
 
 def test_distill_refuses_missing_inputs_before_compute(tmp_path):
-    import distill
+    from train import distill
 
     with pytest.raises(SystemExit, match="distill.generator=.*nothing.safetensors"):
         distill.main(["--config_path", "tiny", f"distill.generator={tmp_path / 'nothing.safetensors'}",
@@ -217,7 +215,7 @@ def test_distill_refuses_missing_inputs_before_compute(tmp_path):
 def test_distill_with_a_teacher_of_another_size(inputs, tmp_path):
     """Full scale distils from a larger teacher (Wan2.1-14B, distill.teacher_model=wan14b): here a
     3-layer tiny teacher for a 2-layer student."""
-    import distill
+    from train import distill
 
     preset = tmp_path / "big.yaml"
     preset.write_text("base: tiny\nmodel:\n  num_layers: 3\n")

@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "train"))
-
 
 @pytest.fixture(scope="module")
 def inputs(distill_inputs):
@@ -25,7 +23,7 @@ def metrics(folder: Path) -> list[dict]:
 def test_one_epoch_of_trajectories_reads_each_once_with_accumulation(inputs, tmp_path, monkeypatch):
     """4 trajectories, 2 micro-steps an update, a generator update every 2nd step: steps 0 and 2 read
     the whole set once, in a shuffled order; prompts are fresh for every update and micro-step."""
-    import distill
+    from train import distill
 
     read, prompts = [], []
     batch = distill.trajectory_batch
@@ -66,7 +64,7 @@ def test_zero3_end_to_end_on_two_processes_with_samples(inputs, tmp_path):
 
 def test_the_rehearsal_runs_the_program_on_random_weights(tmp_path, capsys):
     """No input files at all: random weights of the config's sizes, random prompts and trajectories."""
-    import distill
+    from train import distill
 
     distill.main(["--config_path", "tiny", "--rehearse", "--max_steps", "3", f"train.output_dir={tmp_path}",
                   "train.save_every=0", "train.log_every=1", "distill.dfake_gen_update_ratio=2"])
@@ -78,7 +76,7 @@ def test_the_rehearsal_runs_the_program_on_random_weights(tmp_path, capsys):
 
 
 def test_a_total_batch_that_does_not_divide_ends_with_a_message_before_any_model(tmp_path, capsys):
-    import distill
+    from train import distill
 
     with pytest.raises(SystemExit) as end:
         distill.main_guard(lambda: distill.main(["--config_path", "tiny", "--rehearse", "train.batch_size=2",

@@ -16,7 +16,7 @@ import inference
 from hiar.codecs import ToyDCTCodec
 from hiar.config import load_config
 from hiar.data import load_prompts
-from hiar.pipeline import render
+from hiar.render import render
 from hiar.video import Claim, VideoWriteError, VideoWriter, claim_free, read_video
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +36,6 @@ def prompt_index(latents: Path) -> str:
 
 DISK_FULL = """
 import resource, signal, sys
-sys.path.insert(0, {root!r})
 import inference
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk

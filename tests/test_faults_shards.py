@@ -6,19 +6,17 @@ import hashlib
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "train"))
-import ode_pairs  # noqa: E402
+from train import ode_pairs
 
 from conftest import random_model  # noqa: E402
 from hiar import ode  # noqa: E402
 from hiar.checkpoints import save_model  # noqa: E402
 from hiar.config import kept_indices, load_config  # noqa: E402
-from hiar.ode import ProvenanceError, ShardError, TrajectoryStore, read_trajectories  # noqa: E402
+from hiar.trajectories import ProvenanceError, ShardError, TrajectoryStore, read_trajectories  # noqa: E402
 from hiar.training import main_guard  # noqa: E402
 
 SETTINGS = ["--config_path", "tiny", "ode.num_trajectories=3", "ode.steps=4", "ode.batch_size=1"]

@@ -5,15 +5,13 @@ the last checkpoint intact, bad settings end before compute."""
 import errno
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "train"))
-import teacher  # noqa: E402
+from train import teacher
 
 from hiar import runs  # noqa: E402
 
@@ -133,7 +131,7 @@ def test_impossible_settings_end_before_compute(tmp_path, capsys, setting):
 
 
 def test_a_planted_model_pt_never_runs_on_a_distillation_resume(distill_inputs, tmp_path, capsys):
-    import distill
+    from train import distill
 
     out, marker = tmp_path / "run", tmp_path / "pwned"
     args = ["--config_path", "tiny", *distill_inputs, "train.save_every=1", f"train.output_dir={out}"]

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import collections
 import gc
-import sys
 import weakref
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,8 +25,7 @@ from torch.utils._pytree import tree_flatten
 
 from hiar import plan as P
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "train"))
-import plan as program  # noqa: E402  train/plan.py, the command line
+from train import plan as program  # train/plan.py, the command line
 from hiar.config import ConfigError, load_config, with_overrides
 from hiar.distill import DMD, forward_kl_loss, self_rollout
 from hiar.models import KVCache, WanModel

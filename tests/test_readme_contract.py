@@ -14,10 +14,9 @@ import pytest
 
 import inference
 from hiar.video import read_video
+from scripts import pipeline_parallel_inference as front
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import pipeline_parallel_inference as front  # noqa: E402
 
 # Verbatim from the published README ("2. Inference" and "Pipelined Parallel Inference").
 SHORT = """python inference.py \\

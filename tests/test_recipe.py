@@ -4,7 +4,6 @@ window, the generator's starting point and where launch/download_weights.sh puts
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,13 +16,11 @@ from hiar.config import ConfigError, DistillConfig, ODEConfig, kept_indices, loa
 from hiar.distill import DMD, chord_x0, forward_kl_loss, rollout_blocks, self_rollout, window_loss_start
 from hiar.flow import FlowMatching
 from hiar.models import Bidirectional
-from hiar.ode import read_trajectories
+from hiar.trajectories import read_trajectories
 from hiar.sampling import block_noise, guided, teacher_ode
 from hiar.text import build_text_encoder
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "train"))
-
 
 # -- 1. real-score guidance ---------------------------------------------------------------------------
 
@@ -98,7 +95,7 @@ def test_trajectories_keep_the_reference_points():
 def test_ode_pairs_store_the_kept_points_exactly(tmp_path):
     """Points at ode.keep's grid indices with their exact timesteps, in float32 bit for bit (noise drawn
     on the CPU per trajectory); the manifest records them."""
-    import ode_pairs
+    from train import ode_pairs
 
     cfg = load_config("tiny", ["ode.steps=8"])
     teacher = random_model(cfg)

@@ -9,8 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "train"))
-import teacher  # noqa: E402
+from train import teacher
 
 TINY_TEACHER = ["--config_path", "tiny", "train.batch_size=2", "train.log_every=1", "train.save_every=2",
                 "train.sample_every=0", "train.warmup_steps=2"]
@@ -77,12 +76,12 @@ def test_non_finite_losses_abort_with_a_message(tmp_path, monkeypatch):
 
 
 def test_ode_pairs_then_ode_init(tmp_path):
-    import ode_init
-    import ode_pairs
+    from train import ode_init
+    from train import ode_pairs
 
     from hiar.checkpoints import save_model
     from hiar.config import load_config
-    from hiar.ode import TrajectoryStore, read_trajectories
+    from hiar.trajectories import TrajectoryStore, read_trajectories
 
     from conftest import random_model
 

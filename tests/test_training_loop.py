@@ -128,7 +128,7 @@ def test_the_ema_lives_on_the_host_of_the_main_rank_only():
 def test_the_prompt_cache_is_bounded_and_encodes_misses_together():
     """Full-scale prompts are mostly unique: the cache keeps at most its budget (least recently used out)
     and every call encodes the captions it lacks in one batch."""
-    from hiar.toytrain import PromptBank
+    from hiar.text import PromptBank
 
     calls = []
 

@@ -22,29 +22,26 @@ import argparse
 import dataclasses
 import functools
 import os
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from hiar import distributed, runs  # noqa: E402
-from hiar.checkpoints import load_generator  # noqa: E402
-from hiar.codecs import build_codec  # noqa: E402
-from hiar.config import Config, config_to_dict, load_config  # noqa: E402
-from hiar.data import PromptSource  # noqa: E402
-from hiar.distill import DMD, exit_step, forward_kl_loss, rollout_blocks, self_rollout, window_loss_start  # noqa: E402
-from hiar.ode import TrajectoryStore, trajectory_batch  # noqa: E402
-from hiar.order import ShuffledOrder, updates_before  # noqa: E402
-from hiar.pipeline import render  # noqa: E402
-from hiar.plan import check_fits, estimate  # noqa: E402
-from hiar.rehearsal import MemoryLog, RandomTrajectories, RandomUMT5, random_wan, rehearsal_prompts  # noqa: E402
-from hiar.sampling import block_noise, generate, stable_hash  # noqa: E402
-from hiar.toytrain import PromptBank  # noqa: E402
-from hiar.training import EMA, Trainer, accumulation_steps, frozen, gathered, main_guard  # noqa: E402
+from hiar import distributed, runs
+from hiar.checkpoints import load_generator
+from hiar.codecs import build_codec
+from hiar.config import Config, config_to_dict, load_config
+from hiar.data import PromptSource
+from hiar.distill import DMD, exit_step, forward_kl_loss, rollout_blocks, self_rollout, window_loss_start
+from hiar.trajectories import TrajectoryStore, trajectory_batch
+from hiar.order import ShuffledOrder, updates_before
+from hiar.render import render
+from hiar.plan import check_fits, estimate
+from hiar.rehearsal import MemoryLog, RandomTrajectories, RandomUMT5, random_wan, rehearsal_prompts
+from hiar.sampling import block_noise, generate, stable_hash
+from hiar.text import PromptBank
+from hiar.training import EMA, Trainer, accumulation_steps, frozen, gathered, main_guard
 
 DMD_PROMPT_SEED = 2_000_003  # toyworld prompts for DMD: captions of clips no earlier stage used
 

@@ -6,28 +6,24 @@
 The student starts from the teacher's weights and, under the block-causal mask, predicts each
 trajectory's clean end from a point of it, a random stored point per block (per-frame timesteps).
 Trajectories come from train/ode_pairs.py (ode.output_dir) and are read from their shards as batches
-need them (`hiar.ode.TrajectoryStore`), so a full-scale set (~340 GB) never has to fit in memory.
+need them (`hiar.trajectories.TrajectoryStore`), so a full-scale set (~340 GB) never has to fit in memory.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from hiar import distributed  # noqa: E402
-from hiar.checkpoints import load_generator  # noqa: E402
-from hiar.config import load_config  # noqa: E402
-from hiar.flow import FlowMatching  # noqa: E402
-from hiar.models import BlockCausal, BlockCausalWindow  # noqa: E402
-from hiar.ode import TrajectoryStore  # noqa: E402
-from hiar.order import ShuffledOrder  # noqa: E402
-from hiar.toytrain import PromptBank, ode_regression_batch  # noqa: E402
-from hiar.training import Trainer, main_guard  # noqa: E402
+from hiar import distributed
+from hiar.checkpoints import load_generator
+from hiar.config import load_config
+from hiar.flow import FlowMatching
+from hiar.models import BlockCausal, BlockCausalWindow
+from hiar.trajectories import TrajectoryStore, ode_regression_batch
+from hiar.order import ShuffledOrder
+from hiar.text import PromptBank
+from hiar.training import Trainer, main_guard
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -25,21 +25,19 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch
+from tqdm import tqdm
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from hiar import distributed  # noqa: E402
-from hiar.checkpoints import load_generator  # noqa: E402
-from hiar.config import kept_indices, load_config, save_config  # noqa: E402
-from hiar.data import PromptSource  # noqa: E402
-from hiar.flow import FlowMatching  # noqa: E402
-from hiar.ode import (MANIFEST, TrajectoryStore, claim, provenance_digest, record_path, shard_count, shard_path,  # noqa: E402
+from hiar import distributed
+from hiar.checkpoints import load_generator
+from hiar.config import kept_indices, load_config, save_config
+from hiar.data import PromptSource
+from hiar.flow import FlowMatching
+from hiar.trajectories import (MANIFEST, TrajectoryStore, claim, provenance_digest, record_path, shard_count, shard_path,
                       shard_problem, teacher_fingerprint, write_manifest, write_shard)
-from hiar.sampling import guided, teacher_ode  # noqa: E402
-from hiar.text import build_text_encoder  # noqa: E402
-from hiar.training import main_guard  # noqa: E402
+from hiar.sampling import guided, teacher_ode
+from hiar.text import build_text_encoder
+from hiar.training import main_guard
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,7 +71,7 @@ def run_record(cfg, prompts: list[str], device: torch.device) -> dict:
     o, v = cfg.ode, cfg.video
     teacher = teacher_fingerprint(o.teacher)
     provenance = {
-        "format": 1,  # the shard layout (hiar/ode.py write_shard)
+        "format": 1,  # the shard layout (hiar/trajectories.py write_shard)
         "teacher.sha256": teacher["sha256"],  # content, not path: a moved teacher is the same teacher
         **{f"ode.{k}": getattr(o, k) for k in ("steps", "shift", "guidance_scale", "prompts", "num_trajectories",
                                                "per_shard", "seed", "storage_dtype")},

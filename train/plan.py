@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from hiar.config import ConfigError, load_config  # noqa: E402
-from hiar.plan import DEFAULT_TFLOPS, estimate  # noqa: E402
+from hiar.config import ConfigError, load_config
+from hiar.plan import DEFAULT_TFLOPS, estimate
 
 
 def main(argv: list[str] | None = None) -> int:

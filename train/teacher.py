@@ -9,20 +9,18 @@ Writes checkpoints/, samples/ and, at the end, model.safetensors under train.out
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
-
-from hiar import distributed  # noqa: E402
-from hiar.codecs import build_codec  # noqa: E402
-from hiar.config import load_config  # noqa: E402
-from hiar.data import load_prompts  # noqa: E402
-from hiar.flow import FlowMatching  # noqa: E402
-from hiar.models import WanModel  # noqa: E402
-from hiar.order import ShuffledOrder  # noqa: E402
-from hiar.toytrain import PromptBank, drop_captions, flow_matching_loss, toy_batch, write_teacher_samples  # noqa: E402
-from hiar.training import EMA, Trainer, main_guard, seed_step  # noqa: E402
+from hiar import distributed
+from hiar.codecs import build_codec
+from hiar.config import load_config
+from hiar.data import load_prompts
+from hiar.flow import FlowMatching
+from hiar.models import WanModel
+from hiar.order import ShuffledOrder
+from hiar.text import PromptBank
+from hiar.toyteacher import drop_captions, flow_matching_loss, toy_batch, write_teacher_samples
+from hiar.training import EMA, Trainer, main_guard, seed_step
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,11 +1,7 @@
-"""Who attends to whom: the block-causal window rule, the three attention modes, RoPE and the kernel.
+"""Who attends to whom in the Wan DiT: the three attention modes, RoPE and the attention kernel.
 
-The rule (docs/design.md, section 3): latent frames are cut into
-blocks of k frames from frame 0. A query frame in the block [b, b + k) sees every frame of its own
-block and earlier frames, limited by a local window of W frames counted back from the block's end,
-the block included, plus an optional sink of the first frames that stays visible forever. One
-function, `BlockCausalWindow.frame_mask`, states it; the block-causal full-sequence forward and the KV
-cache both follow it, so the two cannot drift apart.
+The modes differ in which keys a query sees; the block-causal ones follow the one window rule of
+hiar/models/window.py, so the full-sequence forward and the KV cache agree on every frame.
 """
 
 from __future__ import annotations
@@ -13,54 +9,12 @@ from __future__ import annotations
 import functools
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from hiar.config import VideoConfig
-    from hiar.models.cache import KVCache
-
-
-@dataclass(frozen=True)
-class BlockCausalWindow:
-    frames_per_block: int
-    window_frames: int = 0  # W; 0 = unbounded
-    sink_frames: int = 0
-
-    @classmethod
-    def from_config(cls, video: VideoConfig) -> BlockCausalWindow:
-        return cls(video.frames_per_block, video.window_frames, video.sink_frames)
-
-    def block_end(self, frame: torch.Tensor) -> torch.Tensor:
-        k = self.frames_per_block
-        return (frame // k + 1) * k
-
-    def frame_mask(self, query_frames: torch.Tensor, key_frames: torch.Tensor) -> torch.Tensor:
-        """[Fq, Fk] bool: may query frame q see key frame f? Frames are absolute indices."""
-        end = self.block_end(query_frames)[:, None]  # [Fq, 1]
-        key = key_frames[None, :]  # [1, Fk]
-        visible = key < end
-        if self.window_frames:
-            recent = key >= end - (self.window_frames - self.sink_frames)
-            visible &= recent | (key < self.sink_frames)
-        return visible
-
-    def context_frames(self, start: int, end: int) -> list[int]:
-        """Frames before `start` that some query frame in [start, end) sees, in increasing order.
-
-        The first block of the range sees the most (later blocks' windows start later), so its window
-        bounds the union. Equal to the columns < start that `frame_mask` opens for those queries.
-        """
-        if start % self.frames_per_block:
-            raise ValueError(f"a cached call must start on a block boundary; frame {start} is not a multiple "
-                             f"of frames_per_block={self.frames_per_block}")
-        if not self.window_frames:
-            return list(range(start))
-        first_end = start + self.frames_per_block
-        recent_from = max(self.sink_frames, first_end - (self.window_frames - self.sink_frames))
-        return list(range(min(self.sink_frames, start))) + list(range(recent_from, start))
+from hiar.models.cache import KVCache
+from hiar.models.window import BlockCausalWindow
 
 
 # -- attention modes of the Wan DiT -------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from hiar.models.attention import BlockCausalWindow
+from hiar.models.window import BlockCausalWindow
 
 
 class CacheMissError(LookupError):

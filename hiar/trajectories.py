@@ -39,7 +39,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from hiar.atomic import atomic_path
-from hiar.config import ConfigError
+from hiar.config import Config, ConfigError
 
 MANIFEST, RUN = "manifest.json", "run.json"
 REBUILD = "rerun train/ode_pairs.py with the same settings to rebuild it"
@@ -383,3 +383,19 @@ def trajectory_batch(trajectories: Sequence[dict], indices: Sequence[int]) -> di
     return {"points": torch.stack([c["points"] for c in chosen]),
             "timesteps": torch.stack([c["timesteps"] for c in chosen]),
             "final": torch.stack([c["final"] for c in chosen]), "captions": [c["caption"] for c in chosen]}
+
+
+def ode_regression_batch(trajectories: Sequence[dict], cfg: Config,
+                         indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """The ODE-regression batch of trajectories `indices`: for every block a random stored point.
+
+    Returns inputs x [B, F, C, h, w], per-frame timesteps [B, F], targets (the trajectories' clean
+    ends) and captions, on the CPU.
+    """
+    batch = trajectory_batch(trajectories, indices)
+    b, num_points, frames = batch["points"].shape[:3]
+    k = cfg.video.frames_per_block
+    pick = torch.randint(num_points, (b, frames // k)).repeat_interleave(k, dim=1)  # [B, F]: one point per block
+    rows = torch.arange(b)[:, None]
+    x = batch["points"][rows, pick, torch.arange(frames)]
+    return x, batch["timesteps"][rows, pick], batch["final"], batch["captions"]

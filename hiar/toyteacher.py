@@ -1,9 +1,9 @@
-"""What the toy-world training programs share: batches of rendered clips, cached prompt states, the
-flow-matching loss, and teacher sample videos."""
+"""The toy world's teacher training (train/teacher.py): batches of rendered clips, the flow-matching
+loss, caption dropout for classifier-free guidance, and teacher sample videos. Full scale starts from
+the published Wan2.1 teacher instead, so nothing here runs there."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,42 +13,9 @@ from hiar.codecs import Codec
 from hiar.config import Config
 from hiar.flow import FlowMatching
 from hiar.models import AttentionMode, Bidirectional, WanModel
-from hiar.ode import trajectory_batch
 from hiar.sampling import guided, teacher_ode
-from hiar.text import TextEncoder, build_text_encoder
+from hiar.text import PromptBank
 from hiar.toyworld import clip_to_video, sample_clip
-
-
-class PromptBank:
-    """Prompt states by caption. Captions not held are encoded together in one call; states are kept
-    in host memory, least recently used first out, up to `max_bytes` (toy captions repeat across the
-    world; full-scale prompts mostly do not, and an unbounded cache of 8 MiB umT5 states grows without
-    end). Returns states [B, text_len, text_dim] on `device`."""
-
-    def __init__(self, encoder: TextEncoder, max_bytes: int, device: torch.device | str = "cpu"):
-        self.encoder, self.max_bytes, self.device = encoder, max_bytes, torch.device(device)
-        self._held: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._bytes = 0
-
-    @classmethod
-    def for_config(cls, cfg: Config, device: torch.device) -> PromptBank:
-        """The config's text encoder on `device` (or the CPU with runtime.offload_text_encoder), a cache
-        of train.prompt_cache_mb MiB."""
-        return cls(build_text_encoder(cfg, device), cfg.train.prompt_cache_mb * 2**20, device)
-
-    def __call__(self, captions: Sequence[str]) -> torch.Tensor:
-        missing = list(dict.fromkeys(c for c in captions if c not in self._held))
-        fresh = dict(zip(missing, self.encoder(missing).cpu())) if missing else {}
-        states = torch.stack([fresh[c] if c in fresh else self._held[c] for c in captions])
-        for caption in captions:
-            if caption in self._held:
-                self._held.move_to_end(caption)
-        for caption, state in fresh.items():
-            self._held[caption] = state
-            self._bytes += state.nbytes
-        while self._bytes > self.max_bytes:
-            self._bytes -= self._held.popitem(last=False)[1].nbytes
-        return states.to(self.device)
 
 
 def toy_batch(cfg: Config, codec: Codec, indices: Sequence[int]) -> tuple[torch.Tensor, list[str]]:
@@ -104,19 +71,3 @@ def write_teacher_samples(model: WanModel, codec: Codec, bank: PromptBank, cfg: 
         with VideoWriter(paths[-1], cfg.video.fps, cfg.video.height, cfg.video.width) as w:
             w.write(video)
     return paths
-
-
-def ode_regression_batch(trajectories: Sequence[dict], cfg: Config,
-                         indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-    """The ODE-regression batch of trajectories `indices`: for every block a random stored point.
-
-    Returns inputs x [B, F, C, h, w], per-frame timesteps [B, F], targets (the trajectories' clean
-    ends) and captions, on the CPU.
-    """
-    batch = trajectory_batch(trajectories, indices)
-    b, num_points, frames = batch["points"].shape[:3]
-    k = cfg.video.frames_per_block
-    pick = torch.randint(num_points, (b, frames // k)).repeat_interleave(k, dim=1)  # [B, F]: one point per block
-    rows = torch.arange(b)[:, None]
-    x = batch["points"][rows, pick, torch.arange(frames)]
-    return x, batch["timesteps"][rows, pick], batch["final"], batch["captions"]
