@@ -13,7 +13,7 @@ import pytest
 from train import ode_pairs
 
 from conftest import random_model  # noqa: E402
-from hiar import ode  # noqa: E402
+from hiar import trajectories
 from hiar.checkpoints import save_model  # noqa: E402
 from hiar.config import kept_indices, load_config  # noqa: E402
 from hiar.trajectories import ProvenanceError, ShardError, TrajectoryStore, read_trajectories  # noqa: E402
@@ -142,7 +142,7 @@ def test_the_manifest_records_provenance_and_checksums(made):
     cfg = load_config("tiny", ["ode.steps=4"])
     provenance = manifest["provenance"]
     assert provenance == json.loads((out / "run.json").read_text())["provenance"]
-    assert provenance["teacher.sha256"] == ode.teacher_fingerprint(first)["sha256"]
+    assert provenance["teacher.sha256"] == trajectories.teacher_fingerprint(first)["sha256"]
     assert manifest["teacher"]["path"] == str(first)
     assert (provenance["ode.steps"], provenance["ode.per_shard"], provenance["ode.num_trajectories"]) == (4, 2, 3)
     assert provenance["keep"] == kept_indices(cfg) and provenance["runtime.dtype"] == "float32"
@@ -162,14 +162,14 @@ def test_a_teacher_folder_is_fingerprinted_by_all_its_weight_files(tmp_path, mon
     (folder / "config.json").write_text("{}")
     for i in (1, 2):
         (folder / f"diffusion_pytorch_model-0000{i}-of-00002.safetensors").write_bytes(bytes(3 * 2**20))
-    base = ode.teacher_fingerprint(folder)
+    base = trajectories.teacher_fingerprint(folder)
     assert len(base["files"]) == 3 and all(f["hashed"] == "whole" for f in base["files"].values())
     (folder / "Wan2.1_VAE.pth").write_bytes(b"vae")
-    assert ode.teacher_fingerprint(folder)["sha256"] == base["sha256"]
-    monkeypatch.setattr(ode, "WHOLE_HASH_BYTES", 2**20)
-    sampled = ode.teacher_fingerprint(folder)
+    assert trajectories.teacher_fingerprint(folder)["sha256"] == base["sha256"]
+    monkeypatch.setattr(trajectories, "WHOLE_HASH_BYTES", 2**20)
+    sampled = trajectories.teacher_fingerprint(folder)
     assert sampled["files"]["config.json"]["hashed"] == "whole"
     assert sampled["files"]["diffusion_pytorch_model-00002-of-00002.safetensors"]["hashed"].startswith("size and")
     last = folder / "diffusion_pytorch_model-00002-of-00002.safetensors"
     last.write_bytes(bytes(3 * 2**20 - 1) + b"\x01")
-    assert ode.teacher_fingerprint(folder)["sha256"] != sampled["sha256"]
+    assert trajectories.teacher_fingerprint(folder)["sha256"] != sampled["sha256"]
