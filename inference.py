@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +22,8 @@ from tqdm import tqdm
 
 from hiar.checkpoints import CheckpointError, check_checkpoint_path, load_generator
 from hiar.codecs import Codec, build_codec
-from hiar.config import Config, ConfigError, config_to_dict, load_config, whole_blocks
+from hiar.config import (Config, ConfigError, SamplingConfig, choices, config_to_dict, load_config, repo_path,
+                         whole_blocks, with_overrides)
 from hiar.data import check_prompt, prompt_lines
 from hiar.distributed import local_rank_device
 from hiar.models import WanModel
@@ -32,6 +32,7 @@ from hiar.render import render, writable_folder
 from hiar.sampling import Blocks, CellRunner, block_noise, check_step_major, generate
 from hiar.text import build_text_encoder
 from hiar.video import Claim, claim_free
+from hiar.videoset import record_prompts, video_stem
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = "configs/toy/hiar.yaml"  # of the repository, whatever the working directory
@@ -49,10 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output_folder", default="outputs", help="where videos go (created if needed)")
     p.add_argument("--num_output_frames", type=int, help="latent frames per video (default: the config's)")
     p.add_argument("--use_ema", action="store_true", help="use the EMA weights of a training checkpoint")
-    p.add_argument("--inference_method", choices=["frame_first", "timestep_first", "hybrid_block0"],
+    # The choices are the config's own (sampling.method, sampling.schedule): one list to extend.
+    p.add_argument("--inference_method", choices=choices(SamplingConfig, "method"),
                    help="order of the (block, step) cells (default: the config's)")
     p.add_argument("--num_frame_first_blocks", type=int, help="hybrid_block0: blocks denoised frame-first")
-    p.add_argument("--schedule", choices=["step_major", "wavefront"], help="execution of step-first cells")
+    p.add_argument("--schedule", choices=choices(SamplingConfig, "schedule"), help="execution of step-first cells")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_samples", type=int, default=1, help="videos per prompt")
     p.add_argument("--save_with_index", action="store_true", help="name files by prompt index, not prompt text")
@@ -75,12 +77,24 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return load_config(args.config_path, overrides)
 
 
+def with_output_frames(args: argparse.Namespace, cfg: Config) -> Config:
+    """The config whose video.num_latent_frames is --num_output_frames (default: the config's own), a new
+    config: the loaded one is frozen."""
+    if args.num_output_frames is None:
+        return cfg
+    if args.num_output_frames < 1:  # 0 must not fall back to the config's length
+        raise ValueError(f"--num_output_frames={args.num_output_frames} must be positive: use a multiple of "
+                         f"video.frames_per_block={cfg.video.frames_per_block}")
+    whole_blocks("--num_output_frames", args.num_output_frames, cfg.video.frames_per_block)  # names the flag
+    return with_overrides(cfg, [f"video.num_latent_frames={args.num_output_frames}"])
+
+
 def read_prompts(args: argparse.Namespace, cfg: Config) -> list[str]:
     """--prompt, or the lines of --data_path (default: the config's runtime.prompts file)."""
     if args.prompt is not None and args.data_path is not None:
         raise ValueError("give one of --prompt or --data_path, not both")
     if args.prompt is None and args.data_path is None:
-        args.data_path = str(ROOT / cfg.runtime.prompts)
+        args.data_path = str(repo_path(cfg.runtime.prompts))
     if args.prompt is None:
         return prompt_lines(args.data_path)
     check_prompt(args.prompt, "--prompt")
@@ -99,6 +113,18 @@ def read_extended_prompts(args: argparse.Namespace, prompts: list[str]) -> list[
         raise ValueError(f"extended prompt file {args.extended_prompt_path} has {len(extended)} prompt(s) but "
                          f"{source} has {len(prompts)}: give one extended prompt for each prompt, line by line")
     return extended
+
+
+def check_parallel(args: argparse.Namespace, cfg: Config, world: int) -> None:
+    """A pipeline runs the step-first order with at most one stage a step; in one process, a step_major
+    sweep must fit its memory bound (`hiar.sampling.check_step_major`)."""
+    if args.parallel == "pipeline":
+        if cfg.sampling.method != "timestep_first":
+            raise ValueError("--parallel pipeline runs the step-first order: use --inference_method timestep_first")
+        stage_steps(len(cfg.schedule.denoising_steps), world)
+    else:
+        check_step_major(cfg.sampling.schedule, cfg.sampling.method, block_noise(cfg, 0, [0]).block_shape,
+                         args.num_samples, cfg.geometry.num_blocks)
 
 
 def checked_device(name: str, world: int) -> torch.device:
@@ -120,10 +146,35 @@ def checked_device(name: str, world: int) -> torch.device:
     return device
 
 
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """Every input of a run, as `check_inputs` accepted it."""
+    cfg: Config  # video.num_latent_frames: the length generated
+    prompts: list[str]
+    extended: list[str] | None  # per prompt: the text generated from (--extended_prompt_path)
+    folder: Path
+    device: torch.device
+
+
+def check_inputs(args: argparse.Namespace, world: int) -> Inputs:
+    """Every input, before any compute and before any model is loaded: the first problem raises."""
+    cfg = with_output_frames(args, resolve_config(args))
+    prompts = read_prompts(args, cfg)
+    extended = read_extended_prompts(args, prompts)
+    checkpoint = checkpoint_path(args, cfg)
+    if checkpoint:
+        check_checkpoint_path(checkpoint)
+    if args.num_samples < 1:
+        raise ValueError(f"--num_samples={args.num_samples} must be at least 1")
+    check_parallel(args, cfg, world)
+    folder = writable_folder(args.output_folder)
+    return Inputs(cfg, prompts, extended, folder, checked_device(args.device, world))
+
+
 def output_stem(prompt: str, index: int, sample: int, by_index: bool) -> str:
     if by_index:
         return f"{index}-{sample}"
-    return f"{re.sub(r'[^A-Za-z0-9 ,._-]+', '_', prompt)[:100].strip()}-{sample}"
+    return video_stem(prompt, sample)  # VBench's {prompt}-{sample}, whole (hiar/videoset.py)
 
 
 def claim_outputs(folder: Path, stem: str, latents: bool, overwrite: bool) -> list[Claim]:
@@ -140,7 +191,7 @@ def save_run_config(cfg: Config, folder: Path, overwrite: bool) -> Path:
 
 def checkpoint_path(args: argparse.Namespace, cfg: Config) -> str | None:
     """--checkpoint_path, else the config's runtime.checkpoint (from the repository), else None: random weights."""
-    return args.checkpoint_path or (cfg.runtime.checkpoint and str(ROOT / cfg.runtime.checkpoint)) or None
+    return args.checkpoint_path or (cfg.runtime.checkpoint and str(repo_path(cfg.runtime.checkpoint))) or None
 
 
 def build_generator(args: argparse.Namespace, cfg: Config) -> WanModel:
@@ -153,73 +204,71 @@ def build_generator(args: argparse.Namespace, cfg: Config) -> WanModel:
     return WanModel(cfg.model)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    pipelined = args.parallel == "pipeline"
-    # 1. Check every input before any compute (and before any model is loaded).
-    try:
-        cfg = resolve_config(args)
-        num_frames = cfg.video.num_latent_frames if args.num_output_frames is None else args.num_output_frames
-        if num_frames < 1:  # 0 must not fall back to the config's length
-            raise ValueError(f"--num_output_frames={num_frames} must be positive: use a multiple of "
-                             f"video.frames_per_block={cfg.video.frames_per_block}")
-        num_blocks = whole_blocks("--num_output_frames", num_frames, cfg.video.frames_per_block)
-        prompts = read_prompts(args, cfg)
-        extended = read_extended_prompts(args, prompts)
-        checkpoint = checkpoint_path(args, cfg)
-        if checkpoint:
-            check_checkpoint_path(checkpoint)
-        if args.num_samples < 1:
-            raise ValueError(f"--num_samples={args.num_samples} must be at least 1")
-        if pipelined:
-            if cfg.sampling.method != "timestep_first":
-                raise ValueError("--parallel pipeline runs the step-first order: use --inference_method timestep_first")
-            stage_steps(len(cfg.schedule.denoising_steps), world)
-        else:
-            check_step_major(cfg.sampling.schedule, cfg.sampling.method, block_noise(cfg, 0, [0]).block_shape,
-                             args.num_samples, num_blocks)
-        folder = writable_folder(args.output_folder)
-        device = checked_device(args.device, world)
-        codec = build_codec(cfg, device)
-        group = StageGroup(len(cfg.schedule.denoising_steps)) if pipelined else None
-        text_encoder = build_text_encoder(cfg, device)
-        model = build_generator(args, cfg)
-    except (ConfigError, ValueError, OSError, NotImplementedError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    cfg.video.num_latent_frames = num_frames
+def build_generation(args: argparse.Namespace, inputs: Inputs) -> Generation:
+    """The codec, the pipeline's process group (--parallel pipeline), the text encoder and the generator."""
+    cfg, device = inputs.cfg, inputs.device
+    codec = build_codec(cfg, device)
+    group = StageGroup(len(cfg.schedule.denoising_steps)) if args.parallel == "pipeline" else None
+    text_encoder = build_text_encoder(cfg, device)
+    model = build_generator(args, cfg)
     dtype = cfg.torch_dtype(device)
-    model = model.to(device, dtype).eval()
-    rank = group.rank if group else int(os.environ.get("RANK", 0))
+    return Generation(cfg, model.to(device, dtype).eval(), text_encoder, codec, group, device, dtype, inputs.extended)
 
-    # 2. Which prompts this process works on (each job claims its file names just before it runs).
-    jobs = list(enumerate(prompts)) if pipelined else [(i, p) for i, p in enumerate(prompts) if i % world == rank]
 
-    # 3. Generate, streaming each finished block to its file.
+def this_rank(generation: Generation) -> int:
+    """The pipeline stage, else torchrun's RANK (0 without a launcher)."""
+    return generation.group.rank if generation.group else int(os.environ.get("RANK", 0))
+
+
+def write_videos(args: argparse.Namespace, inputs: Inputs, generation: Generation,
+                 world: int) -> tuple[int, float, float | None]:
+    """This process's prompts (data parallel: every world-th; a pipeline: all, in its stage's part),
+    each finished block streamed to its file; the config first. Returns what `Generation.run` does."""
+    cfg, group, rank = inputs.cfg, generation.group, this_rank(generation)
+    prompts = list(enumerate(inputs.prompts))
+    jobs = prompts if group else [(i, p) for i, p in prompts if i % world == rank]  # each claims its names as it runs
+    num_blocks = cfg.geometry.num_blocks
     steps = len(group.steps) if group else len(cfg.schedule.denoising_steps)
     bar = tqdm(total=len(jobs) * num_blocks * steps, unit="cell", desc=f"{cfg.sampling.method} (rank {rank})",
                disable=rank != 0)
+    if rank == 0:
+        save_run_config(cfg, inputs.folder, args.overwrite)
+    result = generation.run(jobs, num_blocks, inputs.folder, args, bar)
+    bar.close()
+    return result
+
+
+def report(generation: Generation, result: tuple[int, float, float | None], world: int) -> None:
+    """Speed: every data-parallel rank for itself; for a pipeline, rank 0 for the last stage."""
+    frames, seconds, first_block = result
+    group, cfg = generation.group, generation.cfg
+    if group:
+        received = group.send_to_first([frames, seconds, first_block or 0.0])
+        group.close()
+        if received is None:
+            return
+        frames, seconds, first_block = received
+    print(f"rank {this_rank(generation)}: {frames:.0f} frames in {seconds:.1f} s: "
+          f"{frames / max(seconds, 1e-9):.2f} frames/s, first block after {first_block or 0:.2f} s "
+          f"({cfg.sampling.method}, {cfg.sampling.schedule}{f', {world}-stage pipeline' if group else ''}, "
+          f"{generation.device})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", 1))
     try:
-        if rank == 0:
-            save_run_config(cfg, folder, args.overwrite)
-        generation = Generation(cfg, model, text_encoder, codec, group, device, dtype, extended)
-        frames, seconds, first_block = generation.run(jobs, num_blocks, folder, args, bar)
+        inputs = check_inputs(args, world)  # 1. every input, before any compute
+        generation = build_generation(args, inputs)  # 2. the models
+    except (ConfigError, ValueError, OSError, NotImplementedError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        result = write_videos(args, inputs, generation, world)  # 3. generate, streaming blocks to files
     except (PipelineError, OSError) as err:  # a stage died, or a file could not be written (it is named)
         print(f"error: {err}", file=sys.stderr)
         return 1
-    bar.close()
-
-    # 4. Report: every data-parallel rank for itself; for a pipeline, rank 0 for the last stage.
-    if group:
-        report = group.send_to_first([frames, seconds, first_block or 0.0])
-        group.close()
-        if report is None:
-            return 0
-        frames, seconds, first_block = report
-    print(f"rank {rank}: {frames:.0f} frames in {seconds:.1f} s: {frames / max(seconds, 1e-9):.2f} frames/s, "
-          f"first block after {first_block or 0:.2f} s ({cfg.sampling.method}, {cfg.sampling.schedule}"
-          f"{f', {world}-stage pipeline' if group else ''}, {device})")
+    report(generation, result, world)  # 4. speed
     return 0
 
 
@@ -266,6 +315,7 @@ class Generation:
             first_block = first_block if first_block is not None else out.first_block_seconds
             for path in out.paths:
                 print(f"wrote {path} ({out.video_frames} frames)")
+            record_prompts(folder, {path.name: prompt for path in out.paths})  # the manifest, prompts.json
         return frames, seconds, first_block
 
     def text_of(self, index: int, prompt: str) -> str:

@@ -1,9 +1,9 @@
 """Inference benchmark: every order of the (block, step) cells measured side by side in one run.
 
     python -m eval.bench run --config_path configs/toy/hiar.yaml --num_blocks 40 --stages 2 --long_factor 10 \\
-        --json docs/bench_toy_cpu.json
+        --json runs/bench_toy_cpu.json
     python -m eval.bench run --config_path configs/hiar.yaml --device cuda --num_blocks 7    # Wan2.1-1.3B, 21 frames
-    python -m eval.bench table docs/bench_toy_cpu.json                                        # print a result again
+    python -m eval.bench table runs/bench_toy_cpu.json                                        # print a result again
     python -m eval.bench pipeline --num_blocks 100 --stages 2     # = run --methods wavefront --stages 2 (issue 5)
 
 Rows (random weights, which do not change speed; latents only, no VAE decode):
@@ -44,11 +44,11 @@ from pathlib import Path
 
 import torch
 
-from eval import exit_code
 from hiar.atomic import atomic_path
 from hiar.config import Config, load_config
 from hiar.distributed import local_rank_device
 from hiar.models import WanModel
+from hiar.outputs import exit_code
 from hiar.parallel import StageGroup, pipeline_stage, stage_steps
 from hiar.sampling import CellRunner, SamplerStats, block_noise, generate
 

@@ -25,20 +25,20 @@ import math
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from eval import OVERWRITE_HELP, new_file, publish, refuse_existing
-from eval.drift import write_scores
 from hiar.checkpoints import CheckpointError, load_generator
 from hiar.codecs import build_codec
-from hiar.config import Config, ConfigError, load_config, save_config
+from hiar.config import PRESET_DIR, Config, ConfigError, load_config, repo_path, save_config, with_overrides
 from hiar.models import WanModel
+from hiar.outputs import OVERWRITE_HELP, new_file, publish, refuse_existing
 from hiar.render import render
 from hiar.sampling import block_noise, generate
+from hiar.scoring import write_scores
 from hiar.text import build_text_encoder
 from hiar.videoset import PROMPTS_FILE
 
@@ -74,8 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="run folder: videos/, scores.json")
     p.add_argument("--method", action="append", required=True, metavar="NAME=CKPT[:OVERRIDES]")
-    p.add_argument("--config_path", default="configs/toy/hiar.yaml")
-    p.add_argument("--data_path", help="one prompt a line (default: the config's runtime.prompts)")
+    p.add_argument("--config_path", default=str(PRESET_DIR / "toy" / "hiar.yaml"),
+                   help="YAML config or preset name (default: the repository's configs/toy/hiar.yaml)")
+    p.add_argument("--data_path", help="one prompt a line (default: the config's runtime.prompts, from the "
+                   "repository root)")
     p.add_argument("--seconds", type=float, default=20.0, help="video length (rounded up to whole blocks)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_samples", type=int, default=1, help="videos per prompt")
@@ -88,20 +90,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def method_config(m: Method, args: argparse.Namespace) -> Config:
+    """--config_path with the method's overrides, streamed (wavefront, a window) for --seconds of video."""
+    if m.checkpoint and not Path(m.checkpoint).exists():
+        raise ValueError(f"--method {m.name}: checkpoint {m.checkpoint} does not exist")
+    cfg = load_config(args.config_path, ["sampling.schedule=wavefront", *m.overrides])
+    if cfg.video.window_frames == 0:
+        raise ValueError(f"--method {m.name}: video.window_frames=0 attends to the whole video, so memory grows "
+                         "with its length: set video.window_frames (configs/toy/hiar.yaml uses 21)")
+    return with_overrides(cfg, [f"video.num_latent_frames={latent_frames(cfg, args.seconds)}"])
+
+
 def check(args: argparse.Namespace) -> tuple[list[Method], list[str]]:
     """Every input, before any model is loaded."""
     methods = [parse_method(m) for m in args.method]
     if len({m.name for m in methods}) != len(methods):
         raise ValueError("--method names must differ")
-    for m in methods:
-        if m.checkpoint and not Path(m.checkpoint).exists():
-            raise ValueError(f"--method {m.name}: checkpoint {m.checkpoint} does not exist")
-        m.cfg = load_config(args.config_path, ["sampling.schedule=wavefront", *m.overrides])
-        if m.cfg.video.window_frames == 0:
-            raise ValueError(f"--method {m.name}: video.window_frames=0 attends to the whole video, so memory grows "
-                             "with its length: set video.window_frames (configs/toy/hiar.yaml uses 21)")
-        m.cfg.video.num_latent_frames = latent_frames(m.cfg, args.seconds)
-    prompts_path = Path(args.data_path or methods[0].cfg.runtime.prompts)
+    methods = [replace(m, cfg=method_config(m, args)) for m in methods]
+    prompts_path = Path(args.data_path) if args.data_path else repo_path(methods[0].cfg.runtime.prompts)
     if not prompts_path.is_file():
         raise ValueError(f"prompt file {prompts_path} does not exist")
     prompts = [line.strip() for line in prompts_path.read_text().splitlines() if line.strip()]
@@ -170,7 +176,7 @@ def run_method(m: Method, prompts: list[str], args: argparse.Namespace, folder: 
         model = WanModel(cfg.model)
     model = model.to(device, cfg.torch_dtype(device)).eval()
     codec, encoder = build_codec(cfg, device), build_text_encoder(cfg, device)
-    num_blocks = cfg.video.num_latent_frames // cfg.video.frames_per_block
+    num_blocks = cfg.geometry.num_blocks
     bar = tqdm(total=len(prompts) * num_blocks * len(cfg.schedule.denoising_steps), unit="cell", desc=m.name)
     listed = {}
     # Files are written whole in a private hidden folder (not scanned for *.mp4), then published.

@@ -10,25 +10,27 @@ generated section compares every label evaluated so far (from their summary.json
 Per variant (a checkpoint under --runs and the order it is sampled in): toy-world fidelity of short clips
 of held-out captions (`eval.toy_fidelity`: prompted colours recovered, objects moving at the world's
 speeds), then long rollouts of the same captions and seeds for every variant (`eval.rollout`, wavefront,
-flat memory) scored for drift (`eval.drift`) and reported (`eval.report`: report.md and plots). The
-table, the plots and the raw JSON are copied next to the doc. --out is this program's own working
-folder: every run regenerates it (launch/reproduce_toy.sh reruns it), its long rollouts included.
+flat memory) scored for drift (`eval.drift`) and reported (`eval.report`: report.md and plots). Each of
+those programs runs as its own process, as it would from the command line, and this one reads the files
+it writes; the first that fails ends the run with exit code 2. The table, the plots and the raw JSON are
+copied next to the doc. --out is this program's own working folder: every run regenerates it
+(launch/reproduce_toy.sh reruns it), its long rollouts included.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
-from eval import report, rollout, toy_fidelity
 from hiar.atomic import atomic_path
-from hiar.checkpoints import CheckpointError
-from hiar.config import ConfigError
 from hiar.toyworld import sample_clip
 
+ROOT = Path(__file__).resolve().parent.parent  # the repository, which holds the eval programs
 # name -> (run folder under --runs, inference overrides, what it shows)
 VARIANTS = {
     "hiar": ("hiar", [], "HiAR: step-first, context at t_{j+1}, forward-KL"),
@@ -65,9 +67,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         return evaluate(args)
-    except (CheckpointError, ConfigError, ValueError, OSError) as err:
+    except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def run_program(program: str, *args: str) -> int:
+    """`python -m eval.<program> args` in a process of its own (its output passes through): its exit code.
+    It runs in this one's folder, so relative paths mean the same, with this repository importable."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", f"eval.{program}", *args],
+                          env={**os.environ, "PYTHONPATH": path}).returncode
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -81,18 +91,21 @@ def evaluate(args: argparse.Namespace) -> int:
     # 1. short clips: does each variant draw its captions?
     fidelity = {}
     for name, (run, overrides, _) in present.items():
-        fidelity[name] = toy_fidelity.main(["--checkpoint", str(runs / run / "model.safetensors"), "--num_clips",
-                                            str(args.num_clips), "--out", str(out / "fidelity" / name), *overrides])
+        folder = out / "fidelity" / name
+        if run_program("toy_fidelity", "--checkpoint", str(runs / run / "model.safetensors"), "--num_clips",
+                       str(args.num_clips), "--out", str(folder), *overrides) != 0:
+            return 2
+        fidelity[name] = json.loads((folder / "results.json").read_text())
 
     # 2. long rollouts of the same captions and seeds, scored and reported
     prompts = out / "long_prompts.txt"
     prompts.write_text("".join(sample_clip(HELD_OUT_SEED, i).caption + "\n" for i in range(args.num_long)))
     methods = [f"--method={name}={runs / run / 'model.safetensors'}" + "".join(f":{o}" for o in overrides)
                for name, (run, overrides, _) in present.items()]
-    if rollout.main(["--out", str(out / "long"), "--config_path", args.config_path, "--data_path", str(prompts),
-                     "--seconds", str(args.seconds), "--overwrite", *methods]) != 0:
+    if run_program("rollout", "--out", str(out / "long"), "--config_path", args.config_path, "--data_path",
+                   str(prompts), "--seconds", str(args.seconds), "--overwrite", *methods) != 0:
         return 2
-    if report.main([str(out / "long")]) != 0:  # its assets are copied below
+    if run_program("report", str(out / "long")) != 0:  # its assets are copied below
         return 2
     scores = json.loads((out / "long" / "scores.json").read_text())
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eval import OVERWRITE_HELP, exit_code, new_file, refuse_existing
+from hiar.outputs import OVERWRITE_HELP, exit_code, new_file, refuse_existing
 from hiar.toyworld import sample_clip
 from hiar.video import write_video
 

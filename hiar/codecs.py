@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from pathlib import Path
 
-from hiar.config import Config
+from hiar.config import Config, repo_path
 
 
 class StreamDecoder(Protocol):
@@ -175,4 +175,4 @@ class WanVAEStream:
 def build_codec(cfg: Config, device: torch.device | str = "cpu") -> Codec:
     if cfg.video.codec == "toy_dct":
         return ToyDCTCodec()
-    return WanVAE.from_folder(cfg.runtime.base_model, device, cfg.torch_dtype(torch.device(device)))
+    return WanVAE.from_folder(repo_path(cfg.runtime.base_model), device, cfg.torch_dtype(torch.device(device)))

@@ -4,14 +4,27 @@ Every run goes through `load_config`, which is strict (an unknown key is an erro
 valid one, a wrong type is an error naming the expected type) and validates once, so the rest of the
 code can trust a `Config`. `save_config` writes the resolved tree next to every output.
 
-Geometry (tokens per frame, cache length, blocks) is never written in a preset: `Config.geometry`
-derives it from the resolution, the VAE stride and the patch size.
+A loaded config is immutable (frozen dataclasses): a program that needs other values derives a new,
+validated config with `with_overrides` instead of changing one that other code already trusts.
+
+Derived values are computed from the frozen fields, never written in a preset: `Config.geometry`
+(tokens per frame, cache length, blocks) from the resolution, the VAE stride and the patch size;
+`ScheduleConfig.timesteps` (the warped step list) from the schedule. Both are computed once per config.
+The distillation lengths left at 0 are resolved at validation and stored, so saved configs say them.
+
+Paths: a relative path in a config (runtime.base_model, runtime.prompts, runtime.checkpoint,
+train.output_dir, train.deepspeed, ode.teacher, ode.prompts, ode.output_dir, distill.generator,
+distill.teacher, distill.critic, distill.prompts, distill.teacher_model) is taken from the repository
+root, wherever the program runs: `repo_path` resolves it. Paths given as command-line flags
+(--config_path, --data_path, --checkpoint_path, --output_folder, ...) are the user's, taken from the
+current directory; a preset's `base:` is looked up beside the preset first.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 import types
 import typing
@@ -25,7 +38,8 @@ import yaml
 from hiar.atomic import atomic_path
 from hiar.flow import NUM_TRAIN_TIMESTEPS, FlowMatching
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+ROOT = Path(__file__).resolve().parent.parent  # the repository: relative config paths start here
+PRESET_DIR = ROOT / "configs"
 
 
 # What each codec and text encoder produces, checked against the model's sizes in `Config.validate`.
@@ -35,6 +49,11 @@ TEXT_DIMS = {"umt5-xxl": 4096, "all-minilm-l6-v2": 384}
 
 class ConfigError(ValueError):
     """A configuration the user must change; the message says what to change."""
+
+
+def repo_path(path: str | os.PathLike) -> Path:
+    """A path written in a config: absolute as given, relative from the repository root (module docstring)."""
+    return ROOT / path
 
 
 def whole_blocks(name: str, frames: int, k: int) -> int:
@@ -48,7 +67,7 @@ def whole_blocks(name: str, frames: int, k: int) -> int:
     return frames // k
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """Wan DiT sizes (docs/design.md, section 3); defaults are Wan2.1-T2V-1.3B."""
 
@@ -66,14 +85,18 @@ class ModelConfig:
     eps: float = 1e-6
     rope_theta: float = 10000.0
     # "auto": flash-attn when installed and on CUDA (half precision); SDPA otherwise (and always on CPU).
-    attention_backend: Literal["auto", "sdpa"] = "auto"
+    # "sdpa": PyTorch SDPA, PyTorch picks the kernel; "sdpa_flash", "sdpa_efficient", "sdpa_cudnn",
+    # "sdpa_math": SDPA held to that kernel; "flash_attn": the flash-attn package. A backend that cannot
+    # run on the device and dtype fails at the first forward, saying why (hiar/models/attention.py).
+    attention_backend: Literal["auto", "sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math",
+                               "flash_attn"] = "auto"
 
     @property
     def dim(self) -> int:
         return self.num_heads * self.head_dim
 
 
-@dataclass
+@dataclass(frozen=True)
 class VideoConfig:
     """Pixel resolution, VAE stride and the block structure of the causal student."""
 
@@ -91,7 +114,7 @@ class VideoConfig:
     sink_frames: int = 0  # first frames that stay visible to every block (attention sink)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScheduleConfig:
     """The student's denoising steps (docs/design.md, section 1)."""
 
@@ -100,19 +123,27 @@ class ScheduleConfig:
     warp: bool = True
     shift: float = 5.0
 
+    @functools.cached_property  # frozen fields: computed once, on first use (validation's ODE check)
+    def timesteps(self) -> tuple[float, ...]:
+        """The student's timesteps t_0 > ... > t_{S-1} the model is told, as floats (never rounded)."""
+        return tuple(FlowMatching(self.shift).denoising_timesteps(self.denoising_steps, self.warp).tolist())
 
-@dataclass
+
+@dataclass(frozen=True)
 class SamplingConfig:
     """How the (block, step) cells are ordered and stepped at inference (docs/design.md, section 1)."""
 
     # frame_first: Self-Forcing's block-first order; timestep_first: HiAR's step-first order;
-    # hybrid_block0: the first `num_frame_first_blocks` blocks frame-first, the rest step-first.
-    method: Literal["frame_first", "timestep_first", "hybrid_block0"] = "timestep_first"
+    # hybrid_block0: the first `num_frame_first_blocks` blocks frame-first, the rest step-first;
+    # hybrid_steps: the first `frame_first_steps` steps of every block block-first, the rest step-first.
+    method: Literal["frame_first", "timestep_first", "hybrid_block0", "hybrid_steps"] = "timestep_first"
     # Execution of the step-first cells: step_major sweeps every block at step 0, then step 1, ...
     # (the reference); wavefront runs anti-diagonals, keeps S caches of one window each and streams
     # blocks out S cells after they start. Both give the same video.
     schedule: Literal["step_major", "wavefront"] = "wavefront"
     num_frame_first_blocks: int = 1
+    # hybrid_steps: K in [0, S]; steps 0..K-1 read earlier blocks at t_K (0: timestep_first, S: frame_first).
+    frame_first_steps: int = 1
     # Noise level of the step-first context written at step j: "next" = t_{j+1} (HiAR; clean after the
     # last step), "current" = t_j, "clean" = 0 (ablations).
     context_level: Literal["next", "current", "clean"] = "next"
@@ -122,28 +153,41 @@ class SamplingConfig:
     stepping: Literal["sde", "ode"] = "sde"
     # Paper section 3.2: one forward for block n's cache write and block n+1's denoise at a step.
     fused: bool = False
+    # After a prompt switch at block b (hiar/conditioning.py): new_blocks keeps the earlier blocks' cached
+    # K/V as written under the old prompt; recache re-runs the frames each cache holds under the new prompt,
+    # at their level, before block b reads it (the old prompt does not linger in the context).
+    switch: Literal["new_blocks", "recache"] = "recache"
 
 
-@dataclass
+@dataclass(frozen=True)
 class RuntimeConfig:
-    """Where the base model's text encoder and VAE live, and the numeric precision."""
+    """Where the base model's text encoder and VAE live, and the numeric precision. Relative paths are
+    taken from the repository root (module docstring)."""
 
     # Folder with the text encoder and VAE, in the original Wan2.1 layout or the diffusers layout.
     base_model: str = "wan_models/Wan2.1-T2V-1.3B"
     # auto: bfloat16 weights and activations on CUDA, float32 on the CPU.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # KV cache of sampling without grad: dict (per-frame tensors, concatenated on each read) or static
+    # (preallocated per-layer buffers written in place: fixed shapes once the window is full, the same
+    # video). Cells that need grad (training's gradient window) always use dict (hiar/models/cache.py).
+    kv_cache: Literal["dict", "static"] = "dict"
+    # torch.compile the transformer blocks' pure-tensor parts for sampling (hiar.models.wan.compile_blocks);
+    # the first forwards of each shape compile. Same video up to float rounding.
+    compile_blocks: bool = False
     # Encode prompts on the CPU and keep the text encoder there (saves ~11 GB of GPU memory for umT5-XXL).
     offload_text_encoder: bool = False
     # Prompt file (one a line) used when a program is given no prompt.
     prompts: str = "data/prompts.txt"
-    # Weights inference.py uses when given no --checkpoint_path ("": none, random weights); a relative
-    # path is taken from the repository root (the toy presets point at the embedded default).
+    # Weights inference.py uses when given no --checkpoint_path ("": none, random weights); the toy
+    # presets point at the embedded default.
     checkpoint: str = ""
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    """A training run (teacher, ODE initialisation, distillation): optimisation, DeepSpeed, bookkeeping."""
+    """A training run (teacher, ODE initialisation, distillation): optimisation, DeepSpeed, bookkeeping.
+    Relative paths (output_dir, deepspeed) are taken from the repository root (module docstring)."""
 
     output_dir: str = "runs/train"
     steps: int = 1000
@@ -180,9 +224,10 @@ class TrainConfig:
     ema_start: int = 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class ODEConfig:
-    """Teacher ODE trajectories (for ODE initialisation and the forward-KL regulariser)."""
+    """Teacher ODE trajectories (for ODE initialisation and the forward-KL regulariser). Relative paths
+    (teacher, prompts, output_dir) are taken from the repository root (module docstring)."""
 
     teacher: str = "runs/toy/teacher/model.safetensors"
     prompts: str = "toyworld"  # "toyworld" (captions of the world's clips) or a prompt file
@@ -208,15 +253,18 @@ class ODEConfig:
     batch_size: int = 4  # trajectories integrated together
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistillConfig:
     """DMD distillation with the forward-KL regulariser (docs/design.md, section 2). The rollout order and
     the context level are `sampling.method` and `sampling.context_level`; the generator's learning
-    rate, betas, weight decay and clipping are `train.*`."""
+    rate, betas, weight decay and clipping are `train.*`. Relative paths (generator, teacher, critic,
+    prompts, a teacher_model file) are taken from the repository root (module docstring)."""
 
     generator: str = "runs/toy/ode_init/model.safetensors"  # the student's initialisation
     teacher: str = "runs/toy/teacher/model.safetensors"  # real score, frozen
-    teacher_model: str = ""  # a preset whose `model` section is the teacher's (e.g. wan14b); "": the student's
+    # A preset (a name such as wan14b, or a YAML file) whose `model` section is the teacher's
+    # (`teacher_model_config`); "": the student's.
+    teacher_model: str = ""
     # The frozen teacher's placement (its precision is train.bf16's): a whole copy on every rank, or
     # sharded over the ranks by a DeepSpeed ZeRO-3 engine without optimizer (zero3_offload: parameters
     # on the host, streamed in layer by layer). A 14B teacher needs zero3 on 80 GB cards.
@@ -286,7 +334,7 @@ class Geometry:
         return self.cache_frames * self.tokens_per_frame
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
@@ -302,7 +350,7 @@ class Config:
             return torch.bfloat16 if device.type == "cuda" else torch.float32
         return getattr(torch, self.runtime.dtype)
 
-    @property
+    @functools.cached_property  # frozen fields: computed once, on first use
     def geometry(self) -> Geometry:
         v, m = self.video, self.model
         latent_height = v.height // v.vae_stride[1]
@@ -319,89 +367,136 @@ class Config:
         )
 
     def validate(self) -> Config:
-        """Check cross-field consistency; raise `ConfigError` saying what to change."""
+        """This config with distill's 0 lengths resolved, once every section and their consistency is
+        checked; a `ConfigError` saying what to change (the first problem, in this order)."""
         m, v, s = self.model, self.video, self.schedule
-        if m.head_dim % 2 or m.head_dim < 6:
-            raise ConfigError(f"model.head_dim={m.head_dim} must be even and at least 6 (3-axis RoPE)")
-        if m.patch_size[0] != 1:
-            raise ConfigError(f"model.patch_size={list(m.patch_size)}: the temporal patch must be 1 "
-                              "so that blocks are made of whole latent frames")
-        for axis, pixels in (("height", v.height), ("width", v.width)):
-            i = 1 if axis == "height" else 2
-            unit = v.vae_stride[i] * m.patch_size[i]
-            if pixels % unit:
-                raise ConfigError(
-                    f"video.{axis}={pixels} must be divisible by vae_stride[{i}] * patch_size[{i}] = {unit}: "
-                    f"use {max(unit, pixels // unit * unit)}")
-        codec_shape = CODEC_LAYOUT[v.codec]
-        if (m.in_channels, m.out_channels, tuple(v.vae_stride)) != codec_shape:
+        check_model(m)
+        check_frame_size(m, v)
+        check_codec_and_text(m, v)
+        check_blocks(v)
+        check_schedule(s)
+        check_sampling(self.sampling)
+        check_train(self.train)
+        cfg = dataclasses.replace(self, distill=resolved_lengths(self.distill, v.num_latent_frames))
+        check_distill(cfg.distill, v.frames_per_block, len(s.denoising_steps))
+        check_ode(cfg)
+        return cfg
+
+
+# -- what `Config.validate` checks, section by section ---------------------------------------------
+
+
+def check_model(m: ModelConfig) -> None:
+    if m.head_dim % 2 or m.head_dim < 6:
+        raise ConfigError(f"model.head_dim={m.head_dim} must be even and at least 6 (3-axis RoPE)")
+    if m.patch_size[0] != 1:
+        raise ConfigError(f"model.patch_size={list(m.patch_size)}: the temporal patch must be 1 "
+                          "so that blocks are made of whole latent frames")
+
+
+def check_frame_size(m: ModelConfig, v: VideoConfig) -> None:
+    """A frame must cut into whole patches of whole latent pixels."""
+    for axis, pixels in (("height", v.height), ("width", v.width)):
+        i = 1 if axis == "height" else 2
+        unit = v.vae_stride[i] * m.patch_size[i]
+        if pixels % unit:
             raise ConfigError(
-                f"video.codec={v.codec} makes {codec_shape[0]}-channel latents with stride {list(codec_shape[2])}: "
-                f"set model.in_channels/out_channels={codec_shape[0]} and video.vae_stride={list(codec_shape[2])}")
-        if m.text_dim != TEXT_DIMS[m.text_encoder]:
-            raise ConfigError(f"model.text_encoder={m.text_encoder} gives {TEXT_DIMS[m.text_encoder]}-d states: "
-                              f"set model.text_dim={TEXT_DIMS[m.text_encoder]}")
-        k = v.frames_per_block
-        if k < 1:
-            raise ConfigError(f"video.frames_per_block={k} must be at least 1")
-        whole_blocks("video.num_latent_frames", v.num_latent_frames, k)
-        if v.sink_frames < 0 or v.window_frames < 0:
-            raise ConfigError("video.window_frames and video.sink_frames must be >= 0 (0 window = unbounded)")
-        if v.window_frames and v.window_frames < k + v.sink_frames:
-            raise ConfigError(
-                f"video.window_frames={v.window_frames} must be at least frames_per_block + sink_frames = "
-                f"{k + v.sink_frames} (the window holds the sink and the current block)")
-        if v.sink_frames and not v.window_frames:
-            raise ConfigError("video.sink_frames only makes sense with a window: set video.window_frames")
-        steps = list(s.denoising_steps)
-        if not steps or any(not 0 < t <= NUM_TRAIN_TIMESTEPS for t in steps) or steps != sorted(steps, reverse=True) \
-                or len(set(steps)) != len(steps):
-            raise ConfigError(f"schedule.denoising_steps={steps} must be strictly decreasing within "
-                              f"(0, {NUM_TRAIN_TIMESTEPS}]")
-        if s.shift <= 0:
-            raise ConfigError(f"schedule.shift={s.shift} must be positive")
-        if self.sampling.num_frame_first_blocks < 0:
-            raise ConfigError(f"sampling.num_frame_first_blocks={self.sampling.num_frame_first_blocks} must be >= 0")
-        if not 0 <= self.sampling.frame_first_context_t < NUM_TRAIN_TIMESTEPS:
-            raise ConfigError(f"sampling.frame_first_context_t={self.sampling.frame_first_context_t} must lie in "
-                              f"[0, {NUM_TRAIN_TIMESTEPS})")
-        t = self.train
-        for name, low in (("steps", 1), ("batch_size", 1), ("log_every", 1), ("total_batch_size", 0), ("save_every", 0),
-                          ("sample_every", 0), ("max_nonfinite", 0), ("prompt_cache_mb", 0)):
-            if getattr(t, name) < low:
-                raise ConfigError(f"train.{name}={getattr(t, name)} must be at least {low}")
-        if t.warmup_steps < 0 or t.decay_steps < 0:
-            raise ConfigError(f"train.warmup_steps={t.warmup_steps} and train.decay_steps={t.decay_steps} must be >= 0")
-        if not 0 <= t.ema_decay < 1:
-            raise ConfigError(f"train.ema_decay={t.ema_decay} must lie in [0, 1) (0: no EMA)")
-        d = self.distill
-        d.num_training_frames = d.num_training_frames or v.num_latent_frames  # resolved, so saved configs say it
-        d.num_rollout_frames = d.num_rollout_frames or d.num_training_frames
-        for name in ("num_training_frames", "num_rollout_frames"):
-            whole_blocks(f"distill.{name}", getattr(d, name), k)
-        if d.num_rollout_frames < d.num_training_frames:
-            raise ConfigError(f"distill.num_rollout_frames={d.num_rollout_frames} must be at least "
-                              f"distill.num_training_frames={d.num_training_frames} (the gradient window)")
-        if not 0 <= d.min_exit_step < len(steps):
-            raise ConfigError(f"distill.min_exit_step={d.min_exit_step} must lie in [0, {len(steps) - 1}]")
-        if not 0 < d.t_min < d.t_max < 1:
-            raise ConfigError(f"distill.t_min={d.t_min} and t_max={d.t_max} must satisfy 0 < t_min < t_max < 1")
-        if d.dfake_gen_update_ratio < 1:
-            raise ConfigError(f"distill.dfake_gen_update_ratio={d.dfake_gen_update_ratio} must be >= 1")
-        if not 0 <= d.ema_decay < 1:
-            raise ConfigError(f"distill.ema_decay={d.ema_decay} must lie in [0, 1)")
-        if not 0 <= d.fkl_steps <= len(steps):
-            raise ConfigError(f"distill.fkl_steps={d.fkl_steps} must lie in [0, {len(steps)}] (student steps)")
-        if self.ode.steps < 1:
-            raise ConfigError(f"ode.steps={self.ode.steps} must be at least 1")
-        kept_indices(self)  # raises what to change
-        return self
+                f"video.{axis}={pixels} must be divisible by vae_stride[{i}] * patch_size[{i}] = {unit}: "
+                f"use {max(unit, pixels // unit * unit)}")
+
+
+def check_codec_and_text(m: ModelConfig, v: VideoConfig) -> None:
+    """The model's input and text sizes must be what the codec and the text encoder produce."""
+    codec_shape = CODEC_LAYOUT[v.codec]
+    if (m.in_channels, m.out_channels, tuple(v.vae_stride)) != codec_shape:
+        raise ConfigError(
+            f"video.codec={v.codec} makes {codec_shape[0]}-channel latents with stride {list(codec_shape[2])}: "
+            f"set model.in_channels/out_channels={codec_shape[0]} and video.vae_stride={list(codec_shape[2])}")
+    if m.text_dim != TEXT_DIMS[m.text_encoder]:
+        raise ConfigError(f"model.text_encoder={m.text_encoder} gives {TEXT_DIMS[m.text_encoder]}-d states: "
+                          f"set model.text_dim={TEXT_DIMS[m.text_encoder]}")
+
+
+def check_blocks(v: VideoConfig) -> None:
+    """Whole blocks of k frames, and an attention window that holds the sink and the current block."""
+    k = v.frames_per_block
+    if k < 1:
+        raise ConfigError(f"video.frames_per_block={k} must be at least 1")
+    whole_blocks("video.num_latent_frames", v.num_latent_frames, k)
+    if v.sink_frames < 0 or v.window_frames < 0:
+        raise ConfigError("video.window_frames and video.sink_frames must be >= 0 (0 window = unbounded)")
+    if v.window_frames and v.window_frames < k + v.sink_frames:
+        raise ConfigError(
+            f"video.window_frames={v.window_frames} must be at least frames_per_block + sink_frames = "
+            f"{k + v.sink_frames} (the window holds the sink and the current block)")
+    if v.sink_frames and not v.window_frames:
+        raise ConfigError("video.sink_frames only makes sense with a window: set video.window_frames")
+
+
+def check_schedule(s: ScheduleConfig) -> None:
+    steps = list(s.denoising_steps)
+    if not steps or any(not 0 < t <= NUM_TRAIN_TIMESTEPS for t in steps) or steps != sorted(steps, reverse=True) \
+            or len(set(steps)) != len(steps):
+        raise ConfigError(f"schedule.denoising_steps={steps} must be strictly decreasing within "
+                          f"(0, {NUM_TRAIN_TIMESTEPS}]")
+    if s.shift <= 0:
+        raise ConfigError(f"schedule.shift={s.shift} must be positive")
+
+
+def check_sampling(p: SamplingConfig) -> None:
+    if p.num_frame_first_blocks < 0:
+        raise ConfigError(f"sampling.num_frame_first_blocks={p.num_frame_first_blocks} must be >= 0")
+    if not 0 <= p.frame_first_context_t < NUM_TRAIN_TIMESTEPS:
+        raise ConfigError(f"sampling.frame_first_context_t={p.frame_first_context_t} must lie in "
+                          f"[0, {NUM_TRAIN_TIMESTEPS})")
+
+
+def check_train(t: TrainConfig) -> None:
+    for name, low in (("steps", 1), ("batch_size", 1), ("log_every", 1), ("total_batch_size", 0), ("save_every", 0),
+                      ("sample_every", 0), ("max_nonfinite", 0), ("prompt_cache_mb", 0)):
+        if getattr(t, name) < low:
+            raise ConfigError(f"train.{name}={getattr(t, name)} must be at least {low}")
+    if t.warmup_steps < 0 or t.decay_steps < 0:
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps} and train.decay_steps={t.decay_steps} must be >= 0")
+    if not 0 <= t.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay={t.ema_decay} must lie in [0, 1) (0: no EMA)")
+
+
+def resolved_lengths(d: DistillConfig, num_latent_frames: int) -> DistillConfig:
+    """distill's 0 lengths made explicit: the gradient window defaults to the video, the rollout to the window."""
+    training = d.num_training_frames or num_latent_frames
+    return dataclasses.replace(d, num_training_frames=training, num_rollout_frames=d.num_rollout_frames or training)
+
+
+def check_distill(d: DistillConfig, k: int, num_steps: int) -> None:
+    """`d` with its lengths resolved; k frames a block, num_steps student steps."""
+    for name in ("num_training_frames", "num_rollout_frames"):
+        whole_blocks(f"distill.{name}", getattr(d, name), k)
+    if d.num_rollout_frames < d.num_training_frames:
+        raise ConfigError(f"distill.num_rollout_frames={d.num_rollout_frames} must be at least "
+                          f"distill.num_training_frames={d.num_training_frames} (the gradient window)")
+    if not 0 <= d.min_exit_step < num_steps:
+        raise ConfigError(f"distill.min_exit_step={d.min_exit_step} must lie in [0, {num_steps - 1}]")
+    if not 0 < d.t_min < d.t_max < 1:
+        raise ConfigError(f"distill.t_min={d.t_min} and t_max={d.t_max} must satisfy 0 < t_min < t_max < 1")
+    if d.dfake_gen_update_ratio < 1:
+        raise ConfigError(f"distill.dfake_gen_update_ratio={d.dfake_gen_update_ratio} must be >= 1")
+    if not 0 <= d.ema_decay < 1:
+        raise ConfigError(f"distill.ema_decay={d.ema_decay} must lie in [0, 1)")
+    if not 0 <= d.fkl_steps <= num_steps:
+        raise ConfigError(f"distill.fkl_steps={d.fkl_steps} must lie in [0, {num_steps}] (student steps)")
+
+
+def check_ode(cfg: Config) -> None:
+    if cfg.ode.steps < 1:
+        raise ConfigError(f"ode.steps={cfg.ode.steps} must be at least 1")
+    kept_indices(cfg)  # raises what to change
 
 
 # -- which teacher points an ODE trajectory keeps (hiar/trajectories.py stores them) -----------------------
 
 
-def aligned_indices(teacher_timesteps: torch.Tensor, student_timesteps: torch.Tensor) -> list[int]:
+def aligned_indices(teacher_timesteps: torch.Tensor, student_timesteps: typing.Sequence[float]) -> list[int]:
     """For each student timestep, the index of the nearest point of the teacher's schedule."""
     grid = teacher_timesteps[:-1]  # the last point is t = 0, the output
     return [int((grid - t).abs().argmin()) for t in student_timesteps]
@@ -424,7 +519,7 @@ def kept_indices(cfg: Config) -> list[int]:
         indices, source = [j * (o.steps // num) for j in range(num)], "ode.keep=uniform"
     else:
         grid = FlowMatching(o.shift).sampling_timesteps(o.steps)
-        indices = aligned_indices(grid, FlowMatching(s.shift).denoising_timesteps(s.denoising_steps, s.warp))
+        indices = aligned_indices(grid, s.timesteps)
         source = f"ode.keep=aligned (ode.steps={o.steps})"
     if len(indices) != num or indices[0] < 0 or indices[-1] >= o.steps or indices != sorted(set(indices)):
         raise ConfigError(f"{source} gives teacher points {indices}: a trajectory needs {num} increasing points in "
@@ -609,11 +704,29 @@ def load_config(preset: str | os.PathLike = "toy", overrides: typing.Iterable[st
 
 
 def with_overrides(cfg: Config, overrides: typing.Iterable[str]) -> Config:
-    """A copy of `cfg` with `key.sub=value` overrides applied, validated again."""
+    """A new config: `cfg` with `key.sub=value` overrides applied, validated again (configs are frozen)."""
     data = config_to_dict(cfg)
     for text in overrides:
         _set_path(data, *parse_override(text))
     return config_from_dict(data)
+
+
+def teacher_model_config(cfg: Config) -> ModelConfig:
+    """The DMD teacher's sizes: the `model` section of distill.teacher_model (a preset name, or a YAML
+    file from the repository root), or the student's when that is empty."""
+    preset = cfg.distill.teacher_model
+    if not preset:
+        return cfg.model
+    return load_config(repo_path(preset) if Path(preset).suffix in (".yaml", ".yml") else preset).model
+
+
+def choices(section: type, name: str) -> tuple[str, ...]:
+    """The values a Literal field of a config section allows, e.g. `choices(SamplingConfig, "method")`:
+    a command line offers exactly what the config accepts, so an order added to the config reaches its flag."""
+    tp = typing.get_type_hints(section)[name]
+    if typing.get_origin(tp) is not Literal:
+        raise TypeError(f"{section.__name__}.{name} is not a Literal field")
+    return typing.get_args(tp)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

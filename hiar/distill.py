@@ -13,17 +13,28 @@ will be sampled in, plus the forward-KL regulariser on teacher ODE trajectories.
   by flow matching.
 * `forward_kl_loss`: the student regresses the teacher's chord x0 between consecutive stored
   trajectory points on its first K steps, which keeps the motion DMD alone loses.
+* `Distillation`: one training iteration of train/distill.py as named steps: the update's prompts, the
+  generator update (DMD + forward-KL), the critic update, sample videos and the final export.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
 
 import torch
 
 from hiar.codecs import Codec, build_codec
 from hiar.config import Config
+from hiar.data import PromptSource
 from hiar.flow import NUM_TRAIN_TIMESTEPS, FlowMatching
 from hiar.models import AttentionMode, BlockCausal, BlockCausalWindow, Bidirectional, WanModel
-from hiar.sampling import CellNoise, CellRunner, guided, run_order, stable_hash
+from hiar.order import ShuffledOrder, updates_before
+from hiar.render import render
+from hiar.sampling import CellNoise, CellRunner, block_noise, generate, guided, run_order, stable_hash
+from hiar.text import PromptBank
+from hiar.training import EMA, Trainer
+from hiar.trajectories import trajectory_batch
 
 
 def exit_step(seed: int, step: int, low: int, num_steps: int) -> int:
@@ -181,7 +192,7 @@ def forward_kl_loss(generator: WanModel, batch: dict, text: torch.Tensor, cfg: C
     points, ts, final = batch["points"], batch["timesteps"], batch["final"]
     num_points = points.shape[1]
     attention, flow = forward_kl_attention(cfg), FlowMatching(cfg.schedule.shift)
-    student = flow.denoising_timesteps(cfg.schedule.denoising_steps, cfg.schedule.warp).tolist()
+    student = cfg.schedule.timesteps
     losses = []
     for j in range(min(cfg.distill.fkl_steps, num_points)):
         x_j, t_j = points[:, j], ts[:, j]
@@ -191,3 +202,126 @@ def forward_kl_loss(generator: WanModel, batch: dict, text: torch.Tensor, cfg: C
         x0 = flow.x0_from_flow(x_j, generator(x_j, t_in, text, attention), t_in)
         losses.append((x0.double() - target).square().mean())
     return torch.stack(losses).mean()
+
+
+class Distillation:
+    """One training iteration of data-free distillation as named steps, over the run's objects: the
+    generator and critic `trainer` updates, the frozen `teacher` (the real score), the generator's
+    `ema`, the prompt states `bank`, the rollouts' `prompts` and the forward-KL term's `trajectories`
+    (None without it). `iteration` is `Trainer.fit`'s step function, `sample` its on_sample.
+
+    Prompts and trajectories are each read in a seeded order that is reshuffled every epoch and split
+    over the ranks (`hiar.order`); exit steps and rollout noise are functions of (train.seed, step), and
+    DMD's noise levels come from the global RNG that `Trainer.fit` seeds every step, so a resumed run
+    draws what the uninterrupted one would have."""
+
+    def __init__(self, cfg: Config, trainer: Trainer, generator: WanModel, critic: WanModel, teacher: WanModel,
+                 ema: EMA, bank: PromptBank, prompts: PromptSource, trajectories: Sequence[dict] | None):
+        world, seed = trainer.world, cfg.train.seed
+        self.cfg, self.trainer, self.generator, self.critic, self.ema = cfg, trainer, generator, critic, ema
+        self.bank, self.prompts, self.trajectories, self.device = bank, prompts, trajectories, world.device
+        self.prompt_order = ShuffledOrder(prompts.size, seed, world.size, world.rank)
+        self.trajectory_order = ShuffledOrder(len(trajectories), seed, world.size, world.rank) if trajectories else None
+        self.dmd = DMD(teacher, bank([cfg.train.negative_prompt]), cfg)
+        self.codec = functools.cache(lambda: build_codec(cfg, self.device))  # built when first needed, once (Wan VAE)
+
+    def prompt_draw(self, step: int, critic: bool, micro: int) -> int:
+        """Every update reads fresh prompts: draws are numbered by the updates made before this one
+        (the critic's every step, the generator's every dfake_gen_update_ratio-th, before the critic's)."""
+        ratio = self.cfg.distill.dfake_gen_update_ratio
+        updates = step + updates_before(step, ratio)
+        if critic and step % ratio == 0:
+            updates += 1  # this step's generator update came first
+        return updates * self.trainer.accumulation + micro
+
+    def update_prompts(self, step: int, critic: bool, micro: int) -> tuple[list[int], torch.Tensor]:
+        """The prompt indices and prompt states of micro-step `micro` of an update."""
+        ids = self.prompt_order.draw(self.prompt_draw(step, critic, micro), self.cfg.train.batch_size)
+        return ids, self.bank([self.prompts[i] for i in ids])
+
+    def rollout(self, ids: list[int], text: torch.Tensor, step: int, role: str, micro: int, exit: int,
+                grad: bool) -> tuple[torch.Tensor, int]:
+        """The sample and the number of frames in front of the window the loss leaves out."""
+        # Own noise streams for the generator's and the critic's rollouts, a function of (step, micro-step);
+        # the rollout's length (longer rollouts than the window) is drawn from the same key.
+        noise = block_noise(self.cfg, stable_hash(self.cfg.train.seed, role, step, micro) >> 1, ids, self.device)
+        num_blocks = rollout_blocks(noise.seed, self.cfg)
+        loss_from = window_loss_start(self.cfg, num_blocks)  # > 0: the window's first frame is re-encoded
+        x = self_rollout(self.generator, text, self.cfg, noise, exit, grad, num_blocks,
+                         self.codec() if loss_from else None)
+        return x, loss_from
+
+    def forward_kl(self, step: int, micro: int) -> torch.Tensor:
+        """`forward_kl_loss` on fresh teacher trajectories: draws are numbered by generator updates, the
+        only updates that run this term, so an epoch reads every trajectory once."""
+        d = self.cfg.distill
+        draw = step // d.dfake_gen_update_ratio * self.trainer.accumulation + micro
+        batch = trajectory_batch(self.trajectories, self.trajectory_order.draw(draw, self.cfg.train.batch_size))
+        on_device = {key: v.to(self.device) if torch.is_tensor(v) else v for key, v in batch.items()}
+        return forward_kl_loss(self.generator, on_device, self.bank(batch["captions"]), self.cfg)
+
+    def generator_loss(self, step: int, exit: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """DMD on the generator's own rollout, plus distill.fkl_weight x the forward-KL term."""
+        ids, text = self.update_prompts(step, False, micro)
+        x, loss_from = self.rollout(ids, text, step, "generator", micro, exit, grad=True)
+        loss, metrics = self.dmd.generator_loss(x, text, self.critic, loss_from)
+        metrics["dmd_loss"] = loss.item()
+        if self.trajectories is not None:
+            fkl = self.forward_kl(step, micro)
+            metrics["fkl_loss"] = fkl.item()
+            loss = loss + self.cfg.distill.fkl_weight * fkl
+        return loss, metrics
+
+    def critic_loss(self, step: int, exit: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Flow matching on a rollout of its own, made without grad."""
+        ids, text = self.update_prompts(step, True, micro)
+        with torch.no_grad():
+            x, _ = self.rollout(ids, text, step, "critic", micro, exit, grad=False)  # the critic sees every frame
+        return self.dmd.critic_loss(self.critic, x, text), {}
+
+    def generator_update(self, step: int, exit: int) -> dict[str, float]:
+        """One generator update over micro-steps, then the EMA of its weights."""
+        update = self.trainer.optimize("generator", lambda micro: self.generator_loss(step, exit, micro))
+        self.ema.update(self.generator, step)
+        return {key if key.startswith(("dmd", "fkl")) else f"generator_{key}": v for key, v in update.items()}
+
+    def critic_update(self, step: int, exit: int) -> dict[str, float]:
+        update = self.trainer.optimize("critic", lambda micro: self.critic_loss(step, exit, micro))
+        return {f"critic_{key}": v for key, v in update.items()}
+
+    def iteration(self, step: int) -> dict[str, float]:
+        """Training step `step`: one exit step for every rollout of the step; every
+        distill.dfake_gen_update_ratio-th step the generator update, then always the critic update."""
+        d = self.cfg.distill
+        exit = exit_step(self.cfg.train.seed, step, d.min_exit_step, len(self.cfg.schedule.denoising_steps))
+        metrics: dict[str, float] = {"exit_step": exit}
+        if step % d.dfake_gen_update_ratio == 0:
+            metrics.update(self.generator_update(step, exit))
+        metrics.update(self.critic_update(step, exit))
+        return metrics
+
+    def sample(self, step: int) -> None:
+        """Sample videos of the first prompts with the current generator, in the configured order (under
+        ZeRO-3 every rank runs the forwards, which gather parameters collectively; rank 0 writes)."""
+        model = self.trainer.sampling_module("generator")
+        if model is None:
+            return
+        cfg, captions = self.cfg, [self.prompts[i] for i in range(2)]
+        with torch.no_grad():
+            blocks = generate(model, self.bank(captions), cfg, block_noise(cfg, 0, range(len(captions)), self.device),
+                              cfg.geometry.num_blocks)
+            if not self.trainer.world.is_main:
+                for _ in blocks:  # the same forwards as rank 0, nothing written
+                    pass
+                return
+            folder = self.trainer.out / "samples"
+            folder.mkdir(parents=True, exist_ok=True)
+            paths = [folder / f"step-{step:08d}-{i}.mp4" for i in range(len(captions))]
+            render(self.codec(), cfg, blocks, paths)
+        self.trainer.log(f"samples: {', '.join(map(str, paths))}")
+
+    def export(self) -> None:
+        """The final generator as model.safetensors, its EMA once started (what inference uses), when the
+        run has made every step (a run stopped early resumes instead)."""
+        if self.trainer.step >= self.cfg.train.steps:
+            self.trainer.log(f"model: {self.trainer.export(name='generator', ema=self.ema)}")

@@ -33,17 +33,15 @@ import dataclasses
 import functools
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from hiar.config import Config, ConfigError, ModelConfig, load_config, with_overrides
+from hiar.config import Config, ConfigError, ModelConfig, repo_path, teacher_model_config, with_overrides
 from hiar.models.window import BlockCausalWindow
 from hiar.text import UMT5_XXL
 
 GiB = 2**30
 MiB = 2**20
-ROOT = Path(__file__).resolve().parent.parent
 
 # Reserve on every GPU: the CUDA context, cuBLAS workspaces and NCCL buffers of DeepSpeed's process
 # groups (a fixed amount), plus the caching allocator's fragmentation (a share of the modelled peak).
@@ -187,9 +185,7 @@ class DeepSpeedSetup:
 
     @classmethod
     def read(cls, path: str) -> DeepSpeedSetup:
-        p = Path(path)
-        if not p.is_absolute() and not p.is_file():
-            p = ROOT / path
+        p = repo_path(path)
         if not p.is_file():
             raise ConfigError(f"train.deepspeed={path} does not exist")
         z = json.loads(p.read_text()).get("zero_optimization", {})
@@ -553,10 +549,6 @@ def _dtype_bytes(cfg: Config, device: str) -> int:
     return 4 if cfg.runtime.dtype == "float32" else 2
 
 
-def _teacher_config(cfg: Config) -> ModelConfig:
-    return load_config(cfg.distill.teacher_model).model if cfg.distill.teacher_model else cfg.model
-
-
 def _expected(values: list[float]) -> float:
     return sum(values) / len(values)
 
@@ -591,7 +583,7 @@ def time_estimate(cfg: Config, gpus: int, gpus_per_node: int, tflops: float = DE
     in the DMD loss, the forward-KL forwards, the critic's update; backward = 2 x the forward of the
     parts with grad, plus one more forward of them with activation checkpointing (the recompute)."""
     d, t, k = cfg.distill, cfg.train, cfg.video.frames_per_block
-    student, teacher = Arch.of(cfg.model), Arch.of(_teacher_config(cfg))
+    student, teacher = Arch.of(cfg.model), Arch.of(teacher_model_config(cfg))
     tpf, b = cfg.geometry.tokens_per_frame, t.batch_size
     steps = len(cfg.schedule.denoising_steps)
     exits = list(range(d.min_exit_step, steps))
@@ -643,7 +635,7 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
     ds = DeepSpeedSetup.read(t.deepspeed)
     bf16, ckpt, b = t.bf16, t.gradient_checkpointing, t.batch_size
     act = 2 if bf16 else 4
-    student, teacher = Arch.of(cfg.model), Arch.of(_teacher_config(cfg))
+    student, teacher = Arch.of(cfg.model), Arch.of(teacher_model_config(cfg))
     s_acts, t_acts = Activations(student, act, fused_rms), Activations(teacher, act, fused_rms)
     tpf, k = geo.tokens_per_frame, cfg.video.frames_per_block
     steps = len(cfg.schedule.denoising_steps)
@@ -824,7 +816,7 @@ def _variants(cfg: Config) -> list[tuple[str, list[str]]]:
     stage = DeepSpeedSetup.read(t.deepspeed).stage
     for s in range(stage + 1, 4):
         path = f"configs/deepspeed/zero{s}.json"
-        if (ROOT / path).is_file():
+        if repo_path(path).is_file():
             out.append((f"train.deepspeed={path}", [f"train.deepspeed={path}"]))
     if t.batch_size > 1:
         total = t.total_batch_size

@@ -16,7 +16,6 @@ import torch
 
 from hiar.checkpoints import empty_model
 from hiar.config import Config, ModelConfig
-from hiar.flow import FlowMatching
 from hiar.models import WanModel
 from hiar.sampling import stable_hash
 from hiar.text import UMT5_XXL, zero_padded
@@ -79,8 +78,7 @@ class RandomTrajectories:
         self.cfg, self.count = cfg, count
         geo = cfg.geometry
         self.shape = (geo.num_latent_frames, cfg.model.in_channels, geo.latent_height, geo.latent_width)
-        self.timesteps = FlowMatching(cfg.schedule.shift).denoising_timesteps(cfg.schedule.denoising_steps,
-                                                                               cfg.schedule.warp).float()
+        self.timesteps = torch.tensor(cfg.schedule.timesteps, dtype=torch.float32)
         self.prompts = rehearsal_prompts(count)
 
     def __len__(self) -> int:

@@ -17,6 +17,7 @@ from safetensors.torch import save
 from hiar.codecs import Codec
 from hiar.config import Config, config_to_dict
 from hiar.sampling import Blocks
+from hiar.stream import Stream
 from hiar.video import Claim, VideoWriter, claimed
 
 
@@ -29,11 +30,11 @@ class Rendered:
     first_block_seconds: float  # latency until the first block was written
 
 
-def render(codec: Codec, cfg: Config, blocks: Blocks, paths: Sequence[Path | Claim],
+def render(codec: Codec, cfg: Config, blocks: Blocks | Stream, paths: Sequence[Path | Claim],
            latents_paths: Sequence[Path | Claim] | None = None, metadata: dict[str, str] | None = None) -> Rendered:
-    """Decode (block, clean latents [B, k, C, h, w]) pairs as they arrive and append sample b's frames
-    to paths[b]. With `latents_paths`, the final latents [F, C, h, w] are saved beside the videos
-    (safetensors, with the resolved config and `metadata`).
+    """Decode (block, clean latents [B, k, C, h, w]) pairs as they arrive (a `Stream` decodes them; bare
+    blocks get one) and append sample b's frames to paths[b]. With `latents_paths`, the final latents
+    [F, C, h, w] are saved beside the videos (safetensors, with the resolved config and `metadata`).
 
     A path is replaced when it exists; pass `Claim`s (hiar.video.claim_free) to write only free names.
     Every file is published under its final name only when it is complete; when anything fails, what
@@ -41,7 +42,7 @@ def render(codec: Codec, cfg: Config, blocks: Blocks, paths: Sequence[Path | Cla
     """
     start = time.perf_counter()
     first_block_s = None
-    decoder = codec.stream_decoder()
+    stream = blocks if isinstance(blocks, Stream) else Stream(blocks, codec)
     latent_claims = [claimed(p) for p in latents_paths or []]
     writers: list[VideoWriter] = []
     kept: dict[int, torch.Tensor] = {}
@@ -50,13 +51,13 @@ def render(codec: Codec, cfg: Config, blocks: Blocks, paths: Sequence[Path | Cla
         for path in paths:
             writers.append(VideoWriter(path, cfg.video.fps, cfg.video.height, cfg.video.width))
         with torch.no_grad():
-            for n, x0 in blocks:
-                for writer, video in zip(writers, decoder.decode(x0)):  # [B, f, 3, H, W]
+            for block in stream:
+                for writer, video in zip(writers, block.frames):  # [B, f, 3, H, W]
                     writer.write(video)
                 first_block_s = first_block_s or time.perf_counter() - start
                 num_blocks += 1
                 if latent_claims:
-                    kept[n] = x0.float().cpu()
+                    kept[block.index] = block.latents.float().cpu()
         close_all(writers)
     except BaseException:
         for writer in writers:

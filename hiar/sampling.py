@@ -12,6 +12,9 @@ Orders differ only in which cache a cell reads and writes, and at what level:
   sits at t_{j+1}, the level this step produces, and writes itself there at t_{j+1} (the very tensor it
   takes as input at step j + 1).
 * hybrid_block0: the first K blocks frame-first, then their clean context seeds every step's cache.
+* hybrid_steps: the first K steps of every block block-first, against one cache where earlier blocks
+  sit at t_K (the level those steps produce), then steps K.. step-first (K = 0: timestep_first;
+  K = S: frame_first).
 
 Step 3 is deferred: a cache write waits in its cache until the next read of that cache, which is
 always the next block at the same step. It is then run as its own forward or, with `fused`, in one
@@ -28,14 +31,15 @@ import hashlib
 import itertools
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from hiar.config import Config
+from hiar.config import Config, ConfigError
 from hiar.flow import FlowMatching
-from hiar.models import BlockCausalWindow, Cached, KVCache, WanModel
+from hiar.models import BlockCausalWindow, Cached, KVCache, StaticKVCache, WanModel
+from hiar.models.wan import compile_blocks
 
 # -- deterministic noise ------------------------------------------------------------------------
 
@@ -105,7 +109,7 @@ class _Write:
 class Context:
     """One KV cache and the write that waits for its next read."""
 
-    def __init__(self, kv: KVCache):
+    def __init__(self, kv: KVCache | StaticKVCache):
         self.kv = kv
         self.pending: _Write | None = None
 
@@ -133,20 +137,27 @@ class CellRunner:
             self.text = model.prompt(text)
         self.options = cfg.sampling
         self.flow = FlowMatching(cfg.schedule.shift)
-        self.timesteps = self.flow.denoising_timesteps(cfg.schedule.denoising_steps, cfg.schedule.warp).tolist()
+        self.timesteps = cfg.schedule.timesteps
         self.exit_step = self.num_steps - 1 if exit_step is None else exit_step
         if not 0 <= self.exit_step < self.num_steps:
             raise ValueError(f"exit_step={exit_step} must lie in [0, {self.num_steps - 1}]")
+        if not 0 <= self.options.frame_first_steps <= self.num_steps:
+            raise ConfigError(f"sampling.frame_first_steps={self.options.frame_first_steps} must lie in "
+                              f"[0, {self.num_steps}] (the denoising steps)")
         self.k = cfg.video.frames_per_block
         self.window = BlockCausalWindow.from_config(cfg.video)
         self.stats = stats if stats is not None else SamplerStats()
+        # A static cache is written in place, which a cell with grad could not backpropagate through.
+        self.cache_type = StaticKVCache if cfg.runtime.kv_cache == "static" and grad_cells is None else KVCache
+        if cfg.runtime.compile_blocks:
+            compile_blocks(model)
 
     @property
     def num_steps(self) -> int:
         return len(self.timesteps)
 
     def new_context(self) -> Context:
-        return Context(KVCache(self.model.config.num_layers, self.window))
+        return Context(self.cache_type(self.model.config.num_layers, self.window))
 
     def context_level(self, step: int) -> float:
         """The level at which step-first writes a block's context at `step`."""
@@ -214,23 +225,33 @@ class CellRunner:
 Blocks = Iterator[tuple[int, torch.Tensor]]  # (block index, clean latents [B, k, C, h, w]) as they finish
 
 
-def frame_first(runner: CellRunner, ctx: Context, blocks: Iterable[int]) -> Blocks:
-    """Block-first: each block runs its steps (to the exit step) against the clean context of the
-    blocks before it, then leaves its output as context."""
-    last = runner.exit_step
+def block_first(runner: CellRunner, ctx: Context, blocks: Iterable[int], last: int,
+                context_t: float) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Each block runs steps 0..`last` against `ctx`, then leaves its context there at `context_t`.
+    Yields (block, x0 of step `last`, the block's input to step `last` + 1) as blocks finish."""
     for n in blocks:
         x = runner.noise.initial(n)
         for j in range(last + 1):
-            x0, x = runner.cell(ctx, n, j, x, runner.options.frame_first_context_t if j == last else None)
+            x0, x = runner.cell(ctx, n, j, x, context_t if j == last else None)
+        yield n, x0, x
+
+
+def frame_first(runner: CellRunner, ctx: Context, blocks: Iterable[int]) -> Blocks:
+    """Block-first: each block runs its steps (to the exit step) against the clean context of the
+    blocks before it, then leaves its output as context."""
+    for n, x0, _ in block_first(runner, ctx, blocks, runner.exit_step, runner.options.frame_first_context_t):
         yield n, x0
 
 
-def timestep_first(runner: CellRunner, contexts: list[Context], blocks: Iterable[int], schedule: str) -> Blocks:
-    """Step-first: cell (n, j) reads contexts[j], where earlier blocks sit at the level of step j's output."""
+def timestep_first(runner: CellRunner, contexts: Mapping[int, Context], starts: Iterable[tuple[int, torch.Tensor]],
+                   schedule: str, first_step: int = 0) -> Blocks:
+    """Step-first from `first_step`: cell (n, j) reads contexts[j], where earlier blocks sit at the level
+    of step j's output. `starts` gives (block, its input to `first_step`) in block order; it is drawn
+    lazily, one block a pass, by the wavefront."""
     if schedule == "step_major":
-        xs = {n: runner.noise.initial(n) for n in blocks}
+        xs = dict(starts)
         x0s = {}
-        for j in range(runner.exit_step + 1):
+        for j in range(first_step, runner.exit_step + 1):
             for n in xs:
                 x0s[n], xs[n] = runner.cell(contexts[j], n, j, xs[n], runner.context_level(j))
         yield from x0s.items()
@@ -238,11 +259,12 @@ def timestep_first(runner: CellRunner, contexts: list[Context], blocks: Iterable
     # Wavefront: each pass admits one new block and advances every live block by one step, oldest
     # first, so every cell finds its two inputs, (n, j-1) and (m < n, j), done on the pass before.
     live: dict[int, tuple[int, torch.Tensor]] = {}
-    source = iter(blocks)
+    source = iter(starts)
     while True:
-        n_new = next(source, None)
-        if n_new is not None:
-            live[n_new] = (0, runner.noise.initial(n_new))
+        start = next(source, None)
+        if start is not None:
+            n_new, x_new = start
+            live[n_new] = (first_step, x_new)
         if not live:
             return
         for n in list(live):
@@ -298,6 +320,9 @@ def run_order(runner: CellRunner, num_blocks: int | None) -> Blocks:
     if num_blocks is not None:
         check_step_major(opts.schedule, opts.method, runner.noise.block_shape, len(runner.noise.samples), num_blocks)
     blocks = range(num_blocks) if num_blocks is not None else itertools.count()
+    if opts.method == "hybrid_steps":
+        yield from hybrid_steps(runner, blocks, opts.schedule)
+        return
     first = runner.new_context()
     if opts.method == "frame_first":
         yield from frame_first(runner, first, blocks)
@@ -308,9 +333,37 @@ def run_order(runner: CellRunner, num_blocks: int | None) -> Blocks:
     yield from frame_first(runner, first, itertools.islice(blocks, num_ff))
     runner.flush(first)
     # The frame-first blocks' clean context is the same in every step's cache: share it, no recompute.
-    contexts = [first.copy() for _ in range(runner.num_steps)]
+    contexts = {j: first.copy() for j in range(runner.num_steps)}
     rest = range(num_ff, num_blocks) if num_blocks is not None else itertools.count(num_ff)
-    yield from timestep_first(runner, contexts, rest, opts.schedule)
+    yield from timestep_first(runner, contexts, ((n, runner.noise.initial(n)) for n in rest), opts.schedule)
+
+
+def hybrid_steps(runner: CellRunner, blocks: Iterable[int], schedule: str) -> Blocks:
+    """The first K = sampling.frame_first_steps steps of every block block-first, the rest step-first
+    (the reference's `inference_hybrid(frame_first_steps=K)`, docs/design.md, section 1).
+
+    Steps 0..K-1 of block n read one cache where every earlier block sits at the context level of step
+    K-1 (t_K with context_level=next: the very tensor it takes into step K). After K = S steps the
+    block is done and leaves its context at frame_first_context_t, as frame_first; a rollout whose exit
+    step e comes first leaves it at step e's level (the reference's early return). Steps K.. then run
+    step-first with a fresh cache per step, as timestep_first from step K. Cell (n, K) needs only
+    (n, K-1) and (m < n, K), so the wavefront can run each block's block-first part just before
+    admitting it: both schedules give the same video.
+    """
+    exit_step, k = runner.exit_step, runner.options.frame_first_steps
+    if k == 0:
+        starts: Iterable[tuple[int, torch.Tensor]] = ((n, runner.noise.initial(n)) for n in blocks)
+    else:
+        last = min(k - 1, exit_step)
+        done = last == runner.num_steps - 1
+        context_t = runner.options.frame_first_context_t if done else runner.context_level(last)
+        cells = block_first(runner, runner.new_context(), blocks, last, context_t)
+        if last == exit_step:
+            yield from ((n, x0) for n, x0, _ in cells)
+            return
+        starts = ((n, x) for n, _, x in cells)
+    contexts = {j: runner.new_context() for j in range(k, exit_step + 1)}
+    yield from timestep_first(runner, contexts, starts, schedule, first_step=k)
 
 
 def sample_video(model: WanModel, text: torch.Tensor, cfg: Config, noise: CellNoise, num_blocks: int,

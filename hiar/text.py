@@ -22,7 +22,7 @@ from typing import Protocol
 
 import torch
 
-from hiar.config import Config
+from hiar.config import Config, repo_path
 
 
 class TextEncoder(Protocol):
@@ -145,7 +145,7 @@ def build_text_encoder(cfg: Config, device: torch.device | str = "cpu") -> TextE
     device = torch.device("cpu") if cfg.runtime.offload_text_encoder else torch.device(device)
     if cfg.model.text_encoder == "all-minilm-l6-v2":
         return MiniLMEncoder(cfg.model.text_len, device)
-    return UMT5Encoder(cfg.runtime.base_model, cfg.model.text_len, device, cfg.torch_dtype(device))
+    return UMT5Encoder(repo_path(cfg.runtime.base_model), cfg.model.text_len, device, cfg.torch_dtype(device))
 
 
 class PromptBank:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from hiar import distributed, runs
 from hiar.atomic import atomic_path
 from hiar.checkpoints import CheckpointError, empty_model, load_weights, save_model
-from hiar.config import Config, ConfigError, config_to_dict, save_config
+from hiar.config import Config, ConfigError, config_to_dict, repo_path, save_config
 
 
 def seed_step(seed: int, step: int, rank: int) -> None:
@@ -129,10 +129,10 @@ class Trainer:
         self.world = world or distributed.init()
         self.rank, self.device = self.world.rank, self.world.device
         self.accumulation = accumulation_steps(cfg, self.world.size)
-        self.out = Path(t.output_dir)
+        self.out = repo_path(t.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         self.extra, self.on_save, self.on_load = extra or {}, on_save, on_load
-        ds = json.loads(Path(t.deepspeed).read_text())
+        ds = json.loads(repo_path(t.deepspeed).read_text())
         ds.update(train_micro_batch_size_per_gpu=t.batch_size, gradient_accumulation_steps=self.accumulation,
                   train_batch_size=t.batch_size * self.accumulation * self.world.size,
                   gradient_clipping=t.grad_clip, bf16={"enabled": t.bf16})

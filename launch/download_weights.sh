@@ -32,10 +32,24 @@ if [[ "$what" != all && "$what" != inference ]]; then
     echo "usage: bash launch/download_weights.sh [all|inference]" >&2
     exit 2
 fi
+# The Hugging Face CLI: `hf` (huggingface_hub >= 0.34; `hf download REPO [FILE] --local-dir DIR`), from
+# PATH or from .venv (transformers and diffusers of requirements.txt bring huggingface_hub); else the older `huggingface-cli`, whose
+# `download` takes the same arguments.
 if ! command -v hf >/dev/null 2>&1; then
-    echo "error: the Hugging Face CLI 'hf' is not installed (huggingface-cli is gone from current" \
-         "huggingface_hub releases). Install it with: pip install -U \"huggingface_hub[cli]\"" >&2
-    exit 1
+    if [[ -x .venv/bin/hf ]]; then
+        hf() { .venv/bin/hf "$@"; }
+    elif command -v huggingface-cli >/dev/null 2>&1; then
+        echo "note: 'hf' not found, using the older 'huggingface-cli'" >&2
+        hf() { huggingface-cli "$@"; }
+    elif [[ -x .venv/bin/huggingface-cli ]]; then
+        echo "note: 'hf' not found, using the older .venv/bin/huggingface-cli" >&2
+        hf() { .venv/bin/huggingface-cli "$@"; }
+    else
+        echo "error: no Hugging Face CLI: neither 'hf' nor 'huggingface-cli' is on PATH or in .venv/bin." >&2
+        echo "Install it with:  python3 -m pip install -U huggingface_hub   (it ships the 'hf' command)," >&2
+        echo "or set up .venv first:  bash launch/demo.sh   (its transformers and diffusers bring huggingface_hub)." >&2
+        exit 1
+    fi
 fi
 
 hf download Wan-AI/Wan2.1-T2V-1.3B --local-dir wan_models/Wan2.1-T2V-1.3B

@@ -6,11 +6,11 @@
 #   bash launch/gpu_check.sh                          # with .venv
 #   PYTHON=python3 OUT=/some/dir bash launch/gpu_check.sh   # a GPU image's python3 (torch, pyyaml, pytest,
 #                                                           # deepspeed: on PYTHONPATH if not installed)
-# Writes gpu_check_<date>.log and the benchmark JSON into $OUT (default docs/).
+# Writes gpu_check_<date>.log and the benchmark JSON into $OUT (default docs/benchmarks/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
-out=${OUT:-docs}
+out=${OUT:-docs/benchmarks}
 log="$out/gpu_check_$(date +%Y-%m-%d).log"
 export PYTHONUNBUFFERED=1
 {

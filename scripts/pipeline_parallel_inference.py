@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             latents = made.with_name(f"{index}-0.latents.safetensors")  # with --save_latents
             if latents.exists():
                 os.replace(latents, target.with_suffix(".latents.safetensors"))
-        for leftover in (parts / "config.yaml",):
+        for leftover in (parts / "config.yaml", parts / "prompts.json"):  # inference.py's run config and manifest
             leftover.unlink(missing_ok=True)
         try:
             parts.rmdir()

@@ -2,15 +2,18 @@ import pytest
 import torch
 
 from hiar.config import load_config
-from hiar.models import BlockCausal, BlockCausalWindow, Cached, CacheMissError, KVCache
+from hiar.models import BlockCausal, BlockCausalWindow, Cached, CacheMissError, KVCache, StaticKVCache
 from hiar.models.attention import attend, query_groups
 
 from conftest import random_inputs, random_model
 
 
-def rollout(model, window, x, t, text, k=3):
+CACHES = [KVCache, StaticKVCache]
+
+
+def rollout(model, window, x, t, text, k=3, cache_type=KVCache):
     """Block-by-block cached forwards: each block reads the cache, then writes itself into it."""
-    cache = KVCache(model.config.num_layers, window)
+    cache = cache_type(model.config.num_layers, window)
     outs, held = [], []
     for start in range(0, x.shape[1], k):
         outs.append(model(x[:, start:start + k], t[:, start:start + k], text, Cached(cache, start, write_frames=k)))
@@ -18,17 +21,19 @@ def rollout(model, window, x, t, text, k=3):
     return torch.cat(outs, dim=1), held
 
 
-def test_cached_rollout_equals_block_causal_forward(tiny, tiny_model, tiny_inputs):
+@pytest.mark.parametrize("cache_type", CACHES)
+def test_cached_rollout_equals_block_causal_forward(tiny, tiny_model, tiny_inputs, cache_type):
     x, t, text = tiny_inputs
     window = BlockCausalWindow.from_config(tiny.video)
     with torch.no_grad():
         full = tiny_model(x, t, text, BlockCausal(window))
-        cached, _ = rollout(tiny_model, window, x, t, text)
+        cached, _ = rollout(tiny_model, window, x, t, text, cache_type=cache_type)
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("cache_type", CACHES)
 @pytest.mark.parametrize("window_frames,sink_frames", [(6, 0), (7, 1), (8, 2)])
-def test_sliding_window_with_sink_equals_banded_mask(window_frames, sink_frames):
+def test_sliding_window_with_sink_equals_banded_mask(window_frames, sink_frames, cache_type):
     cfg = load_config("tiny", ["video.num_latent_frames=18", f"video.window_frames={window_frames}",
                                f"video.sink_frames={sink_frames}"])
     model = random_model(cfg)
@@ -37,7 +42,7 @@ def test_sliding_window_with_sink_equals_banded_mask(window_frames, sink_frames)
     t = torch.linspace(1000, 100, 18)[None]
     with torch.no_grad():
         full = model(x, t, text, BlockCausal(window))
-        cached, held = rollout(model, window, x, t, text)
+        cached, held = rollout(model, window, x, t, text, cache_type=cache_type)
         unbounded = model(x, t, text, BlockCausal(BlockCausalWindow(3)))
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
     assert (full[:, -3:] - unbounded[:, -3:]).abs().max() > 1e-3  # the window really cut context
@@ -86,28 +91,60 @@ def test_query_groups_equal_the_token_mask(window_frames, sink_frames, start, fr
         assert any(not isinstance(seen, slice) for _, seen in groups) == (sink_frames > 0 and start + frames > window_frames)
 
 
-def test_writing_a_block_twice_overwrites_it(tiny, tiny_model, tiny_inputs):
+@pytest.mark.parametrize("cache_type", CACHES)
+def test_writing_a_block_twice_overwrites_it(tiny, tiny_model, tiny_inputs, cache_type):
     x, t, text = tiny_inputs
     window = BlockCausalWindow.from_config(tiny.video)
     with torch.no_grad():
-        cache = KVCache(tiny.model.num_layers, window)
+        cache = cache_type(tiny.model.num_layers, window)
         tiny_model(x[:, :3], t[:, :3], text, Cached(cache, 0, write_frames=3))
         tiny_model(x[:, :3], t[:, :3] * 0.5, text, Cached(cache, 0, write_frames=3))  # step-first rewrite
         rewritten = tiny_model(x[:, 3:6], t[:, 3:6], text, Cached(cache, 3))
-        fresh = KVCache(tiny.model.num_layers, window)
+        fresh = cache_type(tiny.model.num_layers, window)
         tiny_model(x[:, :3], t[:, :3] * 0.5, text, Cached(fresh, 0, write_frames=3))
         expected = tiny_model(x[:, 3:6], t[:, 3:6], text, Cached(fresh, 3))
     assert cache.frames() == [0, 1, 2]
     torch.testing.assert_close(rewritten, expected, atol=0, rtol=0)
 
 
-def test_reading_unwritten_context_is_an_error(tiny, tiny_model, tiny_inputs):
+def test_static_cache_equals_dict_cache_on_a_rewrite_behind_the_end(tiny, tiny_model, tiny_inputs):
+    """Rewriting block 0 after block 1 (a read narrower than what is held, then a write in the middle):
+    the static cache's slow path keeps the frames in order, as the dict does."""
     x, t, text = tiny_inputs
-    cache = KVCache(tiny.model.num_layers, BlockCausalWindow.from_config(tiny.video))
-    with pytest.raises(CacheMissError, match=r"lacks context frames \[0, 1, 2\]"):
-        tiny_model(x[:, 3:6], t[:, 3:6], text, Cached(cache, 3))
-    with pytest.raises(ValueError, match="block boundary"):
-        tiny_model(x[:, 3:6], t[:, 3:6], text, Cached(cache, 4))
+    window = BlockCausalWindow.from_config(tiny.video)
+    outs = []
+    for cache_type in (*CACHES, None):
+        with torch.no_grad():
+            cache = (cache_type or KVCache)(tiny.model.num_layers, window)
+            tiny_model(x[:, :3], t[:, :3], text, Cached(cache, 0, write_frames=3))
+            tiny_model(x[:, 3:6], t[:, 3:6], text, Cached(cache, 3, write_frames=3))
+            if cache_type is not None:  # None: the same without the rewrite
+                tiny_model(x[:, :3], t[:, :3] * 0.5, text, Cached(cache, 0, write_frames=3))
+            outs.append(tiny_model(x[:, 6:9], t[:, 6:9], text, Cached(cache, 6)))
+        assert cache.frames() == list(range(6))
+    torch.testing.assert_close(outs[1], outs[0], atol=0, rtol=0)
+    assert (outs[0] - outs[2]).abs().max() > 1e-3  # the rewrite was read
+
+
+@pytest.mark.parametrize("cache_type", CACHES)
+def test_reading_unwritten_context_is_an_error(tiny, tiny_model, tiny_inputs, cache_type):
+    x, t, text = tiny_inputs
+    cache = cache_type(tiny.model.num_layers, BlockCausalWindow.from_config(tiny.video))
+    with torch.no_grad():
+        with pytest.raises(CacheMissError, match=r"lacks context frames \[0, 1, 2\]"):
+            tiny_model(x[:, 3:6], t[:, 3:6], text, Cached(cache, 3))
+        with pytest.raises(ValueError, match="block boundary"):
+            tiny_model(x[:, 3:6], t[:, 3:6], text, Cached(cache, 4))
+
+
+def test_static_cache_refuses_forwards_with_grad(tiny, tiny_model, tiny_inputs):
+    """Its in-place writes would corrupt what a pending backward saved: a forward with grad is refused
+    at its start, before anything is written."""
+    x, t, text = tiny_inputs
+    cache = StaticKVCache(tiny.model.num_layers, BlockCausalWindow.from_config(tiny.video))
+    with pytest.raises(RuntimeError, match="runtime.kv_cache=static .* torch.no_grad"):
+        tiny_model(x[:, :3], t[:, :3], text, Cached(cache, 0, write_frames=3))
+    assert cache.frames() == [] and cache.nbytes() == 0
 
 
 def test_a_call_spanning_two_blocks_equals_two_calls(tiny, tiny_model, tiny_inputs):

@@ -1,6 +1,12 @@
+import dataclasses
+import re
+import typing
+from pathlib import Path
+
 import pytest
 
-from hiar.config import Config, ConfigError, load_config, preset_path, save_config
+from hiar.config import (ROOT, Config, ConfigError, ModelConfig, SamplingConfig, choices, load_config, preset_path,
+                         repo_path, save_config, teacher_model_config, with_overrides)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "toy", "wan1.3b", "wan14b"])
@@ -45,7 +51,8 @@ def test_wrong_type_says_what_was_expected():
         load_config("tiny", ["model.num_layers=four"])
     with pytest.raises(ConfigError, match=r"schedule.warp: expected bool"):
         load_config("tiny", ["schedule.warp=3"])
-    with pytest.raises(ConfigError, match=r"model.attention_backend: expected one of \['auto', 'sdpa'\]"):
+    backends = re.escape(str(list(choices(ModelConfig, "attention_backend"))))
+    with pytest.raises(ConfigError, match=rf"model.attention_backend: expected one of {backends}, got 'triton'"):
         load_config("tiny", ["model.attention_backend=triton"])
 
 
@@ -78,3 +85,58 @@ def test_resolved_config_round_trips(tmp_path):
     path = save_config(cfg, tmp_path / "run" / "config.yaml")
     assert load_config(path) == cfg
     assert not list(path.parent.glob("*.tmp"))
+
+
+def test_a_loaded_config_is_frozen():
+    cfg = load_config("tiny")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.video.num_latent_frames = 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.video = cfg.video
+    assert cfg.video.num_latent_frames == 9
+
+
+def test_with_overrides_derives_a_new_validated_config():
+    cfg = load_config("tiny")
+    longer = with_overrides(cfg, ["video.num_latent_frames=12"])
+    assert (cfg.video.num_latent_frames, longer.video.num_latent_frames) == (9, 12)
+    assert longer.geometry.num_blocks == 4 and cfg.geometry.num_blocks == 3
+    # the distillation lengths were resolved from the loaded length and stay as they were
+    assert longer.distill.num_training_frames == longer.distill.num_rollout_frames == 9
+    with pytest.raises(ConfigError, match=r"num_latent_frames=10 is not a multiple"):
+        with_overrides(cfg, ["video.num_latent_frames=10"])
+
+
+def test_distill_lengths_are_resolved_at_validation():
+    cfg = load_config("tiny", ["video.num_latent_frames=12", "distill.num_rollout_frames=15"])
+    assert (cfg.distill.num_training_frames, cfg.distill.num_rollout_frames) == (12, 15)
+    assert load_config("tiny").distill.num_rollout_frames == 9
+
+
+def test_derived_values_are_computed_once():
+    cfg = load_config("wan1.3b")
+    assert cfg.schedule.timesteps == pytest.approx((1000.0, 937.5, 833.333, 625.0), abs=1e-3)  # docs/design.md 1
+    assert cfg.schedule.timesteps is cfg.schedule.timesteps and cfg.geometry is cfg.geometry
+    unwarped = with_overrides(cfg, ["schedule.warp=false"])
+    assert unwarped.schedule.timesteps == (1000.0, 750.0, 500.0, 250.0)
+
+
+def test_choices_are_the_literal_of_the_field():
+    assert choices(SamplingConfig, "method") == typing.get_args(typing.get_type_hints(SamplingConfig)["method"])
+    assert "timestep_first" in choices(SamplingConfig, "method")
+    with pytest.raises(TypeError, match="not a Literal"):
+        choices(SamplingConfig, "num_frame_first_blocks")
+
+
+def test_config_paths_are_taken_from_the_repository_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert repo_path("data/prompts.txt") == ROOT / "data" / "prompts.txt"
+    assert repo_path(tmp_path / "x") == tmp_path / "x"  # absolute: as given
+    for preset in ("toy/hiar", "hiar"):
+        cfg = load_config(ROOT / "configs" / f"{preset}.yaml")
+        assert repo_path(cfg.runtime.prompts).is_file() and repo_path(cfg.train.deepspeed).is_file()
+    wan14b = load_config("wan14b").model
+    assert teacher_model_config(load_config("hiar")) == wan14b  # configs/hiar.yaml: teacher_model wan14b
+    by_file = with_overrides(load_config("hiar"), ["distill.teacher_model=configs/wan14b.yaml"])
+    assert not Path("configs").exists() and teacher_model_config(by_file) == wan14b
+    assert teacher_model_config(load_config("tiny")) == load_config("tiny").model

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import torch
 
-from eval.toy_fidelity import HELD_OUT_SEED
 from hiar.checkpoints import load_generator
 from hiar.codecs import build_codec
 from hiar.config import load_config
 from hiar.sampling import block_noise, sample_video
 from hiar.text import build_text_encoder
+from hiar.toyfidelity import HELD_OUT_SEED
 from hiar.toyworld import caption_fidelity, fidelity_verdict, sample_clip
 from hiar.video import read_video, to_uint8
 

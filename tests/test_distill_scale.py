@@ -23,12 +23,15 @@ def metrics(folder: Path) -> list[dict]:
 def test_one_epoch_of_trajectories_reads_each_once_with_accumulation(inputs, tmp_path, monkeypatch):
     """4 trajectories, 2 micro-steps an update, a generator update every 2nd step: steps 0 and 2 read
     the whole set once, in a shuffled order; prompts are fresh for every update and micro-step."""
+    import hiar.distill
+    from hiar.order import ShuffledOrder
     from train import distill
 
     read, prompts = [], []
-    batch = distill.trajectory_batch
-    monkeypatch.setattr(distill, "trajectory_batch", lambda store, indices: read.extend(indices) or batch(store, indices))
-    draw = distill.ShuffledOrder.draw
+    batch = hiar.distill.trajectory_batch
+    monkeypatch.setattr(hiar.distill, "trajectory_batch",
+                        lambda store, indices: read.extend(indices) or batch(store, indices))
+    draw = ShuffledOrder.draw
 
     def recording_draw(self, number, size):
         indices = draw(self, number, size)
@@ -36,7 +39,7 @@ def test_one_epoch_of_trajectories_reads_each_once_with_accumulation(inputs, tmp
             prompts.extend(indices)
         return indices
 
-    monkeypatch.setattr(distill.ShuffledOrder, "draw", recording_draw)
+    monkeypatch.setattr(ShuffledOrder, "draw", recording_draw)
     distill.main(["--config_path", "tiny", *inputs, "train.total_batch_size=2", "--max_steps", "4",
                   f"train.output_dir={tmp_path}", "train.save_every=0"])
     assert sorted(read) == [0, 1, 2, 3] and read != [0, 1, 2, 3]

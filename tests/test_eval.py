@@ -1,10 +1,8 @@
 """The evaluation harness: metrics on videos whose answer is known, drift math, the programs end to end."""
 
+import ast
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -15,11 +13,11 @@ from eval import drift as drift_program
 from eval import report as report_program
 from eval import rollout as rollout_program
 from eval import toy_videos
-from eval.vbench import clip_bounds, read_results, write_clips
+from hiar import report
 from hiar.drift import (FLOORS, WEIGHTS, drift_score, fit_slope, frame_l1, frame_series, motion, segment_bounds,
                         segment_drift, ssim)
 from hiar.toyworld import ToyClip, ToyObject
-from hiar.video import read_video, write_video
+from hiar.video import read_video
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,64 +115,9 @@ def test_known_fade_is_scored_and_reported(tmp_path):
     for png in ("metrics.png", "contact_sheet.png"):
         assert (run / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     sheet = cv2.imread(str(run / "plots" / "contact_sheet.png"))
-    assert sheet.shape[1] == report_program.SHEET_LABEL_WIDTH + 5 * 128  # the label, then a 32 px frame x4 a segment
-    report = json.loads((run / "report.json").read_text())
-    assert report["methods"]["faded"]["drift_score"] == faded["drift_score"]
-
-
-def test_clips_split_like_vbench_long():
-    assert clip_bounds(50, 16) == [(0, 16), (16, 32), (32, 48), (34, 50)]  # the last one ends at the end
-    assert clip_bounds(32, 16) == [(0, 16), (16, 32)]
-    assert clip_bounds(10, 16) == [(0, 10)]  # shorter than a clip: whole
-
-
-def _videos(folder: Path, frames: int = 48) -> None:
-    """One method, one video of `frames` textured frames drifting right (8 fps)."""
-    image = texture(32)
-    write_video(folder / "m" / "000-0.mp4", np.stack([np.roll(image, i, axis=1) for i in range(frames)]), 8)
-    (folder / "m" / "prompts.json").write_text(json.dumps({"000-0.mp4": "a drifting texture"}))
-
-
-def test_vbench_results_are_read_back_per_video(tmp_path):
-    _videos(tmp_path / "videos")
-    clips = write_clips(tmp_path / "videos", tmp_path / "clips")["m"]
-    assert [(c["start"], c["end"]) for c in clips.values()] == [(0, 16), (16, 32), (32, 48)]
-    assert json.loads((tmp_path / "clips" / "m" / "prompts.json").read_text())["000-0_001.mp4"] == "a drifting texture"
-    # VBench's result file: {dimension: [mean, [{"video_path", "video_results"}, ...]]}, clip scores falling
-    # 0.1 a clip; clip centres lie 1/3 of the video apart, so the slope over the video is -0.3.
-    scores = [0.9, 0.8, 0.7]
-    raw = {"temporal_flickering": [0.8, [{"video_path": str(tmp_path / "clips" / "m" / name), "video_results": s}
-                                         for name, s in zip(sorted(clips), scores)]]}
-    (tmp_path / "results" / "m").mkdir(parents=True)
-    (tmp_path / "results" / "m" / "results_x_eval_results.json").write_text(json.dumps(raw))
-    (tmp_path / "results" / "m" / "results_x_full_info.json").write_text("[]")  # VBench writes this too
-    got = read_results(tmp_path / "clips", tmp_path / "results")
-    video = got["methods"]["m"]["videos"]["000-0"]["temporal_flickering"]
-    assert video["clips"] == scores and video["mean"] == pytest.approx(0.8)
-    assert video["slope"] == pytest.approx(-0.3)
-    with pytest.raises(ValueError, match="does not exist"):
-        read_results(tmp_path / "clips", tmp_path / "nowhere")
-
-
-VBENCH_VENV = Path(os.environ.get("VBENCH_VENV", REPO / ".venv-vbench"))
-
-
-@pytest.mark.skipif(not (VBENCH_VENV / ".vbench-ready").is_file(),
-                    reason=f"VBench's own environment ({VBENCH_VENV}) is not built: building it downloads several GB "
-                           "(bash launch/vbench.sh creates it)")
-def test_vbench_temporal_flickering_runs_in_its_environment(tmp_path):
-    # VBench's temporal_flickering is (255 - mean |frame t+1 - frame t|) / 255 per clip: our frame_l1 of the
-    # same clip files must give the same number.
-    _videos(tmp_path / "videos", frames=40)
-    env = {**os.environ, "HIAR_PYTHON": sys.executable, "VBENCH_VENV": str(VBENCH_VENV)}
-    subprocess.run(["bash", str(REPO / "launch/vbench.sh"), str(tmp_path / "videos"), str(tmp_path / "vb"),
-                    "temporal_flickering"], check=True, env=env, cwd=REPO, timeout=300)
-    got = json.loads((tmp_path / "vb" / "vbench.json").read_text())["methods"]["m"]["videos"]["000-0"]
-    ours = []
-    for clip in sorted((tmp_path / "vb" / "clips" / "m").glob("*.mp4")):
-        frames = read_video(clip)
-        ours.append(1 - np.mean([frame_l1(a, b) for a, b in zip(frames, frames[1:])]) / 255)
-    assert got["temporal_flickering"]["clips"] == pytest.approx(ours, abs=2e-3)
+    assert sheet.shape[1] == report.SHEET_LABEL_WIDTH + 5 * 128  # the label, then a 32 px frame x4 a segment
+    written = json.loads((run / "report.json").read_text())
+    assert written["methods"]["faded"]["drift_score"] == faded["drift_score"]
 
 
 def test_rollout_gives_every_method_the_same_noise(tmp_path):
@@ -259,3 +202,33 @@ def test_toy_fidelity_of_the_codec_ceiling_passes_every_clip(tmp_path):
                                 str(tmp_path / "f"), "video.height=64", "video.width=64"])
     assert result["colour_fidelity"] == 1.0 and result["moving"] == 1.0
     assert result["object_speeds"]["in_range"] == 1.0 and (tmp_path / "f" / "contact_sheet.png").is_file()
+
+
+def eval_imports(path: Path) -> list[str]:
+    """What the Python file `path` imports from the eval package: `import eval...`, `from eval... import`,
+    and relative imports (which, in eval/, name the package too)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.split(".")[0] == "eval"]
+        elif isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] == "eval"):
+            found.append("." * node.level + (node.module or ""))
+    return found
+
+
+def test_evaluation_programs_share_code_only_through_the_library(tmp_path):
+    """No eval/ program imports another (or eval/__init__.py): what they share lives in hiar/."""
+    programs = sorted((REPO / "eval").glob("*.py"))
+    assert {"drift.py", "rollout.py", "report.py", "toy_results.py", "vbench.py"} <= {p.name for p in programs}
+    assert {p.name: eval_imports(p) for p in programs if eval_imports(p)} == {}
+    (init,) = ast.parse((REPO / "eval" / "__init__.py").read_text()).body  # a docstring, nothing else
+    assert isinstance(init, ast.Expr) and isinstance(init.value, ast.Constant) and isinstance(init.value.value, str)
+    # every spelling of such an import is caught; a module merely named like the package is not
+    probe = tmp_path / "probe.py"
+    for line in ("from eval import exit_code", "from eval.drift import write_scores", "import eval.report",
+                 "import os, eval", "from . import report", "from .drift import write_scores",
+                 "def main():\n    from eval import toy_fidelity"):
+        probe.write_text(line + "\n")
+        assert eval_imports(probe), line
+    probe.write_text("import evaluate\nfrom hiar.outputs import exit_code\nimport importlib\n")
+    assert eval_imports(probe) == []

@@ -15,11 +15,13 @@ import psutil
 import pytest
 import torch.distributed as dist
 
-from eval import bench, publish
+from eval import bench
 from eval import drift as drift_program
 from eval import report as report_program
 from eval import rollout as rollout_program
 from eval import toy_fidelity, toy_results, toy_videos, vbench
+from hiar import report, scoring
+from hiar.outputs import publish
 from hiar.parallel import PID_KEY, PipelineError, StageGroup, _alive
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +76,7 @@ def test_drift_writes_scores_anywhere_and_the_report_finds_the_videos(tmp_path, 
 def test_drift_never_replaces_its_out_without_overwrite(tmp_path, videos, capsys, monkeypatch):
     out = tmp_path / "scores.json"
     out.write_text("kept")
-    forbid(monkeypatch, drift_program, "score_videos")
+    forbid(monkeypatch, scoring, "score_videos")
     assert drift_program.main(["--videos", str(videos), "--out", str(out)]) == 2
     assert "already exists: pass --overwrite" in one_error_line(capsys.readouterr().err) and out.read_text() == "kept"
     assert drift_program.main(["--videos", str(videos), "--out", str(tmp_path)]) == 2
@@ -93,7 +95,7 @@ def test_drift_never_replaces_its_out_without_overwrite(tmp_path, videos, capsys
 def test_drift_refuses_a_bad_file_among_the_videos_before_scoring(tmp_path, videos, capsys, monkeypatch, spoil,
                                                                   message):
     spoil(videos)
-    forbid(monkeypatch, drift_program, "score_videos")
+    forbid(monkeypatch, scoring, "score_videos")
     assert drift_program.main(["--videos", str(videos), "--out", str(tmp_path / "s.json")]) == 2
     assert message in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "s.json").exists()
@@ -260,7 +262,7 @@ def test_report_names_a_bad_scores_file_or_a_missing_video(tmp_path, videos, cap
     assert drift_program.main(["--videos", str(videos), "--out", str(run / "scores.json")]) == 0
     capsys.readouterr()
     spoil(run)
-    forbid(monkeypatch, report_program, "plot_metrics")
+    forbid(monkeypatch, report, "plot_metrics")
     assert report_program.main([str(run)]) == 2
     assert message in one_error_line(capsys.readouterr().err)
 
@@ -283,13 +285,26 @@ def test_toy_results_stops_when_the_report_fails_and_reruns_its_rollouts(tmp_pat
     (tmp_path / "runs" / "hiar").mkdir(parents=True)
     (tmp_path / "runs" / "hiar" / "model.safetensors").write_bytes(b"")
     seen = {}
-    monkeypatch.setattr(toy_results.toy_fidelity, "main", lambda argv: {"colour_fidelity": 1.0, "moving": 1.0})
-    monkeypatch.setattr(toy_results.rollout, "main", lambda argv: seen.setdefault("rollout", argv) and 0)
-    monkeypatch.setattr(toy_results.report, "main", lambda argv: 2)
+
+    def run_program(program: str, *args: str) -> int:
+        seen[program] = args
+        if program == "toy_fidelity":  # what the program writes into its --out
+            out = Path(args[args.index("--out") + 1])
+            out.mkdir(parents=True)
+            (out / "results.json").write_text(json.dumps({"colour_fidelity": 1.0, "moving": 1.0}))
+        return 2 if program == "report" else 0
+
+    monkeypatch.setattr(toy_results, "run_program", run_program)
     assert toy_results.main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "res"),
                              "--doc", str(tmp_path / "doc.md"), "--num_long", "1"]) == 2
     assert "--overwrite" in seen["rollout"]  # its --out is its own: regenerated on every run
     assert not (tmp_path / "doc.md").exists()
+
+
+def test_toy_results_runs_each_program_as_its_own_process(tmp_path, capfd, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # found from any folder
+    assert toy_results.run_program("report", str(tmp_path / "missing")) == 2  # python -m eval.report's exit code
+    assert "scores.json does not exist" in one_error_line(capfd.readouterr().err)
 
 
 def test_bench_refuses_an_unwritable_result_before_running(tmp_path, capsys, monkeypatch):

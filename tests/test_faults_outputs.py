@@ -121,18 +121,18 @@ def test_a_second_run_into_the_folder_never_takes_the_first_runs_name(tmp_path, 
 
     monkeypatch.setattr(inference, "render", render_after_a_second_run)
     assert inference.main([*args, "--seed", "1"]) == 0 and nested == [0]
-    assert files(tmp_path) == ["config (2).yaml", "config.yaml", "x-0 (2).latents.safetensors", "x-0 (2).mp4",
-                               "x-0.latents.safetensors", "x-0.mp4"]
+    assert files(tmp_path) == ["config (2).yaml", "config.yaml", "prompts.json", "x-0 (2).latents.safetensors",
+                               "x-0 (2).mp4", "x-0.latents.safetensors", "x-0.mp4"]
     with safe_open(tmp_path / "x-0.latents.safetensors", "pt") as a, \
             safe_open(tmp_path / "x-0 (2).latents.safetensors", "pt") as b:
         assert not torch.equal(a.get_tensor("latents"), b.get_tensor("latents"))  # seeds 1 and 2: both kept
 
 
 def test_ranks_whose_prompts_share_a_name_keep_both_videos(tmp_path, monkeypatch):
-    """Under torchrun (data parallel) rank 1 runs while rank 0 generates: "...left!" and "...left?"
-    both sanitise to "...left_-0"."""
+    """Under torchrun (data parallel) rank 1 runs while rank 0 generates: the prompt listed twice gives
+    both ranks the name "...left-0"."""
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle moving left!\na red circle moving left?\n")
+    prompts.write_text("a red circle moving left\na red circle moving left\n")
     out = tmp_path / "out"
     args = [*TINY, "--data_path", str(prompts), "--output_folder", str(out), "--num_output_frames", "3",
             "--save_latents"]
@@ -151,7 +151,7 @@ def test_ranks_whose_prompts_share_a_name_keep_both_videos(tmp_path, monkeypatch
     monkeypatch.setattr(inference, "render", render_while_rank_1_runs)
     assert inference.main(args) == 0 and nested == [0]
     videos = sorted(out.glob("*.mp4"))
-    assert [v.name for v in videos] == ["a red circle moving left_-0 (2).mp4", "a red circle moving left_-0.mp4"]
+    assert [v.name for v in videos] == ["a red circle moving left-0 (2).mp4", "a red circle moving left-0.mp4"]
     assert sorted(prompt_index(v.with_suffix(".latents.safetensors")) for v in videos) == ["0", "1"]
 
 
@@ -163,7 +163,8 @@ def test_nothing_in_the_output_folder_is_replaced_without_overwrite(tmp_path):
     args = [*TINY, "--prompt", "x", "--output_folder", str(tmp_path), "--num_output_frames", "3", "--save_latents"]
     assert inference.main(args) == 0
     assert {name: (tmp_path / name).read_bytes() for name in mine} == mine
-    assert files(tmp_path) == sorted([*mine, "config (2).yaml", "x-0 (3).mp4", "x-0 (3).latents.safetensors"])
+    assert files(tmp_path) == sorted([*mine, "config (2).yaml", "prompts.json", "x-0 (3).mp4",
+                                      "x-0 (3).latents.safetensors"])
     assert inference.main([*args, "--overwrite"]) == 0
     assert (tmp_path / "config.yaml").read_bytes() != mine["config.yaml"]
     assert read_video(tmp_path / "x-0.mp4").shape[0] == 3

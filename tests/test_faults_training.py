@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from train import teacher
 
-from hiar import runs  # noqa: E402
+from hiar import runs
 
 TEACHER = ["--config_path", "tiny", "train.batch_size=1", "train.log_every=1", "train.save_every=1",
            "train.sample_every=0"]

@@ -1,5 +1,7 @@
 """inference.py end to end on the tiny preset (random weights, the toy codec and text encoder)."""
 
+import typing
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ from safetensors.torch import load_file
 
 import inference
 from hiar.codecs import ToyDCTCodec
+from hiar.config import SamplingConfig, load_config
 from hiar.video import read_video
 
 TINY = ["--config_path", "tiny"]
@@ -83,6 +86,21 @@ def test_default_prompts_come_from_the_config(tmp_path):
 def test_unknown_method_is_refused():
     with pytest.raises(SystemExit):
         inference.main([*TINY, "--prompt", "x", "--inference_method", "random_order"])
+
+
+@pytest.mark.parametrize("flag,field", [("--inference_method", "method"), ("--schedule", "schedule")])
+def test_every_value_the_config_accepts_is_a_flag_value(flag, field):
+    """The flags offer exactly the config's Literal: an order added to sampling.method reaches the CLI."""
+    for value in typing.get_args(typing.get_type_hints(SamplingConfig)[field]):
+        cfg = inference.resolve_config(inference.parse_args([*TINY, flag, value]))
+        assert getattr(cfg.sampling, field) == value
+
+
+def test_the_saved_config_has_the_run_length_and_the_presets_distill_lengths(tmp_path):
+    assert inference.main([*TINY, "--prompt", "x", "--output_folder", str(tmp_path), "--num_output_frames", "6"]) == 0
+    saved = load_config(tmp_path / "config.yaml")
+    assert saved.video.num_latent_frames == 6 and saved.geometry.num_blocks == 2
+    assert saved.distill.num_training_frames == load_config("tiny").distill.num_training_frames == 9
 
 
 def test_a_saved_checkpoint_drives_inference(tmp_path):

@@ -3,9 +3,12 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from hiar.config import load_config
-from hiar.models import BlockCausal, BlockCausalWindow, Cached, KVCache, WanModel
-from hiar.models.attention import RotaryEmbedding, apply_rope
+from hiar.models import Bidirectional, BlockCausal, BlockCausalWindow, Cached, KVCache, WanModel
+from hiar.models.attention import (SDPA_KERNELS, AttentionBackendError, RotaryEmbedding, apply_rope,
+                                   check_attention_backend)
 from hiar.models.wan import diffusers_transformer_config
+
+from conftest import random_model
 
 
 def diffusers_twin(cfg, model: WanModel) -> WanTransformer3DModel:
@@ -90,3 +93,35 @@ def test_a_prepared_prompt_equals_raw_states(tiny_model, tiny_inputs):
     x, t, text = tiny_inputs
     with torch.no_grad():
         torch.testing.assert_close(tiny_model(x, t, tiny_model.prompt(text)), tiny_model(x, t, text), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", sorted(SDPA_KERNELS))
+def test_each_sdpa_kernel_runs_as_the_default_or_refuses_before_compute(tiny, tiny_inputs, backend):
+    """model.attention_backend=sdpa_*: SDPA held to one kernel. One that PyTorch can run here gives the
+    default's output to float rounding (fused kernels sum in another order); one it cannot is refused
+    at the forward's start, saying which and why, before the cache is written. On this CPU with
+    PyTorch 2.13 the flash and math kernels run, efficient and cuDNN (CUDA only) are refused."""
+    x, t, text = tiny_inputs
+    cfg = load_config("tiny", [f"model.attention_backend={backend}"])
+    default, held = random_model(tiny), random_model(cfg)  # the same weights
+    window = BlockCausalWindow.from_config(tiny.video)
+    try:
+        check_attention_backend(backend, x.device, x.dtype, cfg.model.head_dim)
+    except AttentionBackendError as err:
+        assert f"model.attention_backend={backend} cannot attend" in str(err)
+        cache = KVCache(cfg.model.num_layers, window)
+        with pytest.raises(AttentionBackendError, match=backend), torch.no_grad():
+            held(x[:, :3], t[:, :3], text, Cached(cache, 0, write_frames=3))
+        assert cache.frames() == []
+        return
+    with torch.no_grad():
+        for mode in (Bidirectional(), BlockCausal(window)):  # one call, and one call per block (query groups)
+            torch.testing.assert_close(held(x, t, text, mode), default(x, t, text, mode), atol=1e-5, rtol=0)
+
+
+def test_flash_attn_backend_needs_the_package_and_half_precision_cuda(tiny, tiny_inputs):
+    x, t, text = tiny_inputs
+    model = random_model(load_config("tiny", ["model.attention_backend=flash_attn"]))
+    with pytest.raises(AttentionBackendError, match="model.attention_backend=flash_attn (needs the flash-attn package|"
+                                                    "runs float16/bfloat16 on CUDA only)"):
+        model(x, t, text)

@@ -5,6 +5,7 @@ processes instead of four GPUs."""
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,34 @@ def test_download_step_uses_the_current_cli():
     script = (ROOT / "launch" / "download_weights.sh").read_text()
     assert "hf download Wan-AI/Wan2.1-T2V-1.3B --local-dir wan_models/Wan2.1-T2V-1.3B" in script
     assert "hf download jackyhate/HiAR hiar.pt --local-dir ckpts" in script  # -> ckpts/hiar.pt
+
+
+def run_download_script(tmp_path, clis: list[str]) -> subprocess.CompletedProcess:
+    """launch/download_weights.sh in a copy of the repository's layout with no .venv, on a PATH holding only
+    `dirname` and the named fake CLIs (each prints the command it was given instead of downloading)."""
+    (tmp_path / "launch").mkdir(parents=True)
+    (tmp_path / "launch" / "download_weights.sh").write_text((ROOT / "launch" / "download_weights.sh").read_text())
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "dirname").symlink_to(shutil.which("dirname"))
+    for cli in clis:
+        (bin_dir / cli).write_text(f'#!/bin/sh\necho "{cli} $*"\n')
+        (bin_dir / cli).chmod(0o755)
+    return subprocess.run(["/bin/bash", str(tmp_path / "launch" / "download_weights.sh"), "inference"],
+                          env={"PATH": str(bin_dir)}, capture_output=True, text=True, timeout=30)
+
+
+def test_download_step_falls_back_to_huggingface_cli_and_says_what_to_install(tmp_path):
+    proc = run_download_script(tmp_path / "hf", ["hf", "huggingface-cli"])
+    assert proc.returncode == 0 and proc.stdout.splitlines() == [
+        "hf download Wan-AI/Wan2.1-T2V-1.3B --local-dir wan_models/Wan2.1-T2V-1.3B",
+        "hf download jackyhate/HiAR hiar.pt --local-dir ckpts"], proc.stderr
+    proc = run_download_script(tmp_path / "old", ["huggingface-cli"])
+    assert proc.returncode == 0 and proc.stdout.splitlines()[0] == (
+        "huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B --local-dir wan_models/Wan2.1-T2V-1.3B"), proc.stderr
+    proc = run_download_script(tmp_path / "none", [])
+    assert proc.returncode == 1 and not proc.stdout
+    assert "pip install -U huggingface_hub" in proc.stderr
 
 
 def test_pipeline_front_in_one_process_matches_inference_and_profiles(tmp_path):

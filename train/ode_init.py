@@ -17,7 +17,7 @@ import torch
 
 from hiar import distributed
 from hiar.checkpoints import load_generator
-from hiar.config import load_config
+from hiar.config import load_config, repo_path
 from hiar.flow import FlowMatching
 from hiar.models import BlockCausal, BlockCausalWindow
 from hiar.trajectories import TrajectoryStore, ode_regression_batch
@@ -39,8 +39,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = load_config(args.config_path, args.overrides)
     world = distributed.init()
-    trajectories = TrajectoryStore(cfg.ode.output_dir)  # read on demand: full scale is hundreds of GB
-    student, _ = load_generator(cfg.ode.teacher, cfg)  # the student starts as the teacher
+    trajectories = TrajectoryStore(repo_path(cfg.ode.output_dir))  # read on demand: full scale is hundreds of GB
+    student, _ = load_generator(repo_path(cfg.ode.teacher), cfg)  # the student starts as the teacher
     bank = PromptBank.for_config(cfg, world.device)
     flow = FlowMatching(cfg.schedule.shift)
     causal = BlockCausal(BlockCausalWindow.from_config(cfg.video))

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from hiar import distributed
 from hiar.checkpoints import load_generator
-from hiar.config import kept_indices, load_config, save_config
+from hiar.config import kept_indices, load_config, repo_path, save_config
 from hiar.data import PromptSource
 from hiar.flow import FlowMatching
 from hiar.trajectories import (MANIFEST, TrajectoryStore, claim, provenance_digest, record_path, shard_count, shard_path,
@@ -69,7 +69,7 @@ def run_record(cfg, prompts: list[str], device: torch.device) -> dict:
     """What run.json and the manifest record: the provenance (every input that shapes a trajectory, by its
     config name; a rerun must match it), its digest (stamped on each shard) and the teacher's files."""
     o, v = cfg.ode, cfg.video
-    teacher = teacher_fingerprint(o.teacher)
+    teacher = teacher_fingerprint(repo_path(o.teacher))
     provenance = {
         "format": 1,  # the shard layout (hiar/trajectories.py write_shard)
         "teacher.sha256": teacher["sha256"],  # content, not path: a moved teacher is the same teacher
@@ -109,11 +109,11 @@ def main(argv=None) -> None:
     cfg = load_config(args.config_path, args.overrides)
     o = cfg.ode
     if args.verify:
-        print(f"{o.output_dir}: {TrajectoryStore(o.output_dir).verify()} shards match their sha256")
+        print(f"{o.output_dir}: {TrajectoryStore(repo_path(o.output_dir)).verify()} shards match their sha256")
         return
     world = distributed.init()
     device = world.device
-    out = Path(o.output_dir)
+    out = repo_path(o.output_dir)
     prompts = prompt_list(cfg)
     num_shards = -(-o.num_trajectories // o.per_shard)
     run = run_record(cfg, prompts, device)
@@ -121,7 +121,8 @@ def main(argv=None) -> None:
     todo = shards_to_make(cfg, out, world, run["digest"])
     if todo:  # the manifest exists only while every shard is finished
         (out / MANIFEST).unlink(missing_ok=True)
-    teacher, _ = load_generator(o.teacher, cfg, dtype=cfg.torch_dtype(device))  # bfloat16 on CUDA (runtime.dtype)
+    # bfloat16 on CUDA (runtime.dtype)
+    teacher, _ = load_generator(repo_path(o.teacher), cfg, dtype=cfg.torch_dtype(device))
     teacher.requires_grad_(False).eval().to(device)
     encoder = build_text_encoder(cfg, device)
     flow = FlowMatching(o.shift)

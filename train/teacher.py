@@ -9,11 +9,10 @@ Writes checkpoints/, samples/ and, at the end, model.safetensors under train.out
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from hiar import distributed
 from hiar.codecs import build_codec
-from hiar.config import load_config
+from hiar.config import load_config, repo_path
 from hiar.data import load_prompts
 from hiar.flow import FlowMatching
 from hiar.models import WanModel
@@ -43,7 +42,7 @@ def main(argv=None) -> None:
     ema = EMA(t.ema_decay, t.ema_start, keep=world.is_main) if t.ema_decay else None
     trainer = Trainer(cfg, WanModel(cfg.model), resume=args.resume, extra={"ema": ema} if ema else None, world=world)
     clips = ShuffledOrder(None, t.seed, world.size, world.rank)  # the toy world is an endless stream of clips
-    prompts = load_prompts(Path(__file__).resolve().parent.parent / cfg.runtime.prompts)[:2]
+    prompts = load_prompts(repo_path(cfg.runtime.prompts))[:2]
 
     def micro_loss(step: int, micro: int):
         x0, captions = toy_batch(cfg, codec, clips.draw(step * trainer.accumulation + micro, t.batch_size))

@@ -6,14 +6,18 @@ hiar/models/window.py, so the full-sequence forward and the KV cache agree on ev
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from hiar.models.cache import KVCache
+from hiar.config import ConfigError
+from hiar.models.cache import KVCache, StaticKVCache
 from hiar.models.window import BlockCausalWindow
 
 
@@ -38,7 +42,7 @@ class Cached:
     (block-causally if the call spans several blocks). The first `write_frames` frames' K/V are then
     stored in the cache, overwriting what it held for them."""
 
-    cache: KVCache
+    cache: KVCache | StaticKVCache
     start_frame: int
     write_frames: int = 0
 
@@ -99,6 +103,49 @@ def _flash_attn_func():
         return None
 
 
+# model.attention_backend -> the one PyTorch SDPA kernel it allows ("sdpa" and "auto" let PyTorch pick).
+SDPA_KERNELS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_math": SDPBackend.MATH}
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class AttentionBackendError(ConfigError):
+    """The configured attention backend cannot run on this device, dtype or head size."""
+
+
+@functools.cache
+def check_attention_backend(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> None:
+    """Raise AttentionBackendError, saying why and what to use instead, when `backend` cannot attend
+    `dtype` heads of `head_dim` on `device`. An SDPA kernel is probed with one tiny call, so PyTorch's
+    own rules decide (a kernel held by `sdpa_kernel` that cannot serve a call fails rather than falls
+    back). Cached: `WanModel` calls it at every forward, outside the (possibly compiled) blocks."""
+    fix = "use model.attention_backend=sdpa (PyTorch picks a kernel that runs) or auto"
+    if backend == "flash_attn":
+        if _flash_attn_func() is None:
+            raise AttentionBackendError(f"model.attention_backend=flash_attn needs the flash-attn package, which "
+                                        f"is not installed: pip install flash-attn, or {fix}")
+        if device.type != "cuda" or dtype not in _HALF:
+            raise AttentionBackendError(f"model.attention_backend=flash_attn runs float16/bfloat16 on CUDA only, "
+                                        f"not {dtype} on {device}: {fix}")
+        return
+    kernel = SDPA_KERNELS.get(backend)
+    if kernel is None:
+        return
+    probe = torch.zeros(1, 1, 8, head_dim, device=device, dtype=dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with sdpa_kernel([kernel]):
+                F.scaled_dot_product_attention(probe, probe, probe)
+            return
+        except RuntimeError as err:
+            why = "PyTorch says: " + ("; ".join(str(w.message) for w in caught) or str(err))
+    if device.type != "cuda" and kernel in (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+        why = "the kernel runs on CUDA only"  # PyTorch's CPU message blames disabled kernels instead
+    raise AttentionBackendError(f"model.attention_backend={backend} cannot attend {dtype} heads of {head_dim} "
+                                f"on {device} ({why}): {fix}")
+
+
 # Query tokens -> the key tokens they see: a slice when those keys are contiguous, else an index.
 QueryGroups = list[tuple[slice, slice | torch.Tensor]]
 
@@ -137,10 +184,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: QueryGroup
 
 
 def _unmasked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
-    """flash-attn serves half-precision CUDA calls when installed and `backend` is "auto"; PyTorch SDPA
-    serves everything else and is the tested path."""
-    if backend == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    """flash-attn serves half-precision CUDA calls when installed and `backend` is "auto", and every
+    call with "flash_attn"; PyTorch SDPA serves everything else and is the tested path, held to one
+    kernel by an "sdpa_*" backend (`check_attention_backend` has vetted the choice)."""
+    if backend == "flash_attn" or (backend == "auto" and q.is_cuda and q.dtype in _HALF):
         flash = _flash_attn_func()
         if flash is not None:
             return flash(q, k, v)
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    kernel = SDPA_KERNELS.get(backend)
+    with sdpa_kernel([kernel]) if kernel is not None else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)

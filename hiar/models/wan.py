@@ -28,6 +28,7 @@ from hiar.models.attention import (
     RotaryEmbedding,
     apply_rope,
     attend,
+    check_attention_backend,
     query_groups,
 )
 
@@ -148,48 +149,51 @@ class SelfAttentionContext:
     """
 
     def __init__(self, rope: tuple[torch.Tensor, torch.Tensor], groups: QueryGroups | None,
-                 mode: AttentionMode, context_frames: list[int]):
+                 mode: AttentionMode, context_frames: list[int], num_frames: int, backend: str):
         self.rope = rope  # cos, sin [F*T, 1, Dh/2] at this call's absolute frame positions
         self.groups = groups  # the block-causal rule (None: every query sees every key)
         self.mode = mode
         self.context_frames = context_frames
-        # Per layer, the cache's own (k, v) [B, T, H, Dh] of each context frame, taken now, before any
-        # layer of this forward writes: references, not a concatenated copy, so the snapshot costs no
-        # memory beyond keeping those frames alive while a pending backward may recompute a block.
-        # The cache never modifies a stored tensor in place, so these stay what the forward read.
-        # A missing frame raises CacheMissError here, at the start of the forward.
-        self._context: list[list[tuple[torch.Tensor, torch.Tensor]] | None] = []
+        self.num_frames = num_frames  # F
+        self.backend = backend
+        # Per layer, what the cache gives for the context frames, taken now, before any layer of this
+        # forward writes (KVCache: the cache's own (k, v) [B, T, H, Dh] of each frame, references, not a
+        # concatenated copy, so the snapshot costs no memory beyond keeping those frames alive while a
+        # pending backward may recompute a block; the cache never modifies a stored tensor in place, so
+        # these stay what the forward read). A missing frame raises CacheMissError here, at the start.
+        self._context: list = []
         if isinstance(mode, Cached):
-            self._context = [mode.cache.entries(layer, context_frames) for layer in range(mode.cache.num_layers)]
+            self._context = mode.cache.snapshot(context_frames)
         self._written: set[int] = set()  # layers that have written the cache: a later call is a recompute
 
-    def __call__(self, layer: int, attn: Attention, x: torch.Tensor) -> torch.Tensor:
-        # x [B, F, T, D] -> [B, F, T, D]
-        b, f, t, _ = x.shape
-        h = x.flatten(1, 2)
-        q, (k, v) = attn.query(h), attn.key_value(h)  # [B, F*T, H, Dh]
-        q, k = apply_rope(q, *self.rope), apply_rope(k, *self.rope)
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q, k (rotated), v [B, F*T, H, Dh] of this call's frames -> attention output [B, F*T, H*Dh]
         k_all, v_all = k, v
-        if isinstance(self.mode, Cached):
+        cached = isinstance(self.mode, Cached)
+        if cached:
             context = self._context[layer]
             if context is None:
                 raise RuntimeError(f"self-attention layer {layer} ran again after a forward without grad; "
                                    "a SelfAttentionContext serves one forward (and its recomputes)")
-            if context:  # [B, C*T + F*T, H, Dh]: the snapshot's frames in order, then this call's
-                keys, values = zip(*context)
-                k_all, v_all = torch.cat([*keys, k], dim=1), torch.cat([*values, v], dim=1)
-            if self.mode.write_frames and layer not in self._written:
-                # Once per layer: a recompute must not store its K/V again (it would replace what later
-                # blocks wrote with this forward's, and evict by this forward's position).
-                self._written.add(layer)
-                n = self.mode.write_frames
-                self.mode.cache.write(layer, self.mode.start_frame, k.unflatten(1, (f, t))[:, :n],
-                                      v.unflatten(1, (f, t))[:, :n])
-            if not torch.is_grad_enabled():
-                # No autograd graph, so no recompute: let the frames this forward's writes evicted go now
-                # rather than at the end of the forward (inference keeps the cache at one window).
-                self._context[layer] = None
-        return attn.output(q, k_all, v_all, self.groups).unflatten(1, (f, t))
+            # [B, C*T + F*T, H, Dh]: the snapshot's frames in order, then this call's
+            k_all, v_all = self.mode.cache.with_context(layer, context, *self._frames(k, v))
+        out = attend(q, k_all, v_all, self.groups, self.backend).flatten(-2).type_as(q)
+        # The write follows the attention: a static cache's eviction moves the slots k_all may view.
+        if cached and self.mode.write_frames and layer not in self._written:
+            # Once per layer: a recompute must not store its K/V again (it would replace what later
+            # blocks wrote with this forward's, and evict by this forward's position).
+            self._written.add(layer)
+            n = self.mode.write_frames
+            self.mode.cache.write(layer, self.mode.start_frame, *(t[:, :n] for t in self._frames(k, v)))
+        if cached and not torch.is_grad_enabled():
+            # No autograd graph, so no recompute: let the frames this forward's writes evicted go now
+            # rather than at the end of the forward (inference keeps the cache at one window).
+            self._context[layer] = None
+        return out
+
+    def _frames(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """[B, F*T, H, Dh] -> [B, F, T, H, Dh] views."""
+        return [t.unflatten(1, (self.num_frames, -1)) for t in tensors]
 
 
 class WanBlock(nn.Module):
@@ -210,14 +214,30 @@ class WanBlock(nn.Module):
                 self_attention: SelfAttentionContext) -> torch.Tensor:
         # x [B, F, T, D]; modulation [B, F, 6, D] (float32); text: the prompt's K/V for every layer
         shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + modulation.float()).unsqueeze(3).unbind(2)
+        # 1. self-attention over frames (mode-dependent), gated per frame; 2. cross-attention; 3. feed-forward.
+        # Between the two pure-tensor halves the attention reads and writes the cache; runtime.compile_blocks
+        # compiles the halves only (`compile_blocks`). Nested calls keep no intermediate alive past its use.
+        return self.after_self_attention(
+            x, self_attention(layer, *self.self_attention_input(x, shift, scale, *self_attention.rope)),
+            gate, c_shift, c_scale, c_gate, *text.key_values[layer])
 
-        # 1. self-attention over frames (mode-dependent), gated per frame
-        h = (self.norm1(x.float()) * (1 + scale) + shift).type_as(x)
-        x = (x.float() + self_attention(layer, self.attn1, h).float() * gate).type_as(x)
+    def self_attention_input(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, cos: torch.Tensor,
+                             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries and keys (rotated to their frames' positions) and values [B, F*T, H, Dh] of x [B, F, T, D]."""
+        h = (self.norm1(x.float()) * (1 + scale) + shift).type_as(x).flatten(1, 2)
+        q, (k, v) = self.attn1.query(h), self.attn1.key_value(h)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def after_self_attention(self, x: torch.Tensor, attended: torch.Tensor, gate: torch.Tensor, c_shift: torch.Tensor,
+                             c_scale: torch.Tensor, c_gate: torch.Tensor, text_k: torch.Tensor,
+                             text_v: torch.Tensor) -> torch.Tensor:
+        """The rest of the block from the self-attention's output `attended` [B, F*T, H*Dh]."""
+        x = (x.float() + self.attn1.to_out[0](attended).unflatten(1, x.shape[1:3]).float() * gate).type_as(x)
+        del attended  # not kept through the cross-attention and feed-forward (eager peak memory)
 
         # 2. cross-attention to every prompt token (padding included, as Wan does: no text mask)
         h = self.norm2(x.float()).type_as(x).flatten(1, 2)
-        x = x + self.attn2.output(self.attn2.query(h), *text.key_values[layer], None).unflatten(1, x.shape[1:3])
+        x = x + self.attn2.output(self.attn2.query(h), text_k, text_v, None).unflatten(1, x.shape[1:3])
 
         # 3. feed-forward, gated per frame
         h = (self.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
@@ -245,13 +265,14 @@ class WanModel(nn.Module):
         start = mode.start_frame if isinstance(mode, Cached) else 0
         frames = torch.arange(start, start + num_frames)
         rope = self.rope(frames.to(device), *grid)
+        backend = self.config.attention_backend
         if isinstance(mode, Bidirectional):
-            return SelfAttentionContext(rope, None, mode, [])
+            return SelfAttentionContext(rope, None, mode, [], num_frames, backend)
         window = mode.window if isinstance(mode, BlockCausal) else mode.cache.window
         context = window.context_frames(start, start + num_frames) if isinstance(mode, Cached) else []
         keys = torch.cat([torch.tensor(context, dtype=frames.dtype), frames])
         groups = query_groups(window.frame_mask(frames, keys), grid[0] * grid[1], device)
-        return SelfAttentionContext(rope, groups, mode, context)
+        return SelfAttentionContext(rope, groups, mode, context, num_frames, backend)
 
     def prompt(self, states: torch.Tensor) -> Prompt:
         """Prompt states [B, Lt, text_dim] -> the cross-attention K/V of every layer, to reuse."""
@@ -270,6 +291,7 @@ class WanModel(nn.Module):
 
         # 1. patchify: [B, F, C, H, W] -> tokens [B, F, T, D]
         weight = self.patch_embedding.weight
+        check_attention_backend(cfg.attention_backend, x.device, weight.dtype, cfg.head_dim)
         tokens = self.patch_embedding(x.to(weight.dtype).transpose(1, 2))  # [B, D, F, h, w]
         tokens = tokens.flatten(3).permute(0, 2, 3, 1)
 
@@ -288,6 +310,20 @@ class WanModel(nn.Module):
         out = self.proj_out(tokens)  # [B, F, T, pt*ph*pw*C]
         out = out.reshape(b, f, *grid, 1, ph, pw, cfg.out_channels)
         return out.permute(0, 1, 4, 7, 2, 5, 3, 6).reshape(b, f, cfg.out_channels, height, width)
+
+
+def compile_blocks(model: WanModel) -> None:
+    """torch.compile each transformer block's two pure-tensor halves, in place (runtime.compile_blocks).
+
+    The self-attention between them stays eager: its cache traffic is Python bookkeeping on frame
+    indices that change every call, which a compiled graph would guard on and recompile for. The
+    parameters keep their names (no wrapper module), so checkpoints load and save as before. Calling
+    it again changes nothing.
+    """
+    for block in model.blocks:
+        for name in ("self_attention_input", "after_self_attention"):
+            if name not in vars(block):  # not yet compiled (an instance attribute shadows the method)
+                setattr(block, name, torch.compile(getattr(block, name)))
 
 
 def diffusers_transformer_config(cfg: ModelConfig) -> dict:

@@ -24,14 +24,21 @@ class BlockCausalWindow:
     frames_per_block: int
     window_frames: int = 0  # W; 0 = unbounded
     sink_frames: int = 0
+    # P clean frames given before the generated video (an image or a video's last frames): they form one
+    # block [0, P) of their own, and the k-frame blocks start at P (hiar/conditioning.py).
+    prefix_frames: int = 0
 
     @classmethod
-    def from_config(cls, video: VideoConfig) -> BlockCausalWindow:
-        return cls(video.frames_per_block, video.window_frames, video.sink_frames)
+    def from_config(cls, video: VideoConfig, prefix_frames: int = 0) -> BlockCausalWindow:
+        return cls(video.frames_per_block, video.window_frames, video.sink_frames, prefix_frames)
 
     def block_end(self, frame: torch.Tensor) -> torch.Tensor:
-        k = self.frames_per_block
-        return (frame // k + 1) * k
+        k, p = self.frames_per_block, self.prefix_frames
+        return torch.where(frame < p, p, ((frame - p) // k + 1) * k + p)
+
+    def is_block_start(self, frame: int) -> bool:
+        p = self.prefix_frames
+        return frame == 0 or (frame >= p and (frame - p) % self.frames_per_block == 0)
 
     def frame_mask(self, query_frames: torch.Tensor, key_frames: torch.Tensor) -> torch.Tensor:
         """[Fq, Fk] bool: may query frame q see key frame f? Frames are absolute indices."""
@@ -49,11 +56,11 @@ class BlockCausalWindow:
         The first block of the range sees the most (later blocks' windows start later), so its window
         bounds the union. Equal to the columns < start that `frame_mask` opens for those queries.
         """
-        if start % self.frames_per_block:
-            raise ValueError(f"a cached call must start on a block boundary; frame {start} is not a multiple "
-                             f"of frames_per_block={self.frames_per_block}")
+        if not self.is_block_start(start):
+            raise ValueError(f"a cached call must start on a block boundary; frame {start} is not "
+                             f"{self.prefix_frames} + a multiple of frames_per_block={self.frames_per_block}")
         if not self.window_frames:
             return list(range(start))
-        first_end = start + self.frames_per_block
+        first_end = int(self.block_end(torch.tensor(start)))
         recent_from = max(self.sink_frames, first_end - (self.window_frames - self.sink_frames))
         return list(range(min(self.sink_frames, start))) + list(range(recent_from, start))

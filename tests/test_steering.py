@@ -1,0 +1,156 @@
+"""Steering a generation (hiar/conditioning.py): prompt switches in both modes, continuation from clean
+prefix frames, the schedule's errors, and the stream that inference and the live demo read."""
+
+import pytest
+import torch
+
+from hiar.conditioning import Conditioning, Segment, block_at_second, parse_switch_time, read_schedule
+from hiar.config import load_config
+from hiar.models import Cached, KVCache
+from hiar.sampling import CellRunner, run_order, sample_video, timestep_first
+
+from conftest import random_model, rollout_inputs as setup
+
+BLOCKS, SWITCH = 6, 3
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(load_config("tiny"))
+
+
+def other_prompt(text):
+    return torch.randn(text.shape, generator=torch.Generator().manual_seed(11))
+
+
+def switched(text, at=SWITCH):
+    return Conditioning([Segment(0, text), Segment(at, other_prompt(text))])
+
+
+def video(model, cond, *overrides, blocks=BLOCKS):
+    cfg, noise, _ = setup(*overrides, frames=3 * blocks)
+    with torch.no_grad():
+        return sample_video(model, cond, cfg, noise, blocks)
+
+
+ORDERS = [["sampling.method=timestep_first"], ["sampling.method=frame_first"],
+          ["sampling.method=hybrid_block0", "sampling.num_frame_first_blocks=2"]]
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("mode", ["new_blocks", "recache"])
+def test_blocks_before_a_switch_are_untouched(model, order, mode):
+    _, _, text = setup()
+    plain = video(model, text, *order)
+    steered = video(model, switched(text), *order, f"sampling.switch={mode}")
+    k = 3 * SWITCH
+    assert torch.equal(steered[:, :k], plain[:, :k])
+    assert not torch.allclose(steered[:, k:], plain[:, k:])
+
+
+@pytest.mark.parametrize("mode", ["new_blocks", "recache"])
+@pytest.mark.parametrize("extra", [[], ["sampling.fused=true"], ["video.window_frames=7", "video.sink_frames=1"]])
+def test_a_switch_is_the_same_in_every_schedule(model, mode, extra):
+    _, _, text = setup()
+    a = video(model, switched(text), "sampling.schedule=step_major", f"sampling.switch={mode}", *extra)
+    b = video(model, switched(text), "sampling.schedule=wavefront", f"sampling.switch={mode}", *extra)
+    assert torch.equal(a, b)
+
+
+def test_the_modes_differ_after_a_switch(model):
+    _, _, text = setup()
+    a = video(model, switched(text), "sampling.switch=new_blocks")
+    b = video(model, switched(text), "sampling.switch=recache")
+    assert torch.equal(a[:, :3 * SWITCH], b[:, :3 * SWITCH]) and not torch.allclose(a[:, 3 * SWITCH:], b[:, 3 * SWITCH:])
+
+
+@pytest.mark.parametrize("window", [[], ["video.window_frames=7", "video.sink_frames=1"]])
+def test_recache_equals_a_fresh_cache_built_under_the_new_prompt(model, window):
+    """Re-cache at block b == blocks < b generated under the old prompt, then every step's cache rebuilt
+    from scratch by writing the context those blocks left (the frames it still holds) under the new
+    prompt, then blocks >= b generated from those caches."""
+    cfg, noise, text = setup("sampling.switch=recache", "sampling.schedule=step_major", *window, frames=3 * BLOCKS)
+    new = other_prompt(text)
+    with torch.no_grad():
+        steered = sample_video(model, Conditioning([Segment(0, text), Segment(SWITCH, new)]), cfg, noise, BLOCKS)
+        old = CellRunner(model, text, cfg, noise)
+        contexts = {j: old.new_context() for j in range(old.num_steps)}
+        for _ in timestep_first(old, contexts, ((n, noise.initial(n)) for n in range(SWITCH)), "step_major"):
+            pass
+        fresh = CellRunner(model, new, cfg, noise)
+        rebuilt = {}
+        for j, ctx in contexts.items():
+            writes = [*ctx.kept, ctx.pending]
+            rebuilt[j] = fresh.new_context()
+            for w in writes:
+                fresh.write(rebuilt[j], w, segment=0)
+            old.flush(ctx)
+            assert rebuilt[j].kv.frames() == ctx.kv.frames()  # the same frames, written under the new prompt
+        rest = dict(timestep_first(fresh, rebuilt, ((n, noise.initial(n)) for n in range(SWITCH, BLOCKS)), "step_major"))
+    assert torch.equal(steered[:, 3 * SWITCH:], torch.cat([rest[n] for n in range(SWITCH, BLOCKS)], dim=1))
+
+
+def test_each_prompt_is_encoded_once(model, monkeypatch):
+    _, _, text = setup()
+    calls = []
+    real = model.prompt
+    monkeypatch.setattr(model, "prompt", lambda states: calls.append(states.shape) or real(states))
+    video(model, switched(text), "sampling.switch=recache")
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_a_prefix_is_clean_context_in_every_cache(model, order):
+    """The prefix's K/V in each cache equal a direct write of it at t = 0, and it changes the video."""
+    cfg, noise, text = setup(*order, frames=9)
+    prefix = torch.randn(2, 1, *noise.block_shape[1:], generator=torch.Generator().manual_seed(3))
+    cond = Conditioning([Segment(0, text)], prefix=prefix)
+    runner = CellRunner(model, cond, cfg, noise)
+    ctx = runner.new_context()
+    direct = KVCache(cfg.model.num_layers, runner.window)
+    with torch.no_grad():
+        model(prefix, 0.0, model.prompt(text), Cached(direct, 0, 1))
+        assert ctx.kv.frames() == [0] and torch.equal(ctx.kv.read(0, [0])[0], direct.read(0, [0])[0])
+        with_prefix = sample_video(model, cond, cfg, noise, 3)
+        without = sample_video(model, text, cfg, noise, 3)
+    assert with_prefix.shape == without.shape and not torch.allclose(with_prefix, without)
+
+
+def test_a_prefix_keeps_blocks_aligned_after_it(model):
+    """Block n of a continuation after P prefix frames covers frames P + nk .. P + nk + k - 1."""
+    cfg, noise, text = setup(frames=9)
+    prefix = torch.zeros(2, 2, *noise.block_shape[1:])
+    runner = CellRunner(model, Conditioning([Segment(0, text)], prefix=prefix), cfg, noise)
+    assert [runner.start_frame(n) for n in range(3)] == [2, 5, 8]
+    assert runner.window.context_frames(5, 8) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="block boundary"):
+        runner.window.context_frames(3, 6)
+
+
+def test_a_switch_beyond_the_video_is_refused_before_compute(model):
+    cfg, noise, text = setup(frames=9)
+    with pytest.raises(ValueError, match="switches at block 3, but the video has 3 blocks"):
+        next(run_order(CellRunner(model, switched(text, at=3), cfg, noise), 3))
+
+
+def test_schedule_errors():
+    text = torch.zeros(2, 4, 8)
+    with pytest.raises(ValueError, match="starts at block 0"):
+        Conditioning([Segment(1, text)])
+    with pytest.raises(ValueError, match="increasing"):
+        Conditioning([Segment(0, text), Segment(2, text), Segment(2, text)])
+    with pytest.raises(ValueError, match="same batch"):
+        Conditioning([Segment(0, text), Segment(1, torch.zeros(1, 4, 8))])
+    with pytest.raises(ValueError, match="b<N>"):
+        parse_switch_time("soon", 16, 4, 3)
+    with pytest.raises(ValueError, match="<time> <prompt>"):
+        read_schedule(["2s"], "schedule.txt")
+
+
+def test_switch_times():
+    # Wan: latent frame 0 -> 1 video frame, later ones 4; blocks of 3 start at video frames 0, 9, 21, 33 ...
+    assert [block_at_second(s, 16, 4, 3) for s in (0, 0.5, 0.6, 1.3, 1.4)] == [0, 1, 2, 2, 3]
+    # the toy codec: one video frame a latent frame; 8 fps, blocks start at 0, 3, 6 ...
+    assert [parse_switch_time(t, 8, 1, 3) for t in ("0s", "0.375s", "0.4s", "b7")] == [0, 1, 2, 7]
+    assert read_schedule(["# comment", "", "b2 a blue square", "1.5s  a red circle "], "f") == [
+        ("b2", "a blue square"), ("1.5s", "a red circle")]
