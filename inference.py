@@ -3,7 +3,8 @@
     python inference.py --config_path configs/toy/hiar.yaml --prompt "a red circle moving left" \
         --num_output_frames 21 --inference_method timestep_first
 
-Every input is checked before any compute. Under torchrun, prompts are sharded across ranks.
+Steer a video with prompt switches (--switch 2s "a blue square ..." or --prompt_schedule FILE), or
+continue an image (--image) or a video (--video); docs/inference.md. Every input is checked before any compute. Under torchrun, prompts are sharded across ranks.
 Trailing `section.key=value` arguments override the config (e.g. video.window_frames=12).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -22,6 +24,8 @@ from tqdm import tqdm
 
 from hiar.checkpoints import CheckpointError, check_checkpoint_path, load_generator
 from hiar.codecs import Codec, build_codec
+from hiar.conditioning import (Conditioning, Segment, context_latents, parse_switch_time, read_prefix_video,
+                               read_schedule)
 from hiar.config import (Config, ConfigError, SamplingConfig, choices, config_to_dict, load_config, repo_path,
                          whole_blocks, with_overrides)
 from hiar.data import check_prompt, prompt_lines
@@ -29,7 +33,8 @@ from hiar.distributed import local_rank_device
 from hiar.models import WanModel
 from hiar.parallel import PipelineError, StageGroup, pipeline_stage, stage_steps
 from hiar.render import render, writable_folder
-from hiar.sampling import Blocks, CellRunner, block_noise, check_step_major, generate
+from hiar.sampling import Blocks, CellRunner, block_noise, check_step_major, run_order
+from hiar.stream import Stream
 from hiar.text import build_text_encoder
 from hiar.video import Claim, claim_free
 from hiar.videoset import record_prompts, video_stem
@@ -47,6 +52,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt", help="a single prompt (instead of --data_path)")
     p.add_argument("--extended_prompt_path", help="text file of extended prompts, one a line, paired line by line "
                    "with the prompts: videos are generated from the extended prompt and named by the original")
+    p.add_argument("--switch", nargs=2, action="append", metavar=("TIME", "PROMPT"),
+                   help="from TIME on, generate PROMPT: TIME is b<N> (block N) or <S>s (seconds); repeatable")
+    p.add_argument("--prompt_schedule", help="text file of switches, one '<TIME> <PROMPT>' a line (as --switch)")
+    p.add_argument("--switch_mode", choices=choices(SamplingConfig, "switch"),
+                   help="what the caches hold after a switch (default: the config's sampling.switch)")
+    p.add_argument("--image", help="continue this image: it is the video's first frame (clean context)")
+    p.add_argument("--video", help="continue this video: its last frames are clean context; the output is the continuation")
     p.add_argument("--output_folder", default="outputs", help="where videos go (created if needed)")
     p.add_argument("--num_output_frames", type=int, help="latent frames per video (default: the config's)")
     p.add_argument("--use_ema", action="store_true", help="use the EMA weights of a training checkpoint")
@@ -70,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def resolve_config(args: argparse.Namespace) -> Config:
     overrides = list(args.overrides)
-    for flag, key in (("inference_method", "method"), ("schedule", "schedule"),
+    for flag, key in (("inference_method", "method"), ("schedule", "schedule"), ("switch_mode", "switch"),
                       ("num_frame_first_blocks", "num_frame_first_blocks")):
         if getattr(args, flag) is not None:
             overrides.append(f"sampling.{key}={getattr(args, flag)}")
@@ -152,6 +164,8 @@ class Inputs:
     cfg: Config  # video.num_latent_frames: the length generated
     prompts: list[str]
     extended: list[str] | None  # per prompt: the text generated from (--extended_prompt_path)
+    switches: list[tuple[int, str]]  # (block, prompt) after the first block, in order
+    prefix: torch.Tensor | None  # frames to continue [1, F, 3, H, W] (--image, --video)
     folder: Path
     device: torch.device
 
@@ -167,8 +181,35 @@ def check_inputs(args: argparse.Namespace, world: int) -> Inputs:
     if args.num_samples < 1:
         raise ValueError(f"--num_samples={args.num_samples} must be at least 1")
     check_parallel(args, cfg, world)
+    switches = read_switches(args, cfg)
+    v = cfg.video
+    prefix = read_prefix_video(args.image, args.video, v.height, v.width, v.vae_stride[0])
     folder = writable_folder(args.output_folder)
-    return Inputs(cfg, prompts, extended, folder, checked_device(args.device, world))
+    return Inputs(cfg, prompts, extended, switches, prefix, folder, checked_device(args.device, world))
+
+
+def read_switches(args: argparse.Namespace, cfg: Config) -> list[tuple[int, str]]:
+    """--switch and --prompt_schedule as (block, prompt), checked against the video's blocks."""
+    entries = [tuple(s) for s in args.switch or []]
+    if args.prompt_schedule:
+        try:
+            lines = Path(args.prompt_schedule).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"cannot read --prompt_schedule {args.prompt_schedule}: {err}") from None
+        entries += read_schedule(lines, args.prompt_schedule)
+    v, num_blocks = cfg.video, cfg.geometry.num_blocks
+    for at, prompt in entries:
+        check_prompt(prompt, f"the switch at {at}")
+    switches = sorted((parse_switch_time(at, v.fps, v.vae_stride[0], v.frames_per_block), prompt) for at, prompt in entries)
+    blocks = [b for b, _ in switches]
+    if blocks and blocks[0] == 0:
+        raise ValueError("a switch at block 0 replaces the prompt: give it as --prompt instead")
+    if len(set(blocks)) != len(blocks):
+        raise ValueError(f"two switches at the same block: {blocks}")
+    if blocks and blocks[-1] >= num_blocks:
+        raise ValueError(f"a switch at block {blocks[-1]} lies beyond the video's {num_blocks} blocks "
+                         f"({v.num_latent_frames} latent frames): lengthen it with --num_output_frames")
+    return switches
 
 
 def output_stem(prompt: str, index: int, sample: int, by_index: bool) -> str:
@@ -212,7 +253,13 @@ def build_generation(args: argparse.Namespace, inputs: Inputs) -> Generation:
     text_encoder = build_text_encoder(cfg, device)
     model = build_generator(args, cfg)
     dtype = cfg.torch_dtype(device)
-    return Generation(cfg, model.to(device, dtype).eval(), text_encoder, codec, group, device, dtype, inputs.extended)
+    prefix = None
+    if inputs.prefix is not None:
+        with torch.no_grad():
+            latents = codec.encode(inputs.prefix.to(device))
+        prefix = context_latents(latents, cfg.video.window_frames, cfg.video.frames_per_block).to(device, dtype)
+    return Generation(cfg, model.to(device, dtype).eval(), text_encoder, codec, group, device, dtype, inputs.extended,
+                      inputs.switches, prefix, prefix_out=args.video is None)
 
 
 def this_rank(generation: Generation) -> int:
@@ -283,6 +330,9 @@ class Generation:
     device: torch.device
     dtype: torch.dtype
     extended: list[str] | None = None  # per prompt index: the text generated from (--extended_prompt_path)
+    switches: list[tuple[int, str]] = dataclasses.field(default_factory=list)  # (block, prompt)
+    prefix: torch.Tensor | None = None  # clean latents [1, P, C, h, w] continued
+    prefix_out: bool = True  # the prefix's frames lead the video (an image), or not (a video continued)
 
     @torch.no_grad()  # every stage, not only the one that renders (autograd would also keep unfused passes)
     def run(self, jobs: list[tuple[int, str]], num_blocks: int, folder: Path, args: argparse.Namespace,
@@ -295,7 +345,7 @@ class Generation:
         for index, prompt in jobs:
             if not writes:
                 # this stage's cells; the last stage writes
-                for _ in self.blocks(self.text_of(index, prompt), num_blocks, args, bar):
+                for _ in self.blocks(self.text_of(index, prompt), num_blocks, args, bar)[0]:
                     pass
                 continue
             claims: list[list[Claim]] = []  # per sample: the video's, then the latents'
@@ -306,7 +356,11 @@ class Generation:
                 metadata = {"prompt": prompt, "prompt_index": str(index)}
                 if self.extended:
                     metadata["extended_prompt"] = self.extended[index]
-                out = render(self.codec, self.cfg, self.blocks(self.text_of(index, prompt), num_blocks, args, bar),
+                if self.switches:
+                    metadata["prompt_switches"] = json.dumps(self.switches)
+                blocks, runner = self.blocks(self.text_of(index, prompt), num_blocks, args, bar)
+                stream = Stream(blocks, self.codec, runner, runner.cond.prefix, self.prefix_out)
+                out = render(self.codec, self.cfg, stream,
                              [c[0] for c in claims], [c[1] for c in claims] if args.save_latents else None, metadata)
             finally:
                 for claim in (c for sample in claims for c in sample):
@@ -322,14 +376,22 @@ class Generation:
         """What prompt `index` is generated from: its extended prompt when given, else the prompt itself."""
         return self.extended[index] if self.extended else prompt
 
-    def blocks(self, prompt: str, num_blocks: int, args: argparse.Namespace, bar: tqdm) -> Blocks:
-        """The clean latent blocks of one prompt's samples (this stage's part of them, in a pipeline)."""
-        text = self.text_encoder([prompt]).to(self.device, self.dtype).expand(args.num_samples, -1, -1)
+    def conditioning(self, prompt: str, samples: int) -> Conditioning:
+        """The prompt, its scheduled switches and the continued prefix, for `samples` samples."""
+        def states(text: str) -> torch.Tensor:
+            return self.text_encoder([text]).to(self.device, self.dtype).expand(samples, -1, -1)
+
+        segments = [Segment(0, states(prompt), (prompt,))]
+        segments += [Segment(block, states(text), (text,)) for block, text in self.switches]
+        prefix = None if self.prefix is None else self.prefix.expand(samples, -1, -1, -1, -1)
+        return Conditioning(segments, prefix)
+
+    def blocks(self, prompt: str, num_blocks: int, args: argparse.Namespace, bar: tqdm) -> tuple[Blocks, CellRunner]:
+        """The clean latent blocks of one prompt's samples (this stage's part of them, in a pipeline) and
+        the runner making them."""
         noise = block_noise(self.cfg, args.seed, range(args.num_samples), self.device)
-        if self.group:
-            return pipeline_stage(CellRunner(self.model, text, self.cfg, noise, on_cell=bar.update), self.group,
-                                  num_blocks)
-        return generate(self.model, text, self.cfg, noise, num_blocks, on_cell=bar.update)
+        runner = CellRunner(self.model, self.conditioning(prompt, args.num_samples), self.cfg, noise, on_cell=bar.update)
+        return (pipeline_stage(runner, self.group, num_blocks) if self.group else run_order(runner, num_blocks)), runner
 
 
 if __name__ == "__main__":

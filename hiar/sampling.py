@@ -38,7 +38,9 @@ import torch
 
 from hiar.config import Config, ConfigError
 from hiar.flow import FlowMatching
+from hiar.conditioning import Conditioning
 from hiar.models import BlockCausalWindow, Cached, KVCache, StaticKVCache, WanModel
+from hiar.models.wan import Prompt
 from hiar.models.wan import compile_blocks
 
 # -- deterministic noise ------------------------------------------------------------------------
@@ -101,25 +103,34 @@ class SamplerStats:
 
 @dataclass
 class _Write:
-    block: int
-    x: torch.Tensor  # the block's context input [B, k, C, h, w]
+    block: int  # -1: the conditioning's prefix
+    x: torch.Tensor  # the block's context input [B, k, C, h, w] (the prefix: [B, P, C, h, w])
     t: float  # its level
 
 
 class Context:
-    """One KV cache and the write that waits for its next read."""
+    """One KV cache, the write that waits for its next read and, for re-caching after a prompt switch,
+    the writes whose frames the cache still holds and the prompt segment they were written under."""
 
     def __init__(self, kv: KVCache | StaticKVCache):
         self.kv = kv
         self.pending: _Write | None = None
+        self.kept: list[_Write] = []
+        self.segment = 0
 
     def copy(self) -> Context:
         assert self.pending is None, "flush a context before copying it"
-        return Context(self.kv.copy())
+        twin = Context(self.kv.copy())
+        twin.kept, twin.segment = list(self.kept), self.segment
+        return twin
 
 
 class CellRunner:
     """Runs cells of one batch of prompts: the denoise forward, the step, the deferred cache write.
+
+    What each block is conditioned on (its prompt, clean prefix frames) is a `Conditioning`
+    (hiar/conditioning.py); a bare prompt-states tensor is one prompt for every block. Cross-attention
+    K/V are computed once per prompt, when a block first needs it.
 
     Training's self-rollout uses the same runner with two settings: `exit_step` e (the orders stop
     after step e and yield its x0 predictions) and `grad_cells(block, step)`, which says which cells
@@ -128,13 +139,13 @@ class CellRunner:
     leaks gradient through its in-place cache).
     """
 
-    def __init__(self, model: WanModel, text: torch.Tensor, cfg: Config, noise: CellNoise,
+    def __init__(self, model: WanModel, cond: torch.Tensor | Conditioning, cfg: Config, noise: CellNoise,
                  stats: SamplerStats | None = None, on_cell: Callable[[], None] | None = None,
                  exit_step: int | None = None, grad_cells: Callable[[int, int], bool] | None = None):
         self.model, self.noise, self.on_cell, self.grad_cells = model, noise, on_cell, grad_cells
-        # The prompt's cross-attention K/V, once for every block and step (with grad when cells need it).
-        with torch.set_grad_enabled(grad_cells is not None):
-            self.text = model.prompt(text)
+        self.cond = Conditioning.of(cond)
+        self._prompts: dict[int, Prompt] = {}  # cross-attention K/V by prompt segment
+        self.blocks_started = 0  # blocks that ran their first cell: a live switch applies from here
         self.options = cfg.sampling
         self.flow = FlowMatching(cfg.schedule.shift)
         self.timesteps = cfg.schedule.timesteps
@@ -145,7 +156,7 @@ class CellRunner:
             raise ConfigError(f"sampling.frame_first_steps={self.options.frame_first_steps} must lie in "
                               f"[0, {self.num_steps}] (the denoising steps)")
         self.k = cfg.video.frames_per_block
-        self.window = BlockCausalWindow.from_config(cfg.video)
+        self.window = BlockCausalWindow.from_config(cfg.video, self.cond.prefix_frames)
         self.stats = stats if stats is not None else SamplerStats()
         # A static cache is written in place, which a cell with grad could not backpropagate through.
         self.cache_type = StaticKVCache if cfg.runtime.kv_cache == "static" and grad_cells is None else KVCache
@@ -157,7 +168,24 @@ class CellRunner:
         return len(self.timesteps)
 
     def new_context(self) -> Context:
-        return Context(self.cache_type(self.model.config.num_layers, self.window))
+        """An empty cache, holding the conditioning's prefix (clean, t = 0) when there is one."""
+        ctx = Context(self.new_cache())
+        if self.cond.prefix is not None:
+            self.write(ctx, _Write(-1, self.cond.prefix.to(self.noise.device, self.noise.dtype), 0.0), segment=0)
+        return ctx
+
+    def new_cache(self) -> KVCache | StaticKVCache:
+        return self.cache_type(self.model.config.num_layers, self.window)
+
+    def prompt(self, segment: int) -> Prompt:
+        """Cross-attention K/V of a prompt segment, computed on first use (with grad when cells need it)."""
+        if segment not in self._prompts:
+            with torch.set_grad_enabled(self.grad_cells is not None):
+                self._prompts[segment] = self.model.prompt(self.cond.segments[segment].states)
+        return self._prompts[segment]
+
+    def start_frame(self, block: int) -> int:
+        return 0 if block < 0 else self.cond.prefix_frames + block * self.k
 
     def context_level(self, step: int) -> float:
         """The level at which step-first writes a block's context at `step`."""
@@ -169,31 +197,58 @@ class CellRunner:
         return self.timesteps[step + 1] if step + 1 < self.num_steps else 0.0
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor | float, ctx: Context, block: int, start_frame: int,
-                 write_frames: int) -> torch.Tensor:
+                 write_frames: int, segment: int) -> torch.Tensor:
         self.stats.forwards += 1
         self.stats.frames += x.shape[1]
         self.stats.per_block[block] += 1
-        return self.model(x, t, self.text, Cached(ctx.kv, start_frame, write_frames))
+        return self.model(x, t, self.prompt(segment), Cached(ctx.kv, start_frame, write_frames))
+
+    def write(self, ctx: Context, w: _Write, segment: int) -> None:
+        """Store `w`'s K/V in `ctx` under prompt `segment` (never with grad: see the class docstring)."""
+        with torch.no_grad():
+            self._forward(w.x, w.t, ctx, w.block, self.start_frame(w.block), w.x.shape[1], segment)
+        self._keep(ctx, w)
+
+    def _keep(self, ctx: Context, w: _Write) -> None:
+        """Remember the writes whose frames the cache still holds: what a re-cache replays."""
+        if self.options.switch == "recache":
+            held = set(ctx.kv.frames())
+            ctx.kept = [kept for kept in [*ctx.kept, w] if self.start_frame(kept.block) in held]
 
     def flush(self, ctx: Context) -> None:
-        """Run the pending cache write of `ctx` on its own (never with grad: see the class docstring)."""
+        """Run the pending cache write of `ctx` on its own, under its block's prompt."""
         if ctx.pending is not None:
             w, ctx.pending = ctx.pending, None
-            with torch.no_grad():
-                self._forward(w.x, w.t, ctx, w.block, w.block * self.k, self.k)
+            self.write(ctx, w, self.cond.segment_of(w.block))
+
+    def recache(self, ctx: Context, segment: int) -> None:
+        """Rebuild `ctx` under prompt `segment`: a fresh cache into which every write it holds (and the
+        pending one) is replayed in order, at the level it was written at."""
+        writes = [*ctx.kept, *([ctx.pending] if ctx.pending is not None else [])]
+        ctx.kv, ctx.pending, ctx.kept, ctx.segment = self.new_cache(), None, [], segment
+        for w in writes:
+            self.write(ctx, w, segment)
 
     def denoise(self, ctx: Context, block: int, step: int, x: torch.Tensor) -> torch.Tensor:
         """x0 prediction of block `block` at `step`, reading `ctx` (and running its pending write)."""
+        segment = self.cond.segment_of(block)
+        if self.options.switch == "recache" and ctx.segment != segment:
+            self.recache(ctx, segment)  # the first block of a new prompt reads this cache
         t, k, w = self.timesteps[step], self.k, ctx.pending
         # A fused forward would compute the write's K/V with grad on, so cells with grad run unfused.
-        if self.options.fused and w is not None and w.block == block - 1 and not torch.is_grad_enabled():
+        if (self.options.fused and w is not None and w.block == block - 1 and not torch.is_grad_enabled()
+                and self.cond.segment_of(w.block) == segment):
             # [context of block n at its level | block n+1 at t_j]: n+1 sees n's fresh K/V, n is stored.
+            # Both halves take block n+1's prompt, so a fused write of a block whose prompt differs
+            # (the last block before a switch) runs on its own instead.
             ctx.pending = None
             levels = torch.tensor([w.t] * k + [t] * k, dtype=torch.float64).expand(x.shape[0], -1)
-            flow = self._forward(torch.cat([w.x, x], dim=1), levels, ctx, block, w.block * k, k)[:, k:]
+            flow = self._forward(torch.cat([w.x, x], dim=1), levels, ctx, block, self.start_frame(w.block), k,
+                                 segment)[:, k:]
+            self._keep(ctx, w)
         else:
             self.flush(ctx)
-            flow = self._forward(x, t, ctx, block, block * k, 0)
+            flow = self._forward(x, t, ctx, block, self.start_frame(block), 0, segment)
         return self.flow.x0_from_flow(x, flow, t)
 
     def advance(self, x: torch.Tensor, x0: torch.Tensor, block: int, step: int, t_to: float) -> torch.Tensor:
@@ -206,6 +261,7 @@ class CellRunner:
              context_t: float | None) -> tuple[torch.Tensor, torch.Tensor]:
         """One cell: returns (x0, the block's input for the next step, or x0 after the last step).
         With `context_t`, the block's context at that level waits in `ctx` for the next read."""
+        self.blocks_started = max(self.blocks_started, block + 1)
         grad = contextlib.nullcontext() if self.grad_cells is None else torch.set_grad_enabled(self.grad_cells(block, step))
         with grad:
             x0 = self.denoise(ctx, block, step, x)
@@ -302,14 +358,15 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def generate(model: WanModel, text: torch.Tensor, cfg: Config, noise: CellNoise, num_blocks: int | None,
+def generate(model: WanModel, cond: torch.Tensor | Conditioning, cfg: Config, noise: CellNoise, num_blocks: int | None,
              stats: SamplerStats | None = None, on_cell: Callable[[], None] | None = None) -> Blocks:
-    """Blocks of one batch of prompts in the configured order, yielded as they finish.
+    """Blocks of one batch of prompts (`cond`: prompt states, or a `Conditioning`) in the configured
+    order, yielded as they finish.
 
     `num_blocks=None` streams forever (frame_first, or a wavefront schedule). `on_cell` is called
     after every cell (progress bars).
     """
-    return run_order(CellRunner(model, text, cfg, noise, stats, on_cell), num_blocks)
+    return run_order(CellRunner(model, cond, cfg, noise, stats, on_cell), num_blocks)
 
 
 def run_order(runner: CellRunner, num_blocks: int | None) -> Blocks:
@@ -319,6 +376,7 @@ def run_order(runner: CellRunner, num_blocks: int | None) -> Blocks:
         raise ValueError("an unbounded stream needs the wavefront schedule (sampling.schedule=wavefront)")
     if num_blocks is not None:
         check_step_major(opts.schedule, opts.method, runner.noise.block_shape, len(runner.noise.samples), num_blocks)
+    runner.cond.check_blocks(num_blocks)
     blocks = range(num_blocks) if num_blocks is not None else itertools.count()
     if opts.method == "hybrid_steps":
         yield from hybrid_steps(runner, blocks, opts.schedule)
@@ -366,10 +424,10 @@ def hybrid_steps(runner: CellRunner, blocks: Iterable[int], schedule: str) -> Bl
     yield from timestep_first(runner, contexts, starts, schedule, first_step=k)
 
 
-def sample_video(model: WanModel, text: torch.Tensor, cfg: Config, noise: CellNoise, num_blocks: int,
+def sample_video(model: WanModel, cond: torch.Tensor | Conditioning, cfg: Config, noise: CellNoise, num_blocks: int,
                  stats: SamplerStats | None = None) -> torch.Tensor:
-    """The whole clean latent video [B, num_blocks * k, C, h, w]."""
-    blocks = dict(generate(model, text, cfg, noise, num_blocks, stats))
+    """The whole clean latent video [B, num_blocks * k, C, h, w] (without the conditioning's prefix)."""
+    blocks = dict(generate(model, cond, cfg, noise, num_blocks, stats))
     return torch.cat([blocks[n] for n in range(num_blocks)], dim=1)
 
 

@@ -39,7 +39,8 @@ def test_stage_steps():
         stage_steps(4, 5)
 
 
-@pytest.mark.parametrize("stages,extra", [(2, []), (4, []), (2, ["sampling.fused=true"])])
+@pytest.mark.parametrize("stages,extra", [(2, []), (4, []), (2, ["sampling.fused=true"]),
+                                          (2, ["--switch", "b2", "a blue square", "--switch_mode", "recache"])])
 def test_pipeline_equals_sequential_bit_exactly(tmp_path, stages, extra):
     # Same thread count as each stage: a CPU matmul's summation order depends on it.
     threads = torch.get_num_threads()

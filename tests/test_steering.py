@@ -1,6 +1,7 @@
 """Steering a generation (hiar/conditioning.py): prompt switches in both modes, continuation from clean
 prefix frames, the schedule's errors, and the stream that inference and the live demo read."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,3 +155,72 @@ def test_switch_times():
     assert [parse_switch_time(t, 8, 1, 3) for t in ("0s", "0.375s", "0.4s", "b7")] == [0, 1, 2, 7]
     assert read_schedule(["# comment", "", "b2 a blue square", "1.5s  a red circle "], "f") == [
         ("b2", "a blue square"), ("1.5s", "a red circle")]
+
+
+# -- inference.py: switches, --image, --video ---------------------------------------------------------
+
+import inference  # noqa: E402
+from hiar.video import read_video, write_video  # noqa: E402
+
+TOY = ["--num_output_frames", "9", "--save_latents"]
+
+
+def toy_latents(folder):
+    from safetensors.torch import load_file
+
+    (path,) = folder.glob("*.latents.safetensors")
+    return load_file(path)["latents"]
+
+
+def test_inference_switches_prompts(tmp_path):
+    plain, steered = tmp_path / "plain", tmp_path / "steered"
+    assert inference.main([*TOY, "--prompt", "a red circle moving left on a black background",
+                           "--output_folder", str(plain)]) == 0
+    schedule = tmp_path / "schedule.txt"
+    schedule.write_text("# time prompt\n0.75s a blue square moving right on a white background\n")
+    assert inference.main([*TOY, "--prompt", "a red circle moving left on a black background",
+                           "--prompt_schedule", str(schedule), "--output_folder", str(steered)]) == 0
+    a, b = toy_latents(plain), toy_latents(steered)
+    assert torch.equal(a[:6], b[:6]) and not torch.allclose(a[6:], b[6:])  # 0.75 s at 8 fps: block 2
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--switch", "b3", "a blue square"], "beyond the video's 3 blocks"),
+    (["--switch", "b0", "a blue square"], "give it as --prompt"),
+    (["--switch", "soon", "a blue square"], "b<N>"),
+    (["--prompt_schedule", "/nonexistent/schedule.txt"], "cannot read --prompt_schedule"),
+    (["--image", "/nonexistent/image.png"], "cannot read /nonexistent/image.png"),
+])
+def test_bad_steering_input_is_refused_before_compute(tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.setattr(inference, "build_generation", lambda *a: pytest.fail("compute started"))
+    assert inference.main([*TOY, "--prompt", "a red circle", "--output_folder", str(tmp_path), *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_resolution_mismatch_is_refused(tmp_path, capsys):
+    import imageio.v3 as iio
+
+    iio.imwrite(tmp_path / "big.png", np.zeros((32, 48, 3), np.uint8))
+    assert inference.main([*TOY, "--prompt", "a red circle", "--image", str(tmp_path / "big.png"),
+                           "--output_folder", str(tmp_path / "out")]) == 2
+    assert "is 48x32, but this config generates 64x64" in capsys.readouterr().err
+
+
+def test_image_and_video_continuation(tmp_path):
+    """An image leads the video as its first frame; a video is continued (the output is the new frames)."""
+    import imageio.v3 as iio
+
+    from hiar.toyworld import sample_clip
+
+    clip = sample_clip(0, 0)
+    frames = clip.render(12)  # uint8 [F, H, W, 3]
+    iio.imwrite(tmp_path / "first.png", frames[0])
+    write_video(tmp_path / "clip.mp4", frames, 8)
+    args = [*TOY, "--prompt", clip.caption]
+    assert inference.main([*args, "--image", str(tmp_path / "first.png"), "--output_folder", str(tmp_path / "i2v")]) == 0
+    assert inference.main([*args, "--video", str(tmp_path / "clip.mp4"), "--output_folder", str(tmp_path / "v2v")]) == 0
+    (i2v,), (v2v,) = (tmp_path / "i2v").glob("*.mp4"), (tmp_path / "v2v").glob("*.mp4")
+    image_video = read_video(i2v)
+    assert image_video.shape[0] == 10 and read_video(v2v).shape[0] == 9
+    # the first frame is the image, through the toy codec's round trip
+    assert np.abs(image_video[0].astype(float) - frames[0]).mean() < 12
