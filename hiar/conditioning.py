@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from hiar.video import read_video
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -154,8 +156,6 @@ def read_prefix_video(image: str | None, video: str | None, height: int, width: 
             frames = np.asarray(iio.imread(path))[None]
             frames = np.repeat(frames[..., None], 3, -1) if frames.ndim == 3 else frames[..., :3]  # grey, RGBA
         else:
-            from hiar.video import read_video
-
             frames = read_video(path)
     except Exception as err:  # imageio and ffmpeg raise many kinds for a missing or broken file
         raise ValueError(f"cannot read {path}: {err}") from None

@@ -7,10 +7,11 @@
             stream.switch(encoder([new_prompt]), (new_prompt,))   # from the next block not yet started
 
 Pulling drives the generation, so a consumer that stops pulling pauses it and one that pulls again
-resumes it; nothing runs ahead. inference.py writes files from a stream, the live demo sends its frames
-to a browser: one loop for both. A switch takes effect at the first block that has not started its
-first cell (hiar/conditioning.py: a prompt belongs to a block), so with the wavefront schedule blocks
-already in flight finish under the prompt they started with.
+resumes it; nothing runs ahead. inference.py and long rollouts write files from a stream
+(hiar/render.py); a live demo would send its frames to a browser from the same loop. A switch takes
+effect at the first block that has not started its first cell (hiar/conditioning.py: a prompt belongs
+to a block), so with the wavefront schedule blocks already in flight finish under the prompt they
+started with.
 """
 
 from __future__ import annotations
