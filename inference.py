@@ -22,7 +22,8 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from hiar.checkpoints import CheckpointError, check_checkpoint_path, load_generator
+from hiar.checkpoints import (CheckpointError, adapter_specs, check_checkpoint_path, generator_path, load_adapters,
+                              load_generator, read_adapter)
 from hiar.codecs import Codec, build_codec
 from hiar.conditioning import (Conditioning, Segment, context_latents, parse_switch_time, read_prefix_video,
                                read_schedule)
@@ -62,6 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output_folder", default="outputs", help="where videos go (created if needed)")
     p.add_argument("--num_output_frames", type=int, help="latent frames per video (default: the config's)")
     p.add_argument("--use_ema", action="store_true", help="use the EMA weights of a training checkpoint")
+    p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
+                   help="a LoRA adapter (a LoRA run's adapter.safetensors) on the checkpoint it was trained on, its "
+                        "update scaled by SCALE (default 1); repeatable: the adapters act together (docs/lora.md)")
+    p.add_argument("--merge_lora", action="store_true",
+                   help="fold the --lora adapters into the weights before generating (no adapter cost per forward)")
     # The choices are the config's own (sampling.method, sampling.schedule): one list to extend.
     p.add_argument("--inference_method", choices=choices(SamplingConfig, "method"),
                    help="order of the (block, step) cells (default: the config's)")
@@ -178,6 +184,8 @@ def check_inputs(args: argparse.Namespace, world: int) -> Inputs:
     checkpoint = checkpoint_path(args, cfg)
     if checkpoint:
         check_checkpoint_path(checkpoint)
+    for path, _ in lora_adapters(args):
+        read_adapter(path, tensors=False).check_fits(cfg.model)
     if args.num_samples < 1:
         raise ValueError(f"--num_samples={args.num_samples} must be at least 1")
     check_parallel(args, cfg, world)
@@ -232,17 +240,22 @@ def save_run_config(cfg: Config, folder: Path, overwrite: bool) -> Path:
 
 def checkpoint_path(args: argparse.Namespace, cfg: Config) -> str | None:
     """--checkpoint_path, else the config's runtime.checkpoint (from the repository), else None: random weights."""
-    return args.checkpoint_path or (cfg.runtime.checkpoint and str(repo_path(cfg.runtime.checkpoint))) or None
+    return generator_path(args.checkpoint_path, cfg)
+
+
+def lora_adapters(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """--lora PATH[:SCALE] as (path, scale)."""
+    return adapter_specs(args.lora, args.merge_lora)
 
 
 def build_generator(args: argparse.Namespace, cfg: Config) -> WanModel:
     path = checkpoint_path(args, cfg)
     if path:
-        return load_generator(path, cfg, args.use_ema)[0]
+        return load_adapters(load_generator(path, cfg, args.use_ema)[0], lora_adapters(args), args.merge_lora)
     print("\n" + "!" * 78 + "\n!! WARNING: no --checkpoint_path: the model has RANDOM weights. The videos show\n"
           "!! noise, not the prompt. Pass a checkpoint for real results.\n" + "!" * 78 + "\n", file=sys.stderr)
     torch.manual_seed(0)
-    return WanModel(cfg.model)
+    return load_adapters(WanModel(cfg.model), lora_adapters(args), args.merge_lora)
 
 
 def build_generation(args: argparse.Namespace, inputs: Inputs) -> Generation:

@@ -1,17 +1,21 @@
-"""Does a toy model draw what its captions say? Samples held-out captions and measures every frame.
+"""Does a toy model draw what its captions say? Samples held-out clips and measures every prompted object.
 
     python -m eval.toy_fidelity --checkpoint runs/toy/teacher/model.safetensors --sampler teacher --out docs/toy_teacher
     python -m eval.toy_fidelity --checkpoint runs/toy/hiar/model.safetensors --out runs/toy/hiar/fidelity
     python -m eval.toy_fidelity --checkpoint runs/toy/self_forcing/model.safetensors sampling.method=frame_first
+    python -m eval.toy_fidelity --checkpoint checkpoints/toy_hiar.safetensors --captions template held_out --seconds 60
 
 `--sampler codec`: no model, the held-out clips themselves through the toy codec (of the checkpoint's
-config): the ceiling every model is measured against. `--sampler teacher`: the bidirectional teacher's
-ODE with CFG (train.sample_steps, train.sample_shift, train.guidance_scale of the checkpoint's config).
-`--sampler student` (default): the causal student in its config's order (trailing section.key=value
-overrides change it), one video of the config's length. A clip passes colour fidelity and moves as
-`hiar.toyworld.fidelity_verdict` says (the measuring: hiar/toyfidelity.py). Writes results.json and
-contact_sheet.png (six frames of the first eight clips). A missing checkpoint or a bad override ends it
-with one line and exit code 2.
+config): the ceiling every model is measured against, with its PSNR. `--sampler teacher`: the
+bidirectional teacher's ODE with CFG (train.sample_steps, train.sample_shift, train.guidance_scale of
+the checkpoint's config). `--sampler student` (default): the causal student in its config's order
+(trailing section.key=value overrides change it), one video of the config's length or of `--seconds`.
+`--captions`: how the held-out clips are phrased, the training template and/or the held-out
+phrasings (hiar/captions.py), each reported on its own. Per prompted object: colour, shape, direction,
+speed, presence over time; per clip: background and count (hiar/toyfidelity.py). Writes results.json
+(every set's summary under by_captions, the first set's colour fidelity and moving at the top, as
+eval.toy_results reads them) and contact_sheet.png (six frames of the first eight clips of the first
+set). A missing checkpoint or a bad override ends it with one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 
 from hiar.checkpoints import CheckpointError
 from hiar.config import ConfigError
-from hiar.toyfidelity import SAMPLERS, fidelity, sample_held_out, write_fidelity
+from hiar.toyfidelity import CAPTION_SETS, SAMPLERS, evaluate, write_fidelity
 
 
 def main(argv=None) -> dict:
@@ -31,6 +35,9 @@ def main(argv=None) -> dict:
     p.add_argument("--num_clips", type=int, default=40)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--sampler", choices=SAMPLERS, default="student")
+    p.add_argument("--captions", nargs="+", choices=CAPTION_SETS, default=["template"],
+                   help="caption sets, each reported on its own (the first also at the top of results.json)")
+    p.add_argument("--seconds", type=float, help="video length (student, codec; default: the config's)")
     p.add_argument("--out", default="runs/toy/fidelity")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (student sampler)")
     args = p.parse_args(argv)
@@ -39,14 +46,23 @@ def main(argv=None) -> dict:
                          "give another")
     if args.num_clips < 1 or args.batch_size < 1:
         raise ValueError("--num_clips and --batch_size must be at least 1")
-    captions, videos = sample_held_out(args.checkpoint, args.overrides, args.sampler, args.num_clips, args.batch_size)
+    if args.seconds is not None and args.seconds <= 0:
+        raise ValueError(f"--seconds={args.seconds}: give a positive length")
+    if len(set(args.captions)) != len(args.captions):
+        raise ValueError(f"--captions {' '.join(args.captions)}: name each set once")
+    result, videos = evaluate(args.checkpoint, args.overrides, args.sampler, args.num_clips, args.batch_size,
+                              args.captions, args.seconds)
     result = {"checkpoint": args.checkpoint, "sampler": args.sampler, "overrides": args.overrides,
-              **fidelity(captions, videos)}
+              "seconds": args.seconds, **result}
     out = Path(args.out)
     write_fidelity(out, result, videos)
-    census = ", ".join(f"{k} {v:.0%}" for k, v in result["object_speeds"].items())
-    print(f"colour fidelity {result['colour_fidelity']:.0%}, moving {result['moving']:.0%} of {len(captions)} clips "
-          f"(objects' speeds: {census}); wrote {out / 'results.json'} and {out / 'contact_sheet.png'}")
+    for name, s in result["by_captions"].items():
+        print(f"{name}: colour {s['colour']:.0%}, shape {s['shape']:.0%}, direction {s['direction']:.0%} "
+              f"({s['direction_of_moving']:.0%} of moving), count {s['count']:.0%}, presence {s['presence']:.0%} "
+              f"(last fifth {s['presence_by_segment'][-1]:.0%}) of {s['objects']} objects in {s['clips']} clips; "
+              f"colour fidelity {s['colour_fidelity']:.0%}, moving {s['moving']:.0%}")
+    psnr = f"PSNR {result['psnr']:.2f} dB; " if "psnr" in result else ""
+    print(f"{psnr}wrote {out / 'results.json'} and {out / 'contact_sheet.png'}")
     return result
 
 

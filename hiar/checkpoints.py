@@ -8,6 +8,9 @@
 * an original Wan2.1 folder (`config.json` + `diffusion_pytorch_model*.safetensors`, e.g.
   wan_models/Wan2.1-T2V-1.3B), whose names diffusers' own `convert_wan_transformer_to_diffusers` maps;
 * a diffusers folder (Wan-AI/Wan2.1-T2V-1.3B-Diffusers, or its `transformer/` sub-folder).
+A model with LoRA adapters (hiar/lora.py) is saved merged, a plain model; `save_adapter` writes the
+adapter alone, with the run's config and the architecture it adapts, and `load_adapter` reads it back,
+refusing an adapter made for another architecture.
 Any mismatch (architecture, missing or unexpected keys, shapes, unreadable file) stops with one
 paragraph naming the file, the expected architecture and the first offending keys; nothing is
 loaded half-way.
@@ -26,8 +29,9 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from hiar import lora
 from hiar.atomic import atomic_path
-from hiar.config import Config, ConfigError, ModelConfig, config_from_dict, config_to_dict
+from hiar.config import Config, ConfigError, LoraConfig, ModelConfig, config_from_dict, config_to_dict, repo_path
 from hiar.models import WanModel
 
 
@@ -37,7 +41,7 @@ class CheckpointError(RuntimeError):
 
 def save_model(model: WanModel, cfg: Config, path: str | os.PathLike, extra: dict[str, str] | None = None) -> Path:
     metadata = {"hiar_config": yaml.safe_dump(config_to_dict(cfg), sort_keys=False), **(extra or {})}
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in lora.merged_state(model).items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return Path(path)
@@ -51,6 +55,9 @@ def checkpoint_config(path: str | os.PathLike) -> Config:
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path}: not a readable safetensors file ({err}); is it truncated or of "
                               "another format?") from None
+    if "hiar_adapter" in metadata:
+        raise CheckpointError(f"{path} is a LoRA adapter, not a model: give the model it adapts as the checkpoint "
+                              f"and the adapter with --lora {path}")
     if "hiar_config" not in metadata:
         raise CheckpointError(f"{path}: a safetensors file without an embedded HiAR config; it was not written "
                               "by hiar.checkpoints.save_model")
@@ -61,7 +68,10 @@ def checkpoint_config(path: str | os.PathLike) -> Config:
 
 
 def describe(model: WanModel) -> str:
-    c = model.config
+    return describe_config(model.config)
+
+
+def describe_config(c: ModelConfig) -> str:
     return f"Wan DiT ({c.num_layers} layers, {c.num_heads} heads x {c.head_dim}, ffn {c.ffn_dim}, text {c.text_dim})"
 
 
@@ -104,6 +114,91 @@ def _load_own(path: Path, cfg: Config | None, dtype: torch.dtype) -> tuple[WanMo
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path}: could not read its tensors ({err}); the file may be truncated") from None
     return load_weights(empty_model(stored.model), state, str(path), dtype), stored if cfg is None else cfg
+
+
+# -- LoRA adapters ----------------------------------------------------------------------------------
+
+
+def save_adapter(model: WanModel, cfg: Config, path: str | os.PathLike) -> Path:
+    """The adapter of an adapted model (`hiar.lora`, its training adapter) as safetensors: A and B of every
+    adapted layer, with the run's config (its `lora` section says rank, alpha and targets) and the
+    architecture the adapter belongs to (`model`, what `load_adapter` checks)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in lora.adapter_state(model).items()}
+    metadata = {"hiar_adapter": yaml.safe_dump(config_to_dict(cfg), sort_keys=False),
+                "hiar_base_model": yaml.safe_dump(dataclasses.asdict(model.config), sort_keys=False),
+                "hiar_base_description": describe(model)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+    """An adapter file: its LoRA settings, the architecture it adapts, its tensors."""
+
+    path: Path
+    lora: LoraConfig
+    base: ModelConfig
+    state: dict[str, torch.Tensor]
+
+    def check_fits(self, model_cfg: ModelConfig) -> None:
+        """Refuse a model of another architecture than the adapter's, naming both."""
+        same = dataclasses.replace(model_cfg, attention_backend=self.base.attention_backend) == self.base
+        if not same:
+            diff = [f"{k} {v} (adapter) vs {getattr(model_cfg, k)} (model)" for k, v in vars(self.base).items()
+                    if getattr(model_cfg, k) != v and k != "attention_backend"]
+            raise CheckpointError(f"{self.path} is an adapter for a {describe_config(self.base)}, but the model is a "
+                                  f"{describe_config(model_cfg)} ({'; '.join(diff[:4])}): give the checkpoint it "
+                                  "was trained on (or the config of that architecture)")
+
+
+def read_adapter(path: str | os.PathLike, tensors: bool = True) -> Adapter:
+    """An adapter file written by `save_adapter`; `tensors=False` reads only its header (cheap: a program
+    checks its inputs before any compute)."""
+    path = Path(path)
+    check_checkpoint_path(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err}); is it truncated?") from None
+    if "hiar_adapter" not in metadata:
+        raise CheckpointError(f"{path} is not a LoRA adapter written by a HiAR run (hiar.checkpoints.save_adapter)")
+    try:
+        cfg = config_from_dict(yaml.safe_load(metadata["hiar_adapter"]))
+        base = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
+                              for k, v in yaml.safe_load(metadata["hiar_base_model"]).items()})
+    except (ConfigError, TypeError, yaml.YAMLError) as err:
+        raise CheckpointError(f"{path}: its embedded config is invalid: {err}") from None
+    return Adapter(path, cfg.lora, base, state)
+
+
+def adapter_specs(specs: list[str] | None, merge: bool = False) -> list[tuple[str, float]]:
+    """Command-line `PATH[:SCALE]` specs (--lora) as (path, scale); a tail after the last ':' that is no
+    number belongs to the path. `merge` with no adapter is an error: there is nothing to merge."""
+    if merge and not specs:
+        raise ValueError("--merge_lora merges the --lora adapters: give at least one --lora PATH[:SCALE]")
+    adapters = []
+    for spec in specs or []:
+        path, sep, tail = spec.rpartition(":")
+        try:
+            adapters.append((path, float(tail)) if sep else (spec, 1.0))
+        except ValueError:
+            adapters.append((spec, 1.0))
+    return adapters
+
+
+def load_adapters(model: WanModel, adapters: list[tuple[str | os.PathLike, float]], merge: bool = False) -> WanModel:
+    """`model` with the adapter files `adapters` ((path, scale) each) applied, all active, and with
+    `merge` folded into its weights (`hiar.lora.merge`). Every file is checked before any is applied."""
+    if not adapters:
+        return model
+    read = [(read_adapter(path), scale) for path, scale in adapters]
+    for adapter, _ in read:
+        adapter.check_fits(model.config)
+    lora.attach(model, [(lora.peft_config(a.lora), a.state, scale) for a, scale in read])
+    return lora.merge(model) if merge else model
 
 
 # -- foreign layouts -------------------------------------------------------------------------------
@@ -197,6 +292,12 @@ def _read_training_checkpoint(path: Path, use_ema: bool) -> tuple[dict[str, torc
 
 
 FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def generator_path(given: str | None, cfg: Config) -> str | None:
+    """The student's weights a program loads: `given` (its --checkpoint_path), else the config's
+    runtime.checkpoint (from the repository), else None (random weights)."""
+    return given or (cfg.runtime.checkpoint and str(repo_path(cfg.runtime.checkpoint))) or None
 
 
 def check_checkpoint_path(path: str | os.PathLike) -> None:

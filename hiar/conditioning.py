@@ -75,11 +75,15 @@ class Conditioning:
 
     def switch(self, start_block: int, states: torch.Tensor, text: tuple[str, ...] = ()) -> None:
         """Blocks from `start_block` on use `states` (a live switch: `start_block` is the first block
-        not yet started, so later than every switch before)."""
-        if start_block <= self._starts[-1]:
-            raise ValueError(f"a switch at block {start_block} comes after the last one, at block {self._starts[-1]}")
+        not yet started, so no earlier than every switch before). A second switch before that block starts
+        replaces the first: no cell has read its prompt yet."""
+        if start_block < self._starts[-1]:
+            raise ValueError(f"a switch at block {start_block} comes before the last one, at block {self._starts[-1]}")
         if states.shape[0] != self.batch_size:
             raise ValueError(f"the new prompt has batch {states.shape[0]}, the stream {self.batch_size}")
+        if start_block == self._starts[-1]:
+            self.segments[-1] = Segment(start_block, states, text)
+            return
         self.segments.append(Segment(start_block, states, text))
         self._starts.append(start_block)
 

@@ -175,6 +175,10 @@ class RuntimeConfig:
     # torch.compile the transformer blocks' pure-tensor parts for sampling (hiar.models.wan.compile_blocks);
     # the first forwards of each shape compile. Same video up to float rounding.
     compile_blocks: bool = False
+    # FP8 linear layers in the transformer blocks for sampling (hiar/fp8.py): "torchao" computes them in
+    # float8 on CUDA GPUs of compute capability >= 8.9; "emulate" rounds weights and inputs through float8
+    # in the model's dtype on any device (the quality cost, not the speed).
+    fp8_linear: Literal["off", "torchao", "emulate"] = "off"
     # Encode prompts on the CPU and keep the text encoder there (saves ~11 GB of GPU memory for umT5-XXL).
     offload_text_encoder: bool = False
     # Prompt file (one a line) used when a program is given no prompt.
@@ -309,6 +313,29 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters through peft (hiar/lora.py, docs/lora.md): with rank r > 0 the generator's weights are
+    frozen and each linear layer that `target_modules` names computes W x + (alpha / r) B A x, B [out, r]
+    zero at the start (training starts from the base model's outputs), A [r, in] random; only A and B
+    are trained, and a run exports them as an adapter file (`hiar.checkpoints.save_adapter`)."""
+
+    rank: int = 0  # 0: no adapters, the generator trains whole
+    alpha: float = 0.0  # the update's scale is alpha / rank; 0: alpha = rank (scale 1)
+    dropout: float = 0.0  # dropout on the adapters' input (peft's lora_dropout)
+    # nn.Linear modules of hiar/models/wan.py by name (a module is adapted when its path ends with one):
+    # the self- and cross-attention projections and the FFN of every transformer block.
+    target_modules: tuple[str, ...] = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q",
+                                       "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2")
+    # The critic (distillation's fake score): trained whole ("full") or through adapters of the same
+    # shape on its frozen initialisation ("lora").
+    critic: Literal["full", "lora"] = "full"
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha or self.rank) / self.rank if self.rank else 0.0
+
+
+@dataclass(frozen=True)
 class Geometry:
     """Token geometry derived from a `Config`; the only place token counts come from."""
 
@@ -344,6 +371,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     ode: ODEConfig = field(default_factory=ODEConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.runtime.dtype == "auto":
@@ -380,6 +408,7 @@ class Config:
         cfg = dataclasses.replace(self, distill=resolved_lengths(self.distill, v.num_latent_frames))
         check_distill(cfg.distill, v.frames_per_block, len(s.denoising_steps))
         check_ode(cfg)
+        check_lora(cfg.lora)
         return cfg
 
 
@@ -485,6 +514,18 @@ def check_distill(d: DistillConfig, k: int, num_steps: int) -> None:
         raise ConfigError(f"distill.ema_decay={d.ema_decay} must lie in [0, 1)")
     if not 0 <= d.fkl_steps <= num_steps:
         raise ConfigError(f"distill.fkl_steps={d.fkl_steps} must lie in [0, {num_steps}] (student steps)")
+
+
+def check_lora(lo: LoraConfig) -> None:
+    """Which modules the targets name is checked where the adapters are made (`hiar.lora.add_adapters`)."""
+    if lo.rank < 0 or lo.alpha < 0:
+        raise ConfigError(f"lora.rank={lo.rank} and lora.alpha={lo.alpha} must be >= 0 (rank 0: no adapters)")
+    if not 0 <= lo.dropout < 1:
+        raise ConfigError(f"lora.dropout={lo.dropout} must lie in [0, 1)")
+    if lo.rank and not lo.target_modules:
+        raise ConfigError("lora.target_modules is empty: name the linear layers to adapt (docs/lora.md)")
+    if lo.critic == "lora" and not lo.rank:
+        raise ConfigError("lora.critic=lora needs adapters: set lora.rank > 0")
 
 
 def check_ode(cfg: Config) -> None:

@@ -66,14 +66,24 @@ def join_group(timeout_s: float) -> bool:
     returns whether this call made it (then it is the caller's to end)."""
     if torch.distributed.is_initialized():
         return False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "nccl" if torch.cuda.is_available() and not gpus_shared() else "gloo"
     torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return True
 
 
+def gpus_shared() -> bool:
+    """Whether this node runs more processes than it has GPUs (two pipeline stages on one GPU), so that
+    processes share a GPU: NCCL refuses two ranks on one device, so their group uses gloo."""
+    return torch.cuda.is_available() and int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > torch.cuda.device_count()
+
+
 def local_rank_device(base: str) -> torch.device:
-    """cuda:LOCAL_RANK under a launcher when `base` is cuda; the CPU stays the CPU."""
-    return torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if base.startswith("cuda") else base)
+    """cuda:LOCAL_RANK under a launcher when `base` is cuda, ranks beyond the GPU count sharing them in
+    turn (`gpus_shared`); the CPU stays the CPU."""
+    if not base.startswith("cuda"):
+        return torch.device(base)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % max(count, 1))
 
 
 def all_true(flag: bool, device: torch.device) -> bool:

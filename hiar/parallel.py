@@ -58,6 +58,9 @@ class StageGroup:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.steps = stage_steps(num_steps, self.world)[self.rank]
         self.is_first, self.is_last = self.rank == 0, self.rank == self.world - 1
+        # gloo sends host tensors only: CUDA stages sharing a GPU (hiar.distributed.gpus_shared) pass
+        # their blocks through host memory; NCCL sends them from device to device.
+        self._wire = torch.device("cpu") if dist.get_backend() == "gloo" else None
         # Private but stable: the rendezvous store every rank shares (hosted by torchrun's agent).
         self._store = dist.distributed_c10d._get_default_store()
         self._store.set(PID_KEY.format(self.rank), f"{socket.gethostname()} {os.getpid()}")
@@ -116,16 +119,16 @@ class StageGroup:
     # -- messaging -----------------------------------------------------------------------------------
 
     def recv(self, like: torch.Tensor) -> torch.Tensor:
-        buf = torch.empty_like(like)
+        buf = torch.empty_like(like, device=self._wire or like.device)
         try:
             dist.recv(buf, self.rank - 1)
         except RuntimeError as err:
             raise self.fail(err, peer=self.rank - 1) from err
-        return buf
+        return buf.to(like.device)
 
     def isend(self, x: torch.Tensor) -> dist.Work:
         try:
-            return dist.isend(x.contiguous(), self.rank + 1)
+            return dist.isend(x.to(self._wire or x.device).contiguous(), self.rank + 1)
         except RuntimeError as err:
             raise self.fail(err, peer=self.rank + 1) from err
 

@@ -11,10 +11,12 @@ as torch reports them: an "80 GB" H100 has 79.6 GiB.
 
 What is modelled (docs/memory.md has the formulas in words and the CPU validation):
 * model states: parameter counts are exact (the Wan DiT built on the meta device; umT5-XXL from its
-  architecture); the generator and the critic are DeepSpeed engines (ZeRO stage and offload from the
+  architecture; LoRA adapters injected into it by peft); the generator and the critic are DeepSpeed engines (ZeRO stage and offload from the
   JSON at train.deepspeed) with a torch AdamW, in bf16 with fp32 master weights when train.bf16, laid
   out as DeepSpeed 0.19 does (`estimate_zero2/3_model_states_mem_needs`, FP16_UnfusedOptimizer at stage
-  0); the frozen teacher as distill.teacher_sharding places it; the EMA in host memory of rank 0.
+  0); the frozen teacher as distill.teacher_sharding places it; the EMA in host memory of rank 0. A model
+  with LoRA adapters (lora.rank > 0) holds its frozen weights as the engine places them and gradients,
+  master weights and AdamW states for its adapters alone.
 * activations: tensors saved for backward per token and layer, counted op by op from
   hiar/models/wan.py (bf16: 28 D bytes of float32 copies, 9 D of bf16 linear / attention inputs, the
   RMSNorms, 2 FFN hiddens; +2 D per context token of the concatenated K/V), or one block input per layer
@@ -36,7 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hiar.config import Config, ConfigError, ModelConfig, repo_path, teacher_model_config, with_overrides
+from hiar.config import Config, ConfigError, LoraConfig, ModelConfig, repo_path, teacher_model_config, with_overrides
 from hiar.models.window import BlockCausalWindow
 from hiar.text import UMT5_XXL
 
@@ -138,6 +140,20 @@ class Arch:
 
 
 @functools.cache
+def adapter_numels(m: ModelConfig, lora: LoraConfig) -> tuple[int, ...]:
+    """Sizes of the LoRA adapter tensors (A and B of every adapted layer) `lora` puts on a Wan DiT of
+    sizes `m`: injected by peft into the model built on the meta device, as training injects them."""
+    if not lora.rank:
+        return ()
+    from hiar import lora as adapters
+    from hiar.models import WanModel
+
+    with torch.device("meta"):
+        model = adapters.add_adapters(WanModel(m), lora)
+    return tuple(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@functools.cache
 def text_encoder_parameters(name: str) -> int:
     """Exact parameter count of a text encoder, from its architecture on the meta device: umT5-XXL's
     encoder as Wan2.1 uses it (d_model 4096, 24 layers, d_ff 10240, 64 heads of 64, vocab 256384,
@@ -201,9 +217,13 @@ class DeepSpeedSetup:
                    int(float(z.get("stage3_param_persistence_threshold", 1e5))))
 
 
-def engine_memory(params: int, arch: Arch, ds: DeepSpeedSetup, world: int, bf16: bool) -> dict[str, dict[str, int]]:
+def engine_memory(params: int, arch: Arch, ds: DeepSpeedSetup, world: int, bf16: bool,
+                  adapters: tuple[int, ...] = ()) -> dict[str, dict[str, int]]:
     """Bytes of one trained model's DeepSpeed engine (torch AdamW) per GPU and per rank on the host:
     {"gpu": {params, grads, optimizer}, "host": {optimizer}, "backward": {...}, "step": {...}}.
+    `adapters`: sizes of LoRA adapter tensors (`adapter_numels`): the `params` are then frozen, the
+    weights count both, and everything the optimizer adds (gradients, master weights, AdamW states,
+    their partitions and step temporaries) the adapters alone. ZeRO-3 partitions the frozen weights too.
 
     bf16 weights p = 2 bytes, else 4. As DeepSpeed's estimators (stage_1_and_2.py / stage3.py
     `estimate_zero*_model_states_mem_needs`: 2 + 18 / N bytes a parameter at ZeRO-2, 18 = 2 bf16
@@ -223,22 +243,25 @@ def engine_memory(params: int, arch: Arch, ds: DeepSpeedSetup, world: int, bf16:
     host: dict[str, int] = {}
     step: dict[str, int] = {}
     backward: dict[str, int] = {}
+    trained, weights = (sum(adapters), params + sum(adapters)) if adapters else (params, params)
     master = 4 if bf16 else 0  # stage 0 without bf16 steps the fp32 parameters themselves
     if ds.stage == 0:
-        gpu["params"], gpu["grads"] = p * params, p * params
-        gpu["optimizer"] = (master + 8) * params
-        step["master_grads"] = 4 * params if bf16 else 0
-        step["adam"] = 4 * params
-        step["allreduce_buffer"] = p * min(params, 500_000_000)
+        gpu["params"], gpu["grads"] = p * weights, p * trained
+        gpu["optimizer"] = (master + 8) * trained
+        step["master_grads"] = 4 * trained if bf16 else 0
+        step["adam"] = 4 * trained
+        step["allreduce_buffer"] = p * min(trained, 500_000_000)
         return {"gpu": gpu, "host": host, "backward": backward, "step": step}
-    persistent = arch.persistent(ds.param_persistence_threshold) if ds.stage == 3 else 0
-    shard = -(-params // n)
+    threshold = ds.param_persistence_threshold
+    persistent = arch.persistent(threshold) + sum(a for a in adapters if a <= threshold) if ds.stage == 3 else 0
+    shard = -(-trained // n)
+    weight_shard = -(-weights // n)
     fp32_parts = (4 + 4 + 8) * shard  # fp32 gradient partition, master weights, AdamW m and v
-    gpu["params"] = p * params if ds.stage < 3 else p * (shard + persistent)
+    gpu["params"] = p * weights if ds.stage < 3 else p * (weight_shard + persistent)
     if ds.stage == 3 and ds.offload_param:
-        host["params"] = p * shard
+        host["params"] = p * weight_shard
         gpu["params"] = p * persistent
-    gpu["grads"] = p * params if ds.stage == 1 else p * shard if ds.stage == 2 else 0
+    gpu["grads"] = p * trained if ds.stage == 1 else p * shard if ds.stage == 2 else 0
     if ds.offload_optimizer:
         host["optimizer"] = fp32_parts
         gpu["optimizer"] = 0
@@ -647,7 +670,9 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
     # -- what lives throughout -------------------------------------------------------------------
     per_gpu: dict[str, int] = {}
     per_host: dict[str, int] = {}
-    engines = {name: engine_memory(student.params, student, ds, gpus, bf16) for name in ("generator", "critic")}
+    lora = {"generator": adapter_numels(cfg.model, cfg.lora),
+            "critic": adapter_numels(cfg.model, cfg.lora) if cfg.lora.critic == "lora" else ()}
+    engines = {name: engine_memory(student.params, student, ds, gpus, bf16, lora[name]) for name in lora}
     for name, e in engines.items():
         for part, value in e["gpu"].items():
             per_gpu[f"{name}.{part}"] = value
@@ -740,7 +765,8 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
         offload = sum(e["host"].values())
         if offload:
             per_host[f"{name}.offload"] = offload * ranks_here
-    per_host["ema"] = 4 * student.params
+    # a LoRA generator's EMA: the averaged adapter and the frozen base it rebuilds the model from
+    per_host["ema"] = 4 * (student.params + sum(lora["generator"]))
     per_host["prompt_cache"] = t.prompt_cache_mb * MiB * ranks_here
     per_host["processes"] = PROCESS_HOST_BASELINE * ranks_here
     # train/distill.py reads the generator and critic in float32 (load_generator's default) and the
@@ -759,7 +785,10 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
     setup = {
         "title": f"distillation on {gpus} GPU(s), {ranks_here} a node ({nodes} node(s)), {gpu_memory_gb:g} GiB each",
         "models": f"generator and critic {student.params / 1e9:.3f} B parameters each; teacher ({teacher_name}) "
-                  f"{teacher.params / 1e9:.3f} B; text encoder {cfg.model.text_encoder} {te_params / 1e9:.3f} B",
+                  f"{teacher.params / 1e9:.3f} B; text encoder {cfg.model.text_encoder} {te_params / 1e9:.3f} B"
+                  + (f"; LoRA rank {cfg.lora.rank}: {sum(lora['generator']) / 1e6:.2f} M trained parameters on the "
+                     f"frozen generator{' and critic each' if lora['critic'] else ', the critic trained whole'}"
+                     if cfg.lora.rank else ""),
         "training": f"ZeRO stage {ds.stage} ({ds.path}{', optimizer offload' if ds.offload_optimizer else ''}), "
                     f"{'bf16' if bf16 else 'float32'}, activation checkpointing {'on' if ckpt else 'off'}, "
                     f"teacher {d.teacher_sharding}, text encoder on the "
@@ -789,6 +818,9 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
         "host: every rank reads its weights on the host before placing them (generator and critic in float32, "
         "the teacher in its training precision, all before any is placed); a host's ranks do so together",
     ]
+    if cfg.lora.rank:
+        assumptions.append("LoRA: activations as when training the whole model; the adapters' own saved tensors "
+                           f"(rank {cfg.lora.rank} a token and adapted layer) are left out: a fraction of a percent")
     if cfg.runtime.offload_text_encoder and te_host_bytes == 4 and cfg.model.text_encoder == "umt5-xxl":
         assumptions.append("the offloaded umT5 runs on the CPU in float32 (runtime.dtype=auto): "
                            f"{te_params * 4 / GiB:.0f} GiB of host memory per rank")

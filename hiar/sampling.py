@@ -27,6 +27,7 @@ identical forwards on identical tensors, so they give bit-identical videos.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import math
@@ -38,6 +39,7 @@ import torch
 
 from hiar.config import Config, ConfigError
 from hiar.flow import FlowMatching
+from hiar.fp8 import fp8_linears
 from hiar.conditioning import Conditioning
 from hiar.models import BlockCausalWindow, Cached, KVCache, StaticKVCache, WanModel
 from hiar.models.wan import Prompt
@@ -160,6 +162,8 @@ class CellRunner:
         self.stats = stats if stats is not None else SamplerStats()
         # A static cache is written in place, which a cell with grad could not backpropagate through.
         self.cache_type = StaticKVCache if cfg.runtime.kv_cache == "static" and grad_cells is None else KVCache
+        if grad_cells is None:  # sampling only: fp8 rounds the weights in place, which training must not
+            fp8_linears(model, cfg.runtime.fp8_linear)  # before compiling: the compiled halves call them
         if cfg.runtime.compile_blocks:
             compile_blocks(model)
 
@@ -174,8 +178,9 @@ class CellRunner:
             self.write(ctx, _Write(-1, self.cond.prefix.to(self.noise.device, self.noise.dtype), 0.0), segment=0)
         return ctx
 
-    def new_cache(self) -> KVCache | StaticKVCache:
-        return self.cache_type(self.model.config.num_layers, self.window)
+    def new_cache(self, floor: int = 0) -> KVCache | StaticKVCache:
+        """An empty cache of this runner's window; no frame before `floor` is context (`recache`)."""
+        return self.cache_type(self.model.config.num_layers, dataclasses.replace(self.window, floor=floor))
 
     def prompt(self, segment: int) -> Prompt:
         """Cross-attention K/V of a prompt segment, computed on first use (with grad when cells need it)."""
@@ -225,7 +230,11 @@ class CellRunner:
         """Rebuild `ctx` under prompt `segment`: a fresh cache into which every write it holds (and the
         pending one) is replayed in order, at the level it was written at."""
         writes = [*ctx.kept, *([ctx.pending] if ctx.pending is not None else [])]
-        ctx.kv, ctx.pending, ctx.kept, ctx.segment = self.new_cache(), None, [], segment
+        # The frames the window had evicted stay out: the oldest replayed block past the sink sees the sink
+        # and the rebuilt frames only, as a window re-run under the new prompt would (LongLive's re-cache).
+        floor = min((f for f in map(self.start_frame, (w.block for w in writes)) if f >= self.window.sink_frames),
+                    default=0)
+        ctx.kv, ctx.pending, ctx.kept, ctx.segment = self.new_cache(floor), None, [], segment
         for w in writes:
             self.write(ctx, w, segment)
 

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from hiar import distributed, runs
+from hiar import distributed, lora, runs
 from hiar.atomic import atomic_path
-from hiar.checkpoints import CheckpointError, empty_model, load_weights, save_model
+from hiar.checkpoints import CheckpointError, empty_model, load_weights, save_adapter, save_model
 from hiar.config import Config, ConfigError, config_to_dict, repo_path, save_config
 
 
@@ -66,10 +66,14 @@ class EMA:
     The average lives in float32 in host memory, on the main rank only (`keep`): a 1.3B generator's is
     5.2 GB, which would otherwise take GPU memory on every rank. Every rank still calls `update`, since
     reading a ZeRO-3 model's weights is collective, and knows whether the average has `started`.
+
+    A model with LoRA adapters (hiar/lora.py) is averaged over its adapter alone (what training changes:
+    `hiar.lora.trained_state`), and `averaged` rebuilds the adapted model from `base`, its frozen weights
+    as `hiar.lora.base_state` gives them, taken once before training (on the keeping rank).
     """
 
-    def __init__(self, decay: float, start: int, keep: bool = True):
-        self.decay, self.start, self.keep = decay, start, keep
+    def __init__(self, decay: float, start: int, keep: bool = True, base: dict[str, torch.Tensor] | None = None):
+        self.decay, self.start, self.keep, self.base = decay, start, keep, base
         self.started = False
         self.shadow: dict[str, torch.Tensor] | None = None
 
@@ -80,7 +84,8 @@ class EMA:
         with gathered(model):  # whole tensors under ZeRO-3, read before they are partitioned again
             if self.keep:
                 first = self.shadow is None  # then copies: a CPU float32 model's .to() would alias its weights
-                state = {k: v.detach().to("cpu", torch.float32, copy=first) for k, v in model.state_dict().items()}
+                trained = lora.trained_state(model)  # every weight, or a LoRA model's adapter
+                state = {k: v.detach().to("cpu", torch.float32, copy=first) for k, v in trained.items()}
                 if first:
                     self.shadow = state
                 else:
@@ -93,8 +98,13 @@ class EMA:
         if self.shadow is None:
             raise RuntimeError("the EMA has not started on this rank")
         # a fresh module, not a deepcopy (ZeRO-3 partitions `model`'s tensors), built without storage: the
-        # average is all its weights
-        copy = load_weights(empty_model(model.config), self.shadow, "the EMA")
+        # average is all its weights, or the frozen base and the averaged adapter
+        if self.base is None:
+            copy = load_weights(empty_model(model.config), self.shadow, "the EMA")
+        else:
+            copy = lora.add_adapters(load_weights(empty_model(model.config), self.base, "the EMA's base"),
+                                     lora.adapter_config(model))
+            lora.set_adapter_state(copy, self.shadow)
         return copy.to(next(model.parameters()).device).eval()
 
     def state_dict(self) -> dict:
@@ -124,6 +134,9 @@ class Trainer:
                  world: distributed.World | None = None):
         import deepspeed
 
+        if cfg.runtime.fp8_linear != "off":  # it rounds weights in place (hiar/fp8.py): never a model in training
+            raise ConfigError(f"runtime.fp8_linear={cfg.runtime.fp8_linear} is a sampling option and would round the "
+                              "trained weights in place; set runtime.fp8_linear=off for training")
         self.cfg, t = cfg, cfg.train
         self.step = 0
         self.world = world or distributed.init()
@@ -143,6 +156,8 @@ class Trainer:
             model, lr = entry if isinstance(entry, tuple) else (entry, t.lr)
             if t.gradient_checkpointing:
                 enable_activation_checkpointing(model)
+            # a model with LoRA adapters (hiar/lora.py) trains them alone: its base weights are frozen, and
+            # DeepSpeed keeps no gradients, master weights or AdamW states for parameters it is not given
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=lr, betas=t.betas, weight_decay=t.weight_decay)
             schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda updates: self._lr_scale(updates))
@@ -374,16 +389,24 @@ class Trainer:
                ema: EMA | None = None) -> Path:
         """A trained model (`name`, or the one model) as one safetensors file with its config, what
         inference and the next stage load: its EMA once that has started (written by the main rank,
-        which holds it), else the model's own weights (gathered whole under ZeRO-3, on every rank)."""
+        which holds it), else the model's own weights (gathered whole under ZeRO-3, on every rank).
+        A model with LoRA adapters is written merged, and its adapter beside it as adapter.safetensors
+        (`hiar.checkpoints.save_adapter`: what `inference.py --lora` applies to the base model)."""
         path = Path(path) if path else self.out / "model.safetensors"
         module = self.engines[name].module if name else self.model
+
+        def write(model: torch.nn.Module) -> None:
+            save_model(model, self.cfg, path)
+            if lora.has_adapters(model):
+                save_adapter(model, self.cfg, path.parent / "adapter.safetensors")
+
         if ema is not None and ema.started:
             if ema.keep:
-                save_model(ema.averaged(module), self.cfg, path)
+                write(ema.averaged(module))
         else:
             with gathered(module):
                 if self.rank == 0:
-                    save_model(module, self.cfg, path)
+                    write(module)
         torch.distributed.barrier()
         return path
 

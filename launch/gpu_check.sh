@@ -7,12 +7,52 @@
 #   PYTHON=python3 OUT=/some/dir bash launch/gpu_check.sh   # a GPU image's python3 (torch, pyyaml, pytest,
 #                                                           # deepspeed: on PYTHONPATH if not installed)
 # Writes gpu_check_<date>.log and the benchmark JSON into $OUT (default docs/benchmarks/).
+#
+#   bash launch/gpu_check.sh speed     # issue 33 alone, in at most 8 minutes (each step has a time limit)
+# The CUDA tests of sampling and of the speed options (static cache, compiled blocks, overlapped decoding,
+# fp8 linears, a 2-stage pipeline sharing the GPU; not the training ones), then the option rows of
+# eval.bench at Wan2.1-1.3B's width and depth (random bf16 weights, window 21, 7 blocks) on a quarter of
+# its pixels (240x416): the orders and hybrid_steps K = 1..3, static cache, decoding inline and overlapped
+# (a random Wan VAE), each attention backend that runs, compiled blocks and fp8. Each run's JSON is saved
+# after every row, so a step stopped at its limit keeps the rows it finished. A GPU image without
+# diffusers (the Wan VAE) or torchao (fp8) gets them from wheels in $WHEELS, installed offline:
+#   pip download --no-deps -d .gpu_wheels torchao==0.18.0 diffusers==0.42.1   # here, with internet access
+#   echo /.gpu_wheels/ >> .git/info/exclude                                  # then carry .gpu_wheels
+#   PYTHON=python3 WHEELS=.gpu_wheels OUT=$OUT bash launch/gpu_check.sh speed
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
 out=${OUT:-docs/benchmarks}
-log="$out/gpu_check_$(date +%Y-%m-%d).log"
+day=$(date +%Y-%m-%d)
 export PYTHONUNBUFFERED=1
+if [ "${1:-all}" = speed ]; then
+  log="$out/gpu_check_speed_$day.log"
+  export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}  # the repository, where nothing installed it
+  if [ -n "${WHEELS:-}" ]; then
+    "$py" -m pip install -q --no-index --no-deps --target /tmp/gpu_check_deps "$WHEELS"/*.whl
+    export PYTHONPATH=/tmp/gpu_check_deps:$PYTHONPATH
+  fi
+  bench=("$py" -m eval.bench run --config_path configs/hiar.yaml --device cuda --num_blocks 7
+         --repeats "${REPEATS:-2}" video.height=240 video.width=416)
+  {
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+    "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+    timeout 180 "$py" -m pytest -q -rs tests/test_cuda.py tests/test_speed_options.py \
+      -k "not training_programs and not rehearsal and not resumed_ema"
+    timeout 110 "${bench[@]}" --methods frame_first wavefront hybrid_steps_1 hybrid_steps_2 hybrid_steps_3 \
+      --options static decode decode_overlap --json "$out/bench_speed_${day}_options.json"
+    timeout 50 "${bench[@]}" --methods frame_first --options backends --option_methods frame_first \
+      --json "$out/bench_speed_${day}_backends.json"
+    timeout 120 "${bench[@]}" --methods frame_first wavefront --options fp8 compiled fp8_compiled \
+      --json "$out/bench_speed_${day}_compiled_fp8.json"
+    for part in options backends compiled_fp8; do  # again, for the runs a time limit stopped
+      "$py" -m eval.bench table "$out/bench_speed_${day}_$part.json"
+    done
+  } 2>&1 | tee "$log"
+  exit 0
+fi
+log="$out/gpu_check_$day.log"
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv

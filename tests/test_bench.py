@@ -38,6 +38,10 @@ def test_run_measures_every_row(tmp_path, capsys):
     assert counts["step_major"] == counts["wavefront"] == (2 * S, 2 * S * N - S)
     assert counts["fused"] == (S, S * N)
     assert counts["hybrid"][1] == S + 1 + 2 * S * (N - 1) - S  # block 0 frame-first, then step-first
+    # hybrid_steps: K denoise forwards and one write a block against one cache, then S - K steps
+    # step-first; never run: the final block's writes (one block-first, S - K step-first).
+    for k in (1, 2, 3):
+        assert counts[f"hybrid_steps_{k}"] == (2 * S - k + 1, N * (2 * S - k + 1) - 1 - (S - k))
     # The last of 2 stages runs 2 steps a block: 2 denoise forwards and 2 cache writes (none for the final block).
     assert counts["pipeline_2"] == (S, 2 * N + 2 * (N - 1))
     assert counts["wavefront_x2"] == (2 * S, 2 * S * 2 * N - S)
@@ -61,7 +65,7 @@ def test_run_measures_every_row(tmp_path, capsys):
         assert sim["1"] == pytest.approx(sum(map(sum, p["cell_s"])))
         assert sim["1"] > sim["2"] > sim["4"]
 
-    assert set(result["targets"]) == set(bench.TARGETS)
+    assert set(result["targets"]) == set(bench.TARGETS) and result["complete"]
     assert {"date", "command", "machine", "threads_per_process"} <= set(result)
     printed = capsys.readouterr().out
     assert sum(line.startswith("| ") for line in printed.splitlines()) == 2 + len(rows)
@@ -72,7 +76,7 @@ def test_run_measures_every_row(tmp_path, capsys):
 
 def test_pipeline_command_is_the_wavefront_row_and_a_2_stage_pipeline(monkeypatch):
     seen = {}
-    monkeypatch.setattr(bench, "bench", lambda args: seen.update(vars(args)) or {"rows": {}, "targets": {}})
+    monkeypatch.setattr(bench, "bench", lambda args, on_row: seen.update(vars(args)) or {"rows": {}, "targets": {}})
     bench.main(["pipeline"])
     assert (seen["methods"], seen["stages"], seen["long_factor"], seen["num_blocks"]) == (["wavefront"], 2, 1, 100)
 
@@ -85,3 +89,72 @@ def test_video_frames_of_the_wan_codec():
     stats.per_block.update(range(7))
     row = bench.summarize(cfg, 7, [[0.5, 1.0]], stats, {})
     assert (row["latent_frames"], row["video_frames"], row["video_fps"], row["first_block_s"]) == (21, 81, 81.0, 0.5)
+
+
+def test_option_rows(tmp_path, capsys):
+    """Each speed option as its own row next to the method's, or listed as skipped with the reason; an
+    option changes how the cells run, not which."""
+    out = tmp_path / "bench.json"
+    bench.main(["run", "--config_path", "tiny", "--num_blocks", "3", "--repeats", "1", "--methods", "wavefront",
+                "--options", "static", "compiled", "fp8", "decode", "decode_overlap", "backends",
+                "--option_methods", "wavefront", "--json", str(out)])
+    result = json.loads(out.read_text())
+    rows, skipped = result["rows"], result["skipped"]
+    options = ["static", "compiled", "fp8", "decode", "decode_overlap", *bench.BACKENDS]
+    assert sorted([*rows, *skipped]) == sorted(["wavefront", *(f"wavefront+{o}" for o in options)])
+    # On the CPU: no torchao fp8 and no CUDA-only SDPA kernel; SDPA itself always runs.
+    assert {"wavefront+fp8", "wavefront+sdpa_efficient", "wavefront+sdpa_cudnn"} <= set(skipped)
+    assert "compute capability" in skipped["wavefront+fp8"]
+    assert {"wavefront+sdpa", "wavefront+sdpa_math", "wavefront+static", "wavefront+decode_overlap"} <= set(rows)
+    base = rows["wavefront"]
+    for name, r in rows.items():
+        assert (r["forwards"], r["forwards_per_block"]) == (base["forwards"], base["forwards_per_block"])
+        if name == "wavefront":
+            assert r["time_vs_base"] is None and r["decode"] == "none"
+            continue
+        option = name.split("+")[1]
+        assert r["option"] == option and r["time_vs_base"] > 0
+        assert set(bench.OPTIONS[option][0]) <= set(r["overrides"])
+        assert r["decode"] == {"decode": "inline", "decode_overlap": "overlap"}.get(option, "none")
+    printed = capsys.readouterr().out
+    assert "wavefront+fp8: not run (runtime.fp8_linear=torchao" in printed
+    assert "time of each option row against its method's row: wavefront+static" in printed
+
+
+def test_a_run_saves_every_row_as_it_finishes(monkeypatch):
+    """A run stopped from outside (a GPU lease ending) keeps the rows it finished, marked incomplete."""
+    row = {"block_s": {"median": 1.0}, "growth_bytes": 1, "num_blocks": 3}
+    monkeypatch.setattr(bench, "run_row", lambda args, **spec: dict(row, block_s={"median": 1.0}))
+    monkeypatch.setattr(bench, "unavailable", lambda args, option: None)
+    args = bench.argparse.Namespace(methods=["frame_first", "wavefront"], options=["static"],
+                                    option_methods=["wavefront"], num_blocks=3, repeats=1, stages=1, long_factor=1,
+                                    device="cpu", config_path="tiny", overrides=[], threads=1, argv=[])
+    saved = []
+    final = bench.bench(args, lambda result: saved.append((list(result["rows"]), result["complete"])))
+    assert saved == [(["frame_first"], False), (["frame_first", "wavefront"], False),
+                     (["frame_first", "wavefront", "wavefront+static"], True)]
+    assert final["rows"]["wavefront+static"]["time_vs_base"] == 1.0
+    assert "incomplete" in bench.table({"rows": {}, "targets": {}, "complete": False})
+
+
+def test_quality_measures_what_an_option_moves(tmp_path, capsys):
+    """`quality`: nothing moves without an option; emulated fp8 linears move one forward by a few percent
+    (e4m3 keeps 3 mantissa bits) and every block of both rollouts."""
+    from conftest import random_model
+
+    from hiar.checkpoints import save_model
+
+    cfg = bench.load_config("tiny", ["runtime.prompts=data/toy_prompts.txt"])
+    checkpoint = save_model(random_model(cfg), cfg, tmp_path / "model.safetensors")
+    plain = bench.quality(str(checkpoint), [], 2)
+    assert all(e == 0 for e in plain["forward"].values())
+    assert all(e == 0 for errors in plain["rollout"].values() for e in errors)
+    out = tmp_path / "quality.json"
+    assert bench.main(["quality", "--checkpoint", str(checkpoint), "--num_blocks", "2", "--json", str(out),
+                       "runtime.fp8_linear=emulate"]) == 0
+    fp8 = json.loads(out.read_text())
+    assert list(fp8["forward"]) == [f"{t:g}" for t in cfg.schedule.timesteps]
+    assert all(0.001 < e < 0.3 for e in fp8["forward"].values())
+    assert {k: len(v) for k, v in fp8["rollout"].items()} == {"sde": 2, "ode": 2}
+    assert all(e > 0 for errors in fp8["rollout"].values() for e in errors)
+    assert "runtime.fp8_linear=emulate against the plain run" in capsys.readouterr().out

@@ -1,7 +1,8 @@
 """The sampler on a CUDA device: the same video as on the CPU, bf16 close to fp32, the orders' identities
-and a flat cache footprint; and a resumed training EMA following a CUDA model. Skipped without a GPU (CI
-has none); run on a lent GPU with `python -m pytest tests/test_cuda.py` (launch/gpu_check.sh, results in
-docs/benchmarks.md)."""
+and a flat cache footprint; the speed options (issue 33: static cache, compiled blocks, overlapped
+decoding, fp8 linears, a pipeline of two stages on one GPU) against their plain runs; and a resumed
+training EMA following a CUDA model. Skipped without a GPU (CI has none); run on a lent GPU with
+`python -m pytest tests/test_cuda.py` (launch/gpu_check.sh, results in docs/benchmarks.md)."""
 
 import copy
 
@@ -36,10 +37,13 @@ def cpu_model():
     return random_model(load_config("tiny"))
 
 
-def run(model, *overrides, device=CUDA, dtype=torch.float32, frames=18):
+def run(model, *overrides, device=CUDA, dtype=torch.float32, frames=18, prepare=None):
+    """The video of a copy of `model` on `device` in `dtype` (`prepare(copy)` first, if given)."""
     cfg, noise, text = setup(*overrides, frames=frames)
     noise.device, noise.dtype = device, dtype
     model = copy.deepcopy(model).to(device, dtype)
+    if prepare is not None:
+        prepare(model)
     with torch.no_grad():
         return sample_video(model, text.to(device, dtype), cfg, noise, frames // 3).float().cpu()
 
@@ -99,6 +103,130 @@ def test_windowed_rollout_memory_is_flat_on_cuda(cpu_model):
     assert peaks[1] <= 1.05 * peaks[0], peaks
 
 
+# -- the speed options of issue 33 ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("extra", [["sampling.method=frame_first"], ["sampling.method=timestep_first"],
+                                   ["sampling.method=timestep_first", "sampling.fused=true"]])
+def test_static_cache_equals_the_dict_cache_on_cuda(cpu_model, dtype, extra):
+    """Preallocated buffers written in place hold the same K/V in the same order: the same bits."""
+    window = ["video.window_frames=9", "video.sink_frames=3"]
+    assert torch.equal(run(cpu_model, "runtime.kv_cache=static", *window, *extra, dtype=dtype),
+                       run(cpu_model, *window, *extra, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_compiled_blocks_equal_eager_on_cuda(cpu_model, dtype, tol):
+    from torch._dynamo.utils import counters
+
+    eager = run(cpu_model, "sampling.stepping=ode", dtype=dtype)
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = run(cpu_model, "sampling.stepping=ode", "runtime.compile_blocks=true", dtype=dtype)
+    assert counters["stats"]["unique_graphs"] > graphs  # compiled, not silently eager
+    assert rel(compiled, eager) < tol
+
+
+def random_wan_vae():
+    """Wan2.1's VAE (diffusers' defaults) with random weights, on the GPU: a causal decoder with state."""
+    diffusers = pytest.importorskip("diffusers")
+    from hiar.codecs import WanVAE
+
+    torch.manual_seed(0)
+    return WanVAE(diffusers.AutoencoderKLWan().to(CUDA))
+
+
+@pytest.mark.parametrize("codec", ["toy_dct", "wan_vae"])
+def test_overlapped_decoding_equals_inline_on_cuda(cpu_model, codec):
+    """Decoding on a side stream while the next block is generated gives the inline frames bit for bit."""
+    from hiar.codecs import ToyDCTCodec
+    from hiar.stream import Stream
+
+    model = copy.deepcopy(cpu_model).to(CUDA)
+    streams = []
+    decoder = ToyDCTCodec() if codec == "toy_dct" else random_wan_vae()
+
+    class Watched:  # which CUDA stream each decode ran on
+        def stream_decoder(self):
+            inner = decoder.stream_decoder()
+
+            class Decode:
+                def decode(self, latents):
+                    streams.append(torch.cuda.current_stream())
+                    return inner.decode(latents)
+
+            return Decode()
+
+    videos = []
+    for overlap in (False, True):
+        cfg, noise, text = setup("sampling.schedule=wavefront", frames=12)
+        noise.device = CUDA
+        with torch.no_grad():
+            blocks = generate(model, text.to(CUDA), cfg, noise, 4)
+            videos.append([b.frames.cpu() for b in Stream(blocks, Watched(), overlap=overlap)])
+    assert len(videos[1]) == 4 and all(torch.equal(a, b) for a, b in zip(*videos, strict=True))
+    inline, side = streams[:4], streams[4:]
+    assert all(s == torch.cuda.default_stream() for s in inline)
+    assert all(s != torch.cuda.default_stream() for s in side)
+
+
+def test_fp8_linears_run_on_cuda(cpu_model):
+    """torchao's fp8 linears (compute capability >= 8.9) stay close to bf16 and to the CPU-checked
+    emulation of the same rounding (hiar/fp8.py)."""
+    pytest.importorskip("torchao")
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 matrix products need compute capability >= 8.9")
+    from hiar.fp8 import fp8_linears
+
+    ode = "sampling.stepping=ode"
+    bf16 = run(cpu_model, ode, dtype=torch.bfloat16)
+    torchao = run(cpu_model, ode, dtype=torch.bfloat16, prepare=lambda m: fp8_linears(m, "torchao"))
+    emulated = run(cpu_model, ode, dtype=torch.bfloat16, prepare=lambda m: fp8_linears(m, "emulate"))
+    assert torch.isfinite(torchao).all()
+    print(f"fp8 (torchao) vs bf16 {rel(torchao, bf16):.4f}, vs emulated {rel(torchao, emulated):.4f}; "
+          f"emulated vs bf16 {rel(emulated, bf16):.4f}")
+    assert 0 < rel(torchao, bf16) < 0.2 and rel(torchao, emulated) < 0.2
+
+
+STAGE = """
+import sys
+
+import torch
+from conftest import random_model, rollout_inputs
+
+from hiar.config import load_config
+from hiar.distributed import local_rank_device
+from hiar.parallel import StageGroup, pipeline_stage
+from hiar.sampling import CellRunner
+
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # as the test's full_fp32
+cfg, noise, text = rollout_inputs("video.height=64", "video.width=64", "sampling.method=timestep_first", frames=18)
+device = local_rank_device("cuda")
+noise.device = device
+model = random_model(load_config("tiny")).to(device)
+group = StageGroup(len(cfg.schedule.denoising_steps))
+with torch.no_grad():
+    blocks = dict(pipeline_stage(CellRunner(model, text.to(device), cfg, noise), group, 6))
+if group.is_last:
+    torch.save(torch.cat([blocks[n] for n in range(6)], dim=1).cpu(), sys.argv[1])
+group.close()
+"""
+
+
+def test_a_pipeline_of_two_stages_on_one_gpu_equals_sequential(cpu_model, tmp_path):
+    """--parallel pipeline on CUDA tensors: two stages sharing the one GPU (gloo between them, NCCL refuses
+    two ranks on one device) give the sequential video bit for bit."""
+    import os
+    from pathlib import Path
+
+    script, out = tmp_path / "stage.py", tmp_path / "video.pt"
+    script.write_text(STAGE)
+    tests = Path(__file__).resolve().parent
+    path = os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")])
+    torchrun(str(script), str(out), procs=2, env={"PYTHONPATH": path})
+    assert torch.equal(torch.load(out), run(cpu_model, "sampling.method=timestep_first"))
+
+
 def test_a_resumed_ema_follows_a_cuda_model(cpu_model):
     """The EMA lives on the host (a resumed one too); its update averages the CUDA weights into it."""
     from hiar.training import EMA
@@ -116,7 +244,7 @@ def test_a_resumed_ema_follows_a_cuda_model(cpu_model):
 # -- training on CUDA with NCCL: each program in its own process, as the launchers start them ----------
 
 
-def torchrun(*args, procs: int = 1) -> None:
+def torchrun(*args, procs: int = 1, env: dict | None = None) -> None:
     import os
     import subprocess
     import sys
@@ -124,7 +252,7 @@ def torchrun(*args, procs: int = 1) -> None:
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", *args]
     result = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
-                            timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     assert result.returncode == 0, result.stderr[-4000:]
 
 

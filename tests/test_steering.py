@@ -91,6 +91,20 @@ def test_recache_equals_a_fresh_cache_built_under_the_new_prompt(model, window):
     assert torch.equal(steered[:, 3 * SWITCH:], torch.cat([rest[n] for n in range(SWITCH, BLOCKS)], dim=1))
 
 
+
+@pytest.mark.parametrize("window", [["video.window_frames=6"], ["video.window_frames=7", "video.sink_frames=1"]])
+@pytest.mark.parametrize("order", ORDERS[:2])
+@pytest.mark.parametrize("cache", ["dict", "static"])
+def test_a_recache_after_the_window_has_slid(model, window, order, cache):
+    """A re-cache at block 6 of 8, long after the window dropped the first blocks, rebuilds what the
+    window holds: the oldest replayed block sees the sink and the rebuilt frames, never an evicted one
+    (which would be a CacheMissError). Blocks before the switch stay untouched."""
+    _, _, text = setup()
+    overrides = [*order, *window, "sampling.switch=recache", f"runtime.kv_cache={cache}"]
+    plain = video(model, text, *overrides, blocks=8)
+    steered = video(model, switched(text, at=6), *overrides, blocks=8)
+    assert torch.equal(steered[:, :18], plain[:, :18]) and not torch.allclose(steered[:, 18:], plain[:, 18:])
+
 def test_each_prompt_is_encoded_once(model, monkeypatch):
     _, _, text = setup()
     calls = []
@@ -224,3 +238,27 @@ def test_image_and_video_continuation(tmp_path):
     assert image_video.shape[0] == 10 and read_video(v2v).shape[0] == 9
     # the first frame is the image, through the toy codec's round trip
     assert np.abs(image_video[0].astype(float) - frames[0]).mean() < 12
+
+
+def test_the_steering_measure_reads_the_toy_world():
+    """eval/steering.py's frame measure recovers a rendered clip's background, object colour and centroid,
+    and a video is scored by its distance to the two references: a copy of the new prompt's video is all
+    new (share 1, old remaining 0), and one of the old prompt's all old."""
+    from eval import steering
+    from hiar.toyworld import BACKGROUNDS, OBJECT_COLOURS, sample_clip
+
+    old, new = [c for c in (sample_clip(0, i) for i in range(20)) if len(c.objects) == 1][:2]
+    frames = old.render(6)
+    f = steering.features(frames)
+    obj = old.objects[0]
+    assert np.array_equal(f["background"], np.tile(BACKGROUNDS[old.background], (6, 1)))
+    assert np.allclose(f["colour"], OBJECT_COLOURS[obj.colour])
+    truth = np.array([obj.centroid(i, old.height, old.width) for i in range(6)])
+    assert np.abs(f["centroid"] - truth).max() < 0.5
+    refs = {"old": f, "new": steering.features(new.render(6))}
+    for measure in steering.MEASURES:
+        gap = steering.distance(refs["old"], refs["new"], measure)[None]  # [1 run, F]
+        for copy, share, remaining in (("new", 1.0, 0.0), ("old", 0.0, 1.0)):
+            d_new, d_old = (steering.distance(refs[copy], refs[r], measure)[None] for r in ("new", "old"))
+            scores = steering.per_block(d_new, d_old, gap, 3, 1, 2)  # blocks 0 and 1 of 3 frames
+            assert scores["share new"] == [share] * 2 and scores["old remaining"] == [remaining] * 2, measure

@@ -12,8 +12,11 @@ train.negative_prompt). Every iteration updates the critic; every distill.dfake_
 also the generator. Checkpoints (checkpoints/step-N/) hold both DeepSpeed states and model.pt
 ({generator, generator_ema, critic, step, config}: what `inference.py --checkpoint_path ... --use_ema`
 loads, and where --resume finds the EMA); the final generator (its EMA once started) is exported as
-model.safetensors. On CUDA the memory planner (hiar/plan.py) checks the run before any weights are read;
---rehearse swaps the weights, the text encoder and the data for random ones of the same sizes.
+model.safetensors. With lora.rank > 0 the generator (and with lora.critic=lora the critic) trains LoRA
+adapters on its frozen weights (hiar/lora.py, docs/lora.md): the EMA averages the adapter, checkpoints
+and model.safetensors hold the merged weights, and adapter.safetensors the adapter. On CUDA the memory
+planner (hiar/plan.py) checks the run before any weights are read; --rehearse swaps the weights, the
+text encoder and the data for random ones of the same sizes.
 
 This program builds the run's objects and hands them to `hiar.distill.Distillation`, whose named steps
 make each iteration; `hiar.training.Trainer` loops over them and writes the checkpoints.
@@ -30,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 import torch
 
-from hiar import distributed, runs
+from hiar import distributed, lora, runs
 from hiar.checkpoints import load_generator
 from hiar.config import Config, config_to_dict, load_config, repo_path, teacher_model_config
 from hiar.data import PromptSource
@@ -127,15 +130,29 @@ def build_models(cfg: Config, world: distributed.World, rehearse: bool) -> tuple
     return generator, critic, teacher
 
 
+def with_adapters(cfg: Config, generator: WanModel, critic: WanModel, keep: bool) -> dict | None:
+    """With lora.rank > 0: LoRA adapters on the generator (and on the critic with lora.critic=lora), their
+    base weights frozen; returns the generator's base weights for its EMA on the rank that `keep`s it
+    (a copy: DeepSpeed may partition or cast the model's own), else None."""
+    if not cfg.lora.rank:
+        return None
+    base = {k: v.detach().clone() for k, v in lora.base_state(generator).items()} if keep else None
+    lora.add_adapters(generator, cfg.lora, seed=cfg.train.seed)
+    if cfg.lora.critic == "lora":
+        lora.add_adapters(critic, cfg.lora, seed=cfg.train.seed + 1)
+    return base
+
+
 def write_model_pt(folder: Path, trainer: Trainer, ema: EMA) -> None:
-    """model.pt: the layout HiAR / Self-Forcing checkpoints use, loadable by inference.py."""
+    """model.pt: the layout HiAR / Self-Forcing checkpoints use, loadable by inference.py (adapted models
+    merged). The EMA of a full generator is kept only here; a LoRA generator's rides in extra.pt."""
     generator, critic = trainer.engines["generator"].module, trainer.engines["critic"].module
     with gathered(generator), gathered(critic):
         if trainer.rank == 0:
-            blob = {"generator": generator.state_dict(), "critic": critic.state_dict(), "step": trainer.step,
-                    "config": config_to_dict(trainer.cfg)}
+            blob = {"generator": lora.merged_state(generator), "critic": lora.merged_state(critic),
+                    "step": trainer.step, "config": config_to_dict(trainer.cfg)}
             if ema.shadow is not None:
-                blob["generator_ema"] = ema.shadow
+                blob["generator_ema"] = ema.shadow if ema.base is None else lora.merged_state(ema.averaged(generator))
             torch.save(blob, folder / "model.pt")
 
 
@@ -192,10 +209,13 @@ def main(argv=None) -> None:
     # 1. models: generator and critic are trained (DeepSpeed places them), the teacher is frozen and
     # placed by distill.teacher_sharding
     generator, critic, teacher = build_models(cfg, world, args.rehearse)
-    ema = EMA(d.ema_decay, d.ema_start, keep=world.is_main)
+    base = with_adapters(cfg, generator, critic, keep=world.is_main)
+    ema = EMA(d.ema_decay, d.ema_start, keep=world.is_main, base=base)
+    adapted = cfg.lora.rank > 0  # the EMA is an adapter's, small: in extra.pt; else model.pt's generator_ema
     trainer = Trainer(cfg, {"generator": generator, "critic": (critic, d.critic_lr)}, resume=args.resume,
+                      extra={"ema": ema} if adapted else None,
                       on_save=lambda folder: write_model_pt(folder, trainer, ema),  # runs once `trainer` exists
-                      on_load=lambda folder: read_ema(folder, ema), world=world)
+                      on_load=None if adapted else lambda folder: read_ema(folder, ema), world=world)
     memory.mark("generator and critic")
     teacher = frozen(teacher, cfg, world, d.teacher_sharding)
     memory.mark(f"teacher ({d.teacher_sharding})")

@@ -27,6 +27,9 @@ class BlockCausalWindow:
     # P clean frames given before the generated video (an image or a video's last frames): they form one
     # block [0, P) of their own, and the k-frame blocks start at P (hiar/conditioning.py).
     prefix_frames: int = 0
+    # Frames before `floor` are no context of this cache: a re-cache after a prompt switch rebuilds only
+    # the frames the cache still held, so the oldest of them sees the rebuilt frames only.
+    floor: int = 0
 
     @classmethod
     def from_config(cls, video: VideoConfig, prefix_frames: int = 0) -> BlockCausalWindow:
@@ -60,7 +63,7 @@ class BlockCausalWindow:
             raise ValueError(f"a cached call must start on a block boundary; frame {start} is not "
                              f"{self.prefix_frames} + a multiple of frames_per_block={self.frames_per_block}")
         if not self.window_frames:
-            return list(range(start))
+            return list(range(self.floor, start))
         first_end = int(self.block_end(torch.tensor(start)))
-        recent_from = max(self.sink_frames, first_end - (self.window_frames - self.sink_frames))
+        recent_from = max(self.sink_frames, first_end - (self.window_frames - self.sink_frames), self.floor)
         return list(range(min(self.sink_frames, start))) + list(range(recent_from, start))

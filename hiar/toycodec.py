@@ -1,0 +1,140 @@
+"""A Wan-shaped VAE for the toy world: diffusers' AutoencoderKLWan with a tiny configuration, trained on
+rendered toy clips (train/toy_codec.py).
+
+It has Wan2.1's geometry (16 latent channels, temporal stride 4 with a first frame of its own, spatial
+stride 8, a causal decoder with a frame cache), so a toy recipe on it would exercise the same encode,
+streaming decode and frame geometry as full scale. It is exported the way Wan's is distributed, a
+diffusers folder `vae/` whose config carries the latents' per-channel mean and std, so
+`hiar.codecs.WanVAE.from_folder` loads it unchanged. Not wired into any toy preset yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import shutil
+import tempfile
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from hiar.atomic import atomic_path
+from hiar.config import ConfigError, parse_override, yaml_message
+from hiar.toyworld import clip_to_video, sample_clip
+
+
+@dataclass(frozen=True)
+class ToyCodecConfig:
+    base_dim: int = 16  # channels of the first stage (Wan2.1: 96)
+    num_res_blocks: int = 1  # per stage (Wan2.1: 2)
+    num_frames: int = 9  # video frames of a training clip: 1 + 4 k, k = 2 -> 3 latent frames
+    height: int = 64
+    width: int = 64
+    batch_size: int = 2
+    lr: float = 1.0e-3
+    kl_weight: float = 1.0e-6  # a near-deterministic autoencoder: what matters is the round trip
+    steps: int = 2000
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 50
+    threads: int = 1  # torch CPU threads (the toy's machines have two cores for everything)
+    output_dir: str = "runs/toy/codec"
+
+
+def load_codec_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> ToyCodecConfig:
+    """The YAML file's keys, then `key=value` overrides; an unknown key or a bad value is a ConfigError."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: {yaml_message(err)}") from None
+    data.update(parse_override(text) for text in overrides)
+    fields = {f.name: f for f in dataclasses.fields(ToyCodecConfig)}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"unknown toy codec key '{key}' (known: {', '.join(fields)})")
+        want = type(fields[key].default)
+        if not isinstance(value, want) and not (want is float and isinstance(value, int)):
+            raise ConfigError(f"toy codec key '{key}={value!r}': expected {want.__name__}")
+    cfg = ToyCodecConfig(**{k: float(v) if type(fields[k].default) is float else v for k, v in data.items()})
+    if (cfg.num_frames - 1) % 4 or cfg.height % 8 or cfg.width % 8:
+        raise ConfigError(f"num_frames={cfg.num_frames} must be 1 + 4 k and height, width multiples of 8 "
+                          "(the VAE's strides)")
+    return cfg
+
+
+def build_toy_vae(cfg: ToyCodecConfig):
+    """AutoencoderKLWan with Wan2.1's strides (three spatial halvings, two temporal) and a tiny width."""
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(base_dim=cfg.base_dim, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=cfg.num_res_blocks,
+                            temperal_downsample=[False, True, True])
+
+
+def clip_batch(cfg: ToyCodecConfig, step: int) -> torch.Tensor:
+    """Training batch `step`: clips step * B .. of the world with cfg.seed, each from a start frame of its
+    own (the world is stationary, so any start is a clip), as the VAE takes them: [B, 3, F, H, W]."""
+    clips = []
+    for i in range(cfg.batch_size):
+        index = step * cfg.batch_size + i
+        start = random.Random(f"toycodec/{cfg.seed}/{index}").randrange(1000)
+        frames = sample_clip(cfg.seed, index, cfg.height, cfg.width).render(cfg.num_frames, start)
+        clips.append(torch.from_numpy(clip_to_video(frames)))
+    return torch.stack(clips).transpose(1, 2)
+
+
+def reconstruction_loss(vae, video: torch.Tensor, kl_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """L1 + MSE of the decoded posterior mean against the video, plus kl_weight times the posterior's KL
+    (per element). The mean, not a sample: at initialisation the posterior's std is about 1 against
+    means near 0, so a sampled latent is noise the decoder can only learn to ignore; the KL term keeps
+    the means' scale in check. No noise also makes a resumed run repeat an uninterrupted one. (Runs of
+    up to 1000 steps still decode every clip to one flat colour: docs/toy_prompts.md.)"""
+    posterior = vae.encode(video).latent_dist
+    decoded = vae.decode(posterior.mode()).sample
+    l1, mse = (decoded - video).abs().mean(), ((decoded - video) ** 2).mean()
+    kl = posterior.kl().mean() / posterior.mean[0].numel()
+    return l1 + mse + kl_weight * kl, {"l1": float(l1.detach()), "kl": float(kl.detach()),
+                                       "psnr": float(10 * torch.log10(4 / mse.detach().clamp_min(1e-12)))}
+
+
+@torch.no_grad()
+def latent_stats(vae, cfg: ToyCodecConfig, batches: int = 8) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the posterior means of held-back clips (seed + 1), as Wan publishes
+    its latents' mean and std: the diffusion model sees unit-scale latents."""
+    z = torch.cat([vae.encode(clip_batch(dataclasses.replace(cfg, seed=cfg.seed + 1), b)).latent_dist.mode()
+                   for b in range(batches)])  # [N, 16, f, h, w]
+    z = z.transpose(0, 1).flatten(1)
+    return z.mean(1).tolist(), z.std(1).clamp_min(1e-4).tolist()
+
+
+def save_state(path: Path, vae, optimizer: torch.optim.Optimizer, step: int, cfg: ToyCodecConfig) -> None:
+    """The training state as one file, replaced atomically: a crash keeps the previous one."""
+    with atomic_path(path) as tmp:
+        torch.save({"vae": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                    "config": dataclasses.asdict(cfg)}, tmp)
+
+
+def load_state(path: Path, vae, optimizer: torch.optim.Optimizer) -> int:
+    """Restore a `save_state` file into `vae` and `optimizer`; the next step to run."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    vae.load_state_dict(state["vae"])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"])
+
+
+def export(vae, folder: Path, mean: list[float], std: list[float]) -> Path:
+    """folder/vae/, a diffusers folder with the latents' statistics in its config. It is written beside
+    and renamed into place, so a reader never sees half of one."""
+    vae.register_to_config(latents_mean=mean, latents_std=std)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".vae."))
+    vae.save_pretrained(tmp)
+    target, old = folder / "vae", folder / ".vae.old"
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target

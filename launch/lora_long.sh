@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Long tuning on the toy world (docs/lora.md): the embedded HiAR student tuned on rollouts four windows
+# long (configs/toy/hiar_lora_long.yaml) through LoRA adapters and, with the same steps, whole
+# (lora.rank=0, train.lr=$FULL_LR); then rollouts of $LENGTHS seconds of the two and of the untuned
+# student from the same noise, their drift (eval.rollout, eval.report), and a table of drift, toy
+# presence, peak training memory and the size of what each run ships (eval.lora_long).
+#   bash launch/lora_long.sh          # needs runs/toy/teacher and runs/toy/ode_pairs: launch/reproduce_toy.sh's first stages
+#   STEPS=40 LENGTHS=60 PROMPTS=data/toy_prompts.txt OUT=runs/lora_small bash launch/lora_long.sh \
+#       distill.teacher=runs/lora_small/teacher/model.safetensors distill.critic=runs/lora_small/teacher/model.safetensors \
+#       distill.fkl_weight=0          # the small run of docs/lora.md
+# Trailing section.key=value arguments go to both training runs. A finished stage is skipped, a
+# training stage resumes, so rerunning continues.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source launch/env.sh
+py=.venv/bin/python
+out=${OUT:-runs/toy/lora_long}
+steps=${STEPS:-400}
+lengths=${LENGTHS:-"60 300"}
+prompts=${PROMPTS:-data/toy_prompts.txt}
+full_lr=${FULL_LR:-1.0e-4}  # the toy recipe's generator rate (configs/toy/hiar.yaml)
+mkdir -p "$out"
+
+for variant in lora full; do
+  model=$out/$variant/model.safetensors
+  if [ -e "$model" ]; then
+    echo "== $variant: $model exists, skipped"
+    continue
+  fi
+  overrides=("train.output_dir=$out/$variant" "train.steps=$steps")
+  [ "$variant" = full ] && overrides+=(lora.rank=0 "train.lr=$full_lr")
+  echo "== $variant: train/distill.py --config_path configs/toy/hiar_lora_long.yaml ${overrides[*]} $*"
+  # GNU time's maximum resident set size: the training process's peak memory (eval.lora_long reads it)
+  /usr/bin/time -v -o "$out/$variant.time" $py train/distill.py --config_path configs/toy/hiar_lora_long.yaml \
+    --resume "${overrides[@]}" "$@"
+done
+
+for seconds in $lengths; do
+  run=$out/eval_${seconds}s
+  if [ ! -e "$run/scores.json" ]; then
+    $py -m eval.rollout --out "$run" --config_path configs/toy/hiar.yaml --data_path "$prompts" --seconds "$seconds" \
+      --method none=checkpoints/toy_hiar.safetensors --method "lora=$out/lora/model.safetensors" \
+      --method "full=$out/full/model.safetensors"
+  fi
+  $py -m eval.report "$run"
+done
+$py -m eval.lora_long "$out"
