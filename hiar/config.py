@@ -217,6 +217,11 @@ class TrainConfig:
     prompt_cache_mb: int = 1024
     wandb: Literal["disabled", "offline", "online"] = "disabled"
     caption_dropout: float = 0.1  # teacher: empty prompt this often, for classifier-free guidance
+    # How the toy world's clips are captioned wherever a stage trains on them: the teacher's batches and
+    # the "toyworld" prompts of ode.prompts and distill.prompts (`hiar.data.toy_caption`). "template": the
+    # one sentence of every toy checkpoint so far; "varied": `hiar.captions`' training generator, the words
+    # a pure function of (world seed, clip index). The held-out phrasings are evaluation's, never a choice.
+    captions: Literal["template", "varied"] = "template"
     timestep_shift: float = 3.0  # teacher: noise levels sigma = shift(u), u ~ U(0, 1)
     negative_prompt: str = ""
     guidance_scale: float = 3.0  # teacher samples and ODE trajectories

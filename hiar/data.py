@@ -3,7 +3,8 @@
 A toy sample in a shard is one key with `frames.npy` (uint8 [F, H, W, 3]), `caption.txt` and
 `params.json` (the clip's ground truth). Prompts come from a text file (one a line) or from any
 local file the `datasets` library reads (json, jsonl, csv, parquet) with a `prompt`, `caption` or
-`text` column; any other suffix is refused.
+`text` column; any other suffix is refused. Toy captions are in the style `train.captions` names
+(`toy_caption`).
 """
 
 from __future__ import annotations
@@ -17,17 +18,36 @@ from pathlib import Path
 
 import numpy as np
 
+from hiar.captions import phrase
+from hiar.config import TrainConfig, choices
 from hiar.toyworld import ToyClip, sample_clip
+
+# The caption styles training may use: never "held_out", whose phrasings evaluation keeps unseen.
+TRAINING_CAPTIONS = choices(TrainConfig, "captions")
+
+
+def check_training_captions(style: str) -> None:
+    if style not in TRAINING_CAPTIONS:
+        raise ValueError(f"training caption style {style!r}: expected one of {TRAINING_CAPTIONS} "
+                         "(held-out phrasings are for evaluation only)")
+
+
+def toy_caption(clip: ToyClip, seed: int, index: int, style: str = "template") -> str:
+    """The training caption of clip `index` of the world with `seed` in `style` (train.captions): the
+    template, or a varied phrasing keyed by (seed, index), the same words in every run and on every rank."""
+    check_training_captions(style)
+    return phrase(clip.spec(), style, f"{seed}/{index}")
 
 
 def toy_samples(seed: int, num_frames: int, height: int, width: int, start: int = 0,
-                count: int | None = None) -> Iterator[dict]:
-    """Clips start, start + 1, ... of the toy world, rendered: the stream train/ programs read."""
+                count: int | None = None, captions: str = "template") -> Iterator[dict]:
+    """Clips start, start + 1, ... of the toy world, rendered and captioned in style `captions`: the
+    stream train/ programs read."""
     index = start
     while count is None or index < start + count:
         clip = sample_clip(seed, index, height, width)
-        yield {"__key__": f"{index:08d}", "frames": clip.render(num_frames), "caption": clip.caption,
-               "params": clip.params()}
+        yield {"__key__": f"{index:08d}", "frames": clip.render(num_frames),
+               "caption": toy_caption(clip, seed, index, captions), "params": clip.params()}
         index += 1
 
 
@@ -126,12 +146,14 @@ def nonempty(prompts: list[str], path: Path) -> list[str]:
 
 
 class PromptSource:
-    """Prompt i of a stream: "toyworld" (captions of the world's clips from `seed`), a prompt file
-    (`load_prompts`, cycled; training reads it in a shuffled order, `hiar.order`) or a list of prompts.
-    Relative file paths are taken from `root` (the repository)."""
+    """Prompt i of a stream: "toyworld" (captions of the world's clips from `seed`, in style `captions`),
+    a prompt file (`load_prompts`, cycled; training reads it in a shuffled order, `hiar.order`) or a list
+    of prompts. Relative file paths are taken from `root` (the repository)."""
 
-    def __init__(self, source: str | list[str], seed: int, height: int, width: int, root: str | os.PathLike = "."):
-        self.seed, self.height, self.width = seed, height, width
+    def __init__(self, source: str | list[str], seed: int, height: int, width: int, root: str | os.PathLike = ".",
+                 captions: str = "template"):
+        check_training_captions(captions)  # before the first prompt is read
+        self.seed, self.height, self.width, self.captions = seed, height, width, captions
         if isinstance(source, list):  # prompts given directly
             self.prompts = source
         else:
@@ -145,5 +167,5 @@ class PromptSource:
 
     def __getitem__(self, i: int) -> str:
         if self.prompts is None:
-            return sample_clip(self.seed, i, self.height, self.width).caption
+            return toy_caption(sample_clip(self.seed, i, self.height, self.width), self.seed, i, self.captions)
         return self.prompts[i % len(self.prompts)]

@@ -11,6 +11,7 @@ import torch
 
 from hiar.codecs import Codec
 from hiar.config import Config
+from hiar.data import toy_caption
 from hiar.flow import FlowMatching
 from hiar.models import AttentionMode, Bidirectional, WanModel
 from hiar.sampling import guided, teacher_ode
@@ -19,11 +20,12 @@ from hiar.toyworld import clip_to_video, sample_clip
 
 
 def toy_batch(cfg: Config, codec: Codec, indices: Sequence[int]) -> tuple[torch.Tensor, list[str]]:
-    """Latents [B, F, C, h, w] (on the CPU) and captions of the toy world's clips `indices`."""
-    v = cfg.video
-    clips = [sample_clip(cfg.train.seed, i, v.height, v.width) for i in indices]
+    """Latents [B, F, C, h, w] (on the CPU) and captions (style train.captions) of the toy world's clips
+    `indices`."""
+    v, t = cfg.video, cfg.train
+    clips = [sample_clip(t.seed, i, v.height, v.width) for i in indices]
     video = torch.stack([torch.from_numpy(clip_to_video(c.render(v.num_latent_frames))) for c in clips])
-    return codec.encode(video), [c.caption for c in clips]
+    return codec.encode(video), [toy_caption(c, t.seed, i, t.captions) for c, i in zip(clips, indices)]
 
 
 def flow_matching_loss(model: torch.nn.Module, x0: torch.Tensor, text: torch.Tensor, flow: FlowMatching,

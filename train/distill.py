@@ -168,6 +168,13 @@ def prompt_bank(cfg: Config, device: torch.device, rehearse: bool) -> PromptBank
     return PromptBank.for_config(cfg, device)
 
 
+def dmd_prompts(cfg: Config, rehearse: bool) -> PromptSource:
+    """The rollouts' prompts: distill.prompts (toyworld: captions of clips no earlier stage used, in the
+    style train.captions names), or the rehearsal's random ones."""
+    return PromptSource(rehearsal_prompts() if rehearse else cfg.distill.prompts, DMD_PROMPT_SEED, cfg.video.height,
+                        cfg.video.width, ROOT, cfg.train.captions)
+
+
 def trajectory_source(cfg: Config, rehearse: bool) -> TrajectoryStore | RandomTrajectories | None:
     """Teacher trajectories for the forward-KL term; None when distill.fkl_weight switches it off."""
     if cfg.distill.fkl_weight > 0:
@@ -223,8 +230,7 @@ def main(argv=None) -> None:
     # 2. data: prompts for the rollouts, teacher trajectories for the forward-KL term
     bank = prompt_bank(cfg, world.device, args.rehearse)
     memory.mark("text encoder")
-    prompts = PromptSource(rehearsal_prompts() if args.rehearse else d.prompts, DMD_PROMPT_SEED, cfg.video.height,
-                           cfg.video.width, ROOT)
+    prompts = dmd_prompts(cfg, args.rehearse)
     distillation = Distillation(cfg, trainer, generator, critic, teacher, ema, bank, prompts,
                                 trajectory_source(cfg, args.rehearse))
 

@@ -52,8 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def prompt_list(cfg) -> list[str]:
-    # toyworld: captions of clips the teacher never trained on (another seed)
-    source = PromptSource(cfg.ode.prompts, cfg.ode.seed + 1_000_003, cfg.video.height, cfg.video.width, ROOT)
+    # toyworld: captions (style train.captions) of clips the teacher never trained on (another seed)
+    source = PromptSource(cfg.ode.prompts, cfg.ode.seed + 1_000_003, cfg.video.height, cfg.video.width, ROOT,
+                          cfg.train.captions)
     return [source[i] for i in range(cfg.ode.num_trajectories)]
 
 
