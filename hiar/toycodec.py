@@ -34,7 +34,8 @@ class ToyCodecConfig:
     height: int = 64
     width: int = 64
     batch_size: int = 2
-    lr: float = 1.0e-3
+    lr: float = 1.0e-4
+    warmup_steps: int = 0  # the learning rate rises linearly to lr over these steps (0: none)
     kl_weight: float = 1.0e-6  # a near-deterministic autoencoder: what matters is the round trip
     steps: int = 2000
     seed: int = 0
@@ -85,18 +86,43 @@ def clip_batch(cfg: ToyCodecConfig, step: int) -> torch.Tensor:
     return torch.stack(clips).transpose(1, 2)
 
 
+def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
+    """vae.decode(z) before diffusers' final clamp to [-1, 1]: the decoder's outputs, one call a latent
+    frame, caught by a forward hook and joined along time. The loss reads these: through the clamp, a
+    pixel predicted beyond the range (the toy world's dark backgrounds and white objects sit near its
+    ends) has no gradient and could stay there."""
+    frames: list[torch.Tensor] = []
+    hook = vae.decoder.register_forward_hook(lambda module, args, out: frames.append(out))
+    try:
+        clamped = vae.decode(z).sample
+    finally:
+        hook.remove()
+    out = torch.cat(frames, 2)
+    if out.shape != clamped.shape:  # e.g. a patchified or tiled decode: not this VAE's configuration
+        raise RuntimeError(f"decoder outputs {tuple(out.shape)} do not join to the decode {tuple(clamped.shape)}")
+    return out
+
+
 def reconstruction_loss(vae, video: torch.Tensor, kl_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """L1 + MSE of the decoded posterior mean against the video, plus kl_weight times the posterior's KL
-    (per element). The mean, not a sample: at initialisation the posterior's std is about 1 against
-    means near 0, so a sampled latent is noise the decoder can only learn to ignore; the KL term keeps
-    the means' scale in check. No noise also makes a resumed run repeat an uninterrupted one. (Runs of
-    up to 1000 steps still decode every clip to one flat colour: docs/toy_prompts.md.)"""
+    """L1 + MSE of the decoded posterior mean, before the output clamp (`decode_unclamped`), against the
+    video, plus kl_weight times the posterior's KL per latent element. The mean, not a sample: at
+    initialisation the posterior's std is about 1 against means near 0, so a sampled latent is noise the
+    decoder can only learn to ignore; the KL term keeps the means' scale in check. No noise also makes a
+    resumed run repeat an uninterrupted one. PSNR is of the clamped output, what the codec delivers.
+    (Why the first runs did not learn, and what a run reaches now: docs/toy_prompts.md.)"""
     posterior = vae.encode(video).latent_dist
-    decoded = vae.decode(posterior.mode()).sample
+    decoded = decode_unclamped(vae, posterior.mode())
     l1, mse = (decoded - video).abs().mean(), ((decoded - video) ** 2).mean()
-    kl = posterior.kl().mean() / posterior.mean[0].numel()
-    return l1 + mse + kl_weight * kl, {"l1": float(l1.detach()), "kl": float(kl.detach()),
-                                       "psnr": float(10 * torch.log10(4 / mse.detach().clamp_min(1e-12)))}
+    # diffusers' posterior.kl() sums over dims 1-3 only, which for video leaves the width out
+    kl = 0.5 * (posterior.mean ** 2 + posterior.var - 1 - posterior.logvar).mean()
+    psnr = 10 * torch.log10(4 / ((decoded.detach().clamp(-1, 1) - video) ** 2).mean().clamp_min(1e-12))
+    return l1 + mse + kl_weight * kl, {"l1": float(l1.detach()), "kl": float(kl.detach()), "psnr": float(psnr)}
+
+
+def learning_rate(cfg: ToyCodecConfig, step: int) -> float:
+    """cfg.lr after a linear warm-up over cfg.warmup_steps: a pure function of the step, so a resumed run
+    sets the rate an uninterrupted one would."""
+    return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
 
 
 @torch.no_grad()

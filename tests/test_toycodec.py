@@ -1,5 +1,6 @@
-"""The toy world's Wan-shaped VAE: its geometry, its strict config, and a resumed training run that
-equals an uninterrupted one."""
+"""The toy world's Wan-shaped VAE: its geometry, its strict config, a training step whose gradient
+reaches every layer (through diffusers' output clamp too), a single-batch overfit in which the decoder
+comes to use its latents, and a resumed training run that equals an uninterrupted one."""
 
 import json
 
@@ -8,7 +9,8 @@ import torch
 
 from hiar.codecs import WanVAE
 from hiar.config import ConfigError
-from hiar.toycodec import build_toy_vae, clip_batch, load_codec_config
+from hiar.toycodec import (ToyCodecConfig, build_toy_vae, clip_batch, decode_unclamped, learning_rate,
+                           load_codec_config, reconstruction_loss)
 
 
 def small(tmp_path, **extra) -> str:
@@ -39,6 +41,82 @@ def test_the_codec_config_is_strict(tmp_path):
         load_codec_config(path, ["steps=many"])
     with pytest.raises(ConfigError, match="must be 1 \\+ 4 k"):
         load_codec_config(path, ["num_frames=8"])
+
+
+def test_the_gradient_reaches_every_layer_even_past_the_output_clamp(tmp_path):
+    cfg = load_codec_config(small(tmp_path))
+    torch.manual_seed(0)
+    vae = build_toy_vae(cfg)
+    video = clip_batch(cfg, 0)
+    loss, _ = reconstruction_loss(vae, video, cfg.kl_weight)
+    loss.backward()
+    dead = [n for n, p in vae.named_parameters() if p.grad is None or not p.grad.abs().max() > 0]
+    assert not dead, f"no gradient reaches {dead}"
+    # every pixel pushed past diffusers' clamp to [-1, 1]: the decode is flat there, yet the loss still pulls
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.fill_(3.0)
+        z = vae.encode(video).latent_dist.mode()
+        assert torch.equal(decode_unclamped(vae, z).clamp(-1, 1), vae.decode(z).sample)
+    vae.zero_grad()
+    reconstruction_loss(vae, video, cfg.kl_weight)[0].backward()
+    assert vae.decoder.conv_out.bias.grad.min() > 0 and vae.encoder.conv_in.weight.grad.abs().max() > 0
+
+
+def test_the_learning_rate_warms_up():
+    cfg = ToyCodecConfig(lr=3e-4, warmup_steps=50)
+    assert learning_rate(cfg, 0) == pytest.approx(6e-6) and learning_rate(cfg, 24) == pytest.approx(1.5e-4)
+    assert learning_rate(cfg, 49) == learning_rate(cfg, 5000) == 3e-4
+    assert learning_rate(ToyCodecConfig(lr=1e-3, warmup_steps=0), 0) == 1e-3
+
+
+def test_a_single_batch_overfit_makes_the_decoder_use_its_latents():
+    """The check the first runs lacked: at 64x64 the VAE first learns one flat colour for every clip (the
+    decoder ignoring its latents, about 17 dB) and must leave that plateau. With the default learning rate,
+    one fixed batch of two clips (one frame, base_dim 8) leaves it within 150 steps (about 15 s on one
+    thread): its L1 falls below half the flat colour's (about 0.07 against 0.20) and the two clips decode
+    about as far apart as they are. It fails for a decoder cut off from its latents (a detach, a loss that
+    reads the wrong tensor); it cannot tell lr 1e-3 from the default (at 1e-3 this model and batch stay
+    flat to step 100 and leave at about 120): the next test can."""
+    cfg = ToyCodecConfig(base_dim=8, num_frames=1, batch_size=2)
+    video = clip_batch(cfg, 0)
+    torch.manual_seed(0)
+    vae = build_toy_vae(cfg)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+    for step in range(150):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, step)
+        loss, metrics = reconstruction_loss(vae, video, cfg.kl_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    flat = (video - video.mean()).abs().mean()  # one colour for every pixel of both clips
+    with torch.no_grad():
+        decoded = vae.decode(vae.encode(video).latent_dist.mode()).sample
+    assert metrics["l1"] < flat / 2, (metrics, float(flat))
+    assert (decoded[0] - decoded[1]).abs().mean() > 0.6 * (video[0] - video[1]).abs().mean()
+
+
+def test_a_short_run_on_fresh_clips_leaves_the_flat_colour_plateau():
+    """The defect of the first runs, reproduced small: on a new batch every step the VAE first decodes
+    every clip to one flat colour, and at lr 1e-3, 3e-4 or 2e-4 (warm-up or not) it stayed there (held-out
+    clips decoding 0.000-0.002 apart after 400 steps, one frame, base_dim 8, 64x64). At the default 1e-4
+    the decoder starts to use its latents between steps 200 and 300."""
+    cfg = ToyCodecConfig(base_dim=8, num_frames=1, batch_size=2)
+    held = clip_batch(ToyCodecConfig(num_frames=1, batch_size=2, seed=9), 0)
+    torch.manual_seed(0)
+    vae = build_toy_vae(cfg)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+    for step in range(300):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, step)
+        loss, _ = reconstruction_loss(vae, clip_batch(cfg, step), cfg.kl_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        decoded = vae.decode(vae.encode(held).latent_dist.mode()).sample
+    apart, inputs_apart = (decoded[0] - decoded[1]).abs().mean(), (held[0] - held[1]).abs().mean()
+    assert apart > 0.1 * inputs_apart, f"held-out clips decode {apart:.4f} apart (inputs: {inputs_apart:.4f})"
 
 
 def test_a_resumed_run_equals_an_uninterrupted_one_and_exports_a_wan_vae(tmp_path, capsys):

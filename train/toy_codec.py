@@ -25,8 +25,8 @@ import torch
 from hiar.atomic import atomic_path
 from hiar.codecs import WanVAE
 from hiar.config import ConfigError, repo_path
-from hiar.toycodec import (build_toy_vae, clip_batch, export, latent_stats, load_codec_config, load_state,
-                           reconstruction_loss, save_state)
+from hiar.toycodec import (build_toy_vae, clip_batch, export, latent_stats, learning_rate, load_codec_config,
+                           load_state, reconstruction_loss, save_state)
 from hiar.toyfidelity import held_out_clips, round_trip
 
 
@@ -61,13 +61,16 @@ def main(argv=None) -> int:
     started = time.time()
     with open(out / "log.jsonl", "a") as log:
         while step < cfg.steps:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, step)
             loss, metrics = reconstruction_loss(vae, clip_batch(cfg, step), cfg.kl_weight)  # batch = f(seed, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
             if step % cfg.log_every == 0:
-                log.write(json.dumps({"step": step, **metrics, "seconds": round(time.time() - started, 1)}) + "\n")
+                log.write(json.dumps({"step": step, **metrics, "lr": optimizer.param_groups[0]["lr"],
+                                      "seconds": round(time.time() - started, 1)}) + "\n")
                 log.flush()
                 print(f"step {step}: l1 {metrics['l1']:.4f}, psnr {metrics['psnr']:.2f} dB", flush=True)
             if step % cfg.save_every == 0 or step == cfg.steps:
