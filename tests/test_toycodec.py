@@ -69,6 +69,21 @@ def test_the_learning_rate_warms_up():
     assert learning_rate(ToyCodecConfig(lr=1e-3, warmup_steps=0), 0) == 1e-3
 
 
+
+def trained(cfg, batches):
+    """A fresh VAE (seed 0) after one AdamW step on each of `batches` at the trainer's rate; its last metrics."""
+    torch.manual_seed(0)
+    vae = build_toy_vae(cfg)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+    for step, video in enumerate(batches):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, step)
+        loss, metrics = reconstruction_loss(vae, video, cfg.kl_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return vae, metrics
+
 def test_a_single_batch_overfit_makes_the_decoder_use_its_latents():
     """The check the first runs lacked: at 64x64 the VAE first learns one flat colour for every clip (the
     decoder ignoring its latents, about 17 dB) and must leave that plateau. With the default learning rate,
@@ -79,16 +94,7 @@ def test_a_single_batch_overfit_makes_the_decoder_use_its_latents():
     flat to step 100 and leave at about 120): the next test can."""
     cfg = ToyCodecConfig(base_dim=8, num_frames=1, batch_size=2)
     video = clip_batch(cfg, 0)
-    torch.manual_seed(0)
-    vae = build_toy_vae(cfg)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
-    for step in range(150):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, step)
-        loss, metrics = reconstruction_loss(vae, video, cfg.kl_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    vae, metrics = trained(cfg, [video] * 150)
     flat = (video - video.mean()).abs().mean()  # one colour for every pixel of both clips
     with torch.no_grad():
         decoded = vae.decode(vae.encode(video).latent_dist.mode()).sample
@@ -103,16 +109,7 @@ def test_a_short_run_on_fresh_clips_leaves_the_flat_colour_plateau():
     the decoder starts to use its latents between steps 200 and 300."""
     cfg = ToyCodecConfig(base_dim=8, num_frames=1, batch_size=2)
     held = clip_batch(ToyCodecConfig(num_frames=1, batch_size=2, seed=9), 0)
-    torch.manual_seed(0)
-    vae = build_toy_vae(cfg)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
-    for step in range(300):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, step)
-        loss, _ = reconstruction_loss(vae, clip_batch(cfg, step), cfg.kl_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    vae, _ = trained(cfg, (clip_batch(cfg, step) for step in range(300)))
     with torch.no_grad():
         decoded = vae.decode(vae.encode(held).latent_dist.mode()).sample
     apart, inputs_apart = (decoded[0] - decoded[1]).abs().mean(), (held[0] - held[1]).abs().mean()
