@@ -181,10 +181,10 @@ def check_inputs(args: argparse.Namespace, world: int) -> Inputs:
     cfg = with_output_frames(args, resolve_config(args))
     prompts = read_prompts(args, cfg)
     extended = read_extended_prompts(args, prompts)
-    checkpoint = checkpoint_path(args, cfg)
+    checkpoint = generator_path(args.checkpoint_path, cfg)
     if checkpoint:
         check_checkpoint_path(checkpoint)
-    for path, _ in lora_adapters(args):
+    for path, _ in adapter_specs(args.lora, args.merge_lora):
         read_adapter(path, tensors=False).check_fits(cfg.model)
     if args.num_samples < 1:
         raise ValueError(f"--num_samples={args.num_samples} must be at least 1")
@@ -238,24 +238,18 @@ def save_run_config(cfg: Config, folder: Path, overwrite: bool) -> Path:
     return claim.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode())
 
 
-def checkpoint_path(args: argparse.Namespace, cfg: Config) -> str | None:
-    """--checkpoint_path, else the config's runtime.checkpoint (from the repository), else None: random weights."""
-    return generator_path(args.checkpoint_path, cfg)
-
-
-def lora_adapters(args: argparse.Namespace) -> list[tuple[str, float]]:
-    """--lora PATH[:SCALE] as (path, scale)."""
-    return adapter_specs(args.lora, args.merge_lora)
-
-
 def build_generator(args: argparse.Namespace, cfg: Config) -> WanModel:
-    path = checkpoint_path(args, cfg)
+    """The student (--checkpoint_path, else the config's runtime.checkpoint, else random weights) with the
+    --lora adapters applied."""
+    path = generator_path(args.checkpoint_path, cfg)
     if path:
-        return load_adapters(load_generator(path, cfg, args.use_ema)[0], lora_adapters(args), args.merge_lora)
-    print("\n" + "!" * 78 + "\n!! WARNING: no --checkpoint_path: the model has RANDOM weights. The videos show\n"
-          "!! noise, not the prompt. Pass a checkpoint for real results.\n" + "!" * 78 + "\n", file=sys.stderr)
-    torch.manual_seed(0)
-    return load_adapters(WanModel(cfg.model), lora_adapters(args), args.merge_lora)
+        model = load_generator(path, cfg, args.use_ema)[0]
+    else:
+        print("\n" + "!" * 78 + "\n!! WARNING: no --checkpoint_path: the model has RANDOM weights. The videos show\n"
+              "!! noise, not the prompt. Pass a checkpoint for real results.\n" + "!" * 78 + "\n", file=sys.stderr)
+        torch.manual_seed(0)
+        model = WanModel(cfg.model)
+    return load_adapters(model, adapter_specs(args.lora, args.merge_lora), args.merge_lora)
 
 
 def build_generation(args: argparse.Namespace, inputs: Inputs) -> Generation:

@@ -105,18 +105,20 @@ class _OverlappedDecoding:
 
 class Stream:
     def __init__(self, blocks: Blocks, codec: Codec, runner: CellRunner | None = None,
-                 prefix: torch.Tensor | None = None, prefix_out: bool = True, overlap: bool = False):
+                 prefix: torch.Tensor | None = None, prefix_out: bool = True, overlap: bool = False,
+                 num_blocks: int | None = None):
         """Decode `blocks` as they arrive. `runner` (the one producing them, sequentially) makes `switch`
         possible. `prefix` (clean latents before block 0) runs through the causal decoder first, so the
         blocks decode as the continuation they are; its frames lead the first block's only with `prefix_out`.
-        `overlap`: decode block n while block n + 1 is generated (module docstring)."""
+        `overlap`: decode block n while block n + 1 is generated (module docstring). `num_blocks`, when
+        known, lets `switch` refuse a switch no block can take."""
         self.runner, self._blocks = runner, blocks
         decoder = codec.stream_decoder()
         self._decoding = _OverlappedDecoding(decoder) if overlap else _InlineDecoding(decoder)
         self._overlap = overlap
         self._prefix, self._prefix_out = prefix, prefix_out
         self._head = None  # the prefix's decode, until the first block is returned
-        self.num_blocks: int | None = None  # known when `start` built the generation: a switch must land in it
+        self.num_blocks = num_blocks
         self._ahead = None  # overlap: (block, latents, its decode) generated before the consumer asked
 
     @classmethod
@@ -124,9 +126,7 @@ class Stream:
               num_blocks: int | None = None, on_cell=None, prefix_out: bool = True, overlap: bool = False) -> Stream:
         """A stream of `num_blocks` blocks (None: without end, in the wavefront schedule)."""
         runner = CellRunner(model, cond, cfg, noise, on_cell=on_cell)
-        stream = cls(run_order(runner, num_blocks), codec, runner, cond.prefix, prefix_out, overlap)
-        stream.num_blocks = num_blocks
-        return stream
+        return cls(run_order(runner, num_blocks), codec, runner, cond.prefix, prefix_out, overlap, num_blocks)
 
     def switch(self, states: torch.Tensor, text: tuple[str, ...] = ()) -> int:
         """Use the prompt `states` [B, text_len, text_dim] from the next block not yet started; returns that block."""
