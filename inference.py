@@ -77,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_samples", type=int, default=1, help="videos per prompt")
     p.add_argument("--save_with_index", action="store_true", help="name files by prompt index, not prompt text")
     p.add_argument("--save_latents", action="store_true", help="save final latents beside each mp4")
+    p.add_argument("--decode_overlap", action="store_true",
+                   help="decode block n while block n + 1 is generated (a worker thread; on CUDA a side stream): "
+                        "the same frames, the decode's time hidden behind generation's")
     p.add_argument("--overwrite", action="store_true", help="replace existing files instead of picking new names")
     p.add_argument("--parallel", choices=["data", "pipeline"], default="data",
                    help="under torchrun: shard prompts across ranks (data) or run the steps as a pipeline, "
@@ -366,7 +369,7 @@ class Generation:
                 if self.switches:
                     metadata["prompt_switches"] = json.dumps(self.switches)
                 blocks, runner = self.blocks(self.text_of(index, prompt), num_blocks, args, bar)
-                stream = Stream(blocks, self.codec, runner, runner.cond.prefix, self.prefix_out)
+                stream = Stream(blocks, self.codec, runner, runner.cond.prefix, self.prefix_out, args.decode_overlap)
                 out = render(self.codec, self.cfg, stream,
                              [c[0] for c in claims], [c[1] for c in claims] if args.save_latents else None, metadata)
             finally:

@@ -597,7 +597,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise wrong()
-        return _build(tp, value, path)
+        return build_dataclass(tp, value, path)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -643,7 +643,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     raise TypeError(f"{path}: unsupported config field type {tp!r}")
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """`cls(**data)` with every value checked against its field's type (and coerced where YAML's reading
+    differs, e.g. "1e-6" to a float); an unknown key or a bad value is a ConfigError naming it."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -708,7 +710,7 @@ def preset_path(preset: str | os.PathLike) -> Path:
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    return _build(Config, data).validate()
+    return build_dataclass(Config, data).validate()
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

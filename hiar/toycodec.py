@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from hiar.atomic import atomic_path
-from hiar.config import ConfigError, parse_override, yaml_message
+from hiar.config import ConfigError, build_dataclass, parse_override, yaml_message
 from hiar.toyworld import clip_to_video, sample_clip
 
 
@@ -52,14 +52,7 @@ def load_codec_config(path: str | Path, overrides: typing.Iterable[str] = ()) ->
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: {yaml_message(err)}") from None
     data.update(parse_override(text) for text in overrides)
-    fields = {f.name: f for f in dataclasses.fields(ToyCodecConfig)}
-    for key, value in data.items():
-        if key not in fields:
-            raise ConfigError(f"unknown toy codec key '{key}' (known: {', '.join(fields)})")
-        want = type(fields[key].default)
-        if not isinstance(value, want) and not (want is float and isinstance(value, int)):
-            raise ConfigError(f"toy codec key '{key}={value!r}': expected {want.__name__}")
-    cfg = ToyCodecConfig(**{k: float(v) if type(fields[k].default) is float else v for k, v in data.items()})
+    cfg = build_dataclass(ToyCodecConfig, data)
     if (cfg.num_frames - 1) % 4 or cfg.height % 8 or cfg.width % 8:
         raise ConfigError(f"num_frames={cfg.num_frames} must be 1 + 4 k and height, width multiples of 8 "
                           "(the VAE's strides)")
@@ -70,8 +63,29 @@ def build_toy_vae(cfg: ToyCodecConfig):
     """AutoencoderKLWan with Wan2.1's strides (three spatial halvings, two temporal) and a tiny width."""
     from diffusers import AutoencoderKLWan
 
-    return AutoencoderKLWan(base_dim=cfg.base_dim, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=cfg.num_res_blocks,
-                            temperal_downsample=[False, True, True])
+    vae = AutoencoderKLWan(base_dim=cfg.base_dim, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=cfg.num_res_blocks,
+                           temperal_downsample=[False, True, True])
+    initialise(vae)
+    return vae
+
+
+def initialise(vae) -> None:
+    """Weights for training from scratch (diffusers' class is meant to be loaded, and keeps PyTorch's
+    layer defaults): He-normal convolutions, zero biases, and each residual block's last convolution zero,
+    so that the block starts as its shortcut. With the defaults, a convolution's output shrinks to about
+    a third of its input's variance while its uniform bias does not, so the encoder's latents barely
+    depend on the clip and the decoder learns one flat colour for every clip first, a plateau that runs
+    at lr 3e-4 or more never left (docs/toy_prompts.md)."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanResidualBlock
+
+    for module in vae.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+    for module in vae.modules():
+        if isinstance(module, WanResidualBlock):
+            torch.nn.init.zeros_(module.conv2.weight)
 
 
 def clip_batch(cfg: ToyCodecConfig, step: int) -> torch.Tensor:

@@ -9,7 +9,8 @@
 #       distill.teacher=runs/lora_small/teacher/model.safetensors distill.critic=runs/lora_small/teacher/model.safetensors \
 #       distill.fkl_weight=0          # the small run of docs/lora.md
 # Trailing section.key=value arguments go to both training runs. A finished stage is skipped, a
-# training stage resumes, so rerunning continues.
+# training stage resumes, so rerunning continues. JOBS=2 (the default with two cores or more) trains the
+# two at once, nproc/2 threads each, each logging to $OUT/<variant>.log; JOBS=1 one after the other.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/env.sh
@@ -19,20 +20,35 @@ steps=${STEPS:-400}
 lengths=${LENGTHS:-"60 300"}
 prompts=${PROMPTS:-data/toy_prompts.txt}
 full_lr=${FULL_LR:-1.0e-4}  # the toy recipe's generator rate (configs/toy/hiar.yaml)
+cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
+jobs=${JOBS:-$((cores < 2 ? 1 : 2))}  # the two training runs side by side, as launch/reproduce_toy.sh's variants
+threads=$((cores / jobs > 0 ? cores / jobs : 1))
 mkdir -p "$out"
 
-for variant in lora full; do
-  model=$out/$variant/model.safetensors
-  if [ -e "$model" ]; then
-    echo "== $variant: $model exists, skipped"
-    continue
-  fi
-  overrides=("train.output_dir=$out/$variant" "train.steps=$steps")
+train() {  # train VARIANT: one training run of the comparison
+  local variant=$1 overrides=("train.output_dir=$out/$1" "train.steps=$steps")
+  shift
   [ "$variant" = full ] && overrides+=(lora.rank=0 "train.lr=$full_lr")
   echo "== $variant: train/distill.py --config_path configs/toy/hiar_lora_long.yaml ${overrides[*]} $*"
   # GNU time's maximum resident set size: the training process's peak memory (eval.lora_long reads it)
   /usr/bin/time -v -o "$out/$variant.time" $py train/distill.py --config_path configs/toy/hiar_lora_long.yaml \
     --resume "${overrides[@]}" "$@"
+}
+
+pids=()
+for variant in lora full; do
+  if [ -e "$out/$variant/model.safetensors" ]; then
+    echo "== $variant: $out/$variant/model.safetensors exists, skipped"
+  elif [ "$jobs" -gt 1 ]; then  # nproc / JOBS threads each; the output in $out/$variant.log
+    echo "== $variant: training in the background, log $out/$variant.log"
+    OMP_NUM_THREADS=$threads train "$variant" "$@" > "$out/$variant.log" 2>&1 &
+    pids+=($!)
+  else
+    train "$variant" "$@"
+  fi
+done
+for pid in "${pids[@]}"; do
+  wait "$pid" || { echo "a training run failed: see $out/lora.log, $out/full.log" >&2; exit 1; }
 done
 
 for seconds in $lengths; do

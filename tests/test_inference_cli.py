@@ -116,3 +116,17 @@ def test_a_saved_checkpoint_drives_inference(tmp_path):
                                "--output_folder", str(tmp_path / name), "--num_output_frames", "6"]) == 0
         outs.append(load_file(tmp_path / name / "x-0.latents.safetensors")["latents"])
     assert torch.equal(*outs)  # same checkpoint, same seed: the same video
+
+
+def test_decode_overlap_writes_the_same_video(tmp_path):
+    """--decode_overlap decodes block n while block n + 1 is generated: the same frames and latents."""
+    videos, latents = [], []
+    for name, extra in (("inline", []), ("overlap", ["--decode_overlap"])):
+        folder = tmp_path / name
+        assert inference.main([*TINY, "--prompt", "a red circle moving left", "--output_folder", str(folder),
+                               "--num_output_frames", "12", "--save_latents", "--seed", "5", *extra]) == 0
+        videos.append(read_video(folder / "a red circle moving left-0.mp4"))
+        latents.append(load_file(folder / "a red circle moving left-0.latents.safetensors")["latents"])
+    assert videos[0].shape == (12, 32, 32, 3)
+    assert np.array_equal(videos[0], videos[1])
+    assert torch.equal(latents[0], latents[1])

@@ -35,7 +35,8 @@ def test_the_toy_vae_has_wans_geometry(tmp_path):
 def test_the_codec_config_is_strict(tmp_path):
     path = small(tmp_path)
     assert load_codec_config(path, ["lr=0.01"]).lr == 0.01
-    with pytest.raises(ConfigError, match="unknown toy codec key 'lr_rate'"):
+    assert load_codec_config(path, ["lr=3e-4"]).lr == 3e-4  # YAML 1.1 reads 3e-4 (no dot) as a string
+    with pytest.raises(ConfigError, match="unknown config key 'lr_rate'"):
         load_codec_config(path, ["lr_rate=1"])
     with pytest.raises(ConfigError, match="expected int"):
         load_codec_config(path, ["steps=many"])
@@ -48,8 +49,13 @@ def test_the_gradient_reaches_every_layer_even_past_the_output_clamp(tmp_path):
     torch.manual_seed(0)
     vae = build_toy_vae(cfg)
     video = clip_batch(cfg, 0)
-    loss, _ = reconstruction_loss(vae, video, cfg.kl_weight)
-    loss.backward()
+    # the residual branches start at zero (`initialise`), so the first step reaches only their last
+    # convolutions and moves them off zero; from the second on the gradient reaches every parameter
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr)
+    reconstruction_loss(vae, video, cfg.kl_weight)[0].backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    reconstruction_loss(vae, video, cfg.kl_weight)[0].backward()
     dead = [n for n, p in vae.named_parameters() if p.grad is None or not p.grad.abs().max() > 0]
     assert not dead, f"no gradient reaches {dead}"
     # every pixel pushed past diffusers' clamp to [-1, 1]: the decode is flat there, yet the loss still pulls
@@ -103,17 +109,19 @@ def test_a_single_batch_overfit_makes_the_decoder_use_its_latents():
 
 
 def test_a_short_run_on_fresh_clips_leaves_the_flat_colour_plateau():
-    """The defect of the first runs, reproduced small: on a new batch every step the VAE first decodes
-    every clip to one flat colour, and at lr 1e-3, 3e-4 or 2e-4 (warm-up or not) it stayed there (held-out
-    clips decoding 0.000-0.002 apart after 400 steps, one frame, base_dim 8, 64x64). At the default 1e-4
-    the decoder starts to use its latents between steps 200 and 300."""
-    cfg = ToyCodecConfig(base_dim=8, num_frames=1, batch_size=2)
+    """The defect of the first runs, reproduced small: on a new batch every step, a VAE with PyTorch's
+    default initialisation first decodes every clip to one flat colour and, at lr 3e-4, mostly stays there
+    (four held-out clips' decodes spread 0.00-0.08 times as much as the clips after 300 steps, seeds
+    0-3, one thread, one-frame clips, base_dim 8, 64x64; a run of seed 0 on two threads did leave); so
+    did every full-size run. With `initialise` (He-normal, zero biases, residual branches starting at zero) the decoder uses
+    its latents by step 300 in all four seeds (0.68-0.83). About 20 s."""
+    cfg = ToyCodecConfig(base_dim=8, num_frames=1, batch_size=2, lr=3e-4)
     held = clip_batch(ToyCodecConfig(num_frames=1, batch_size=2, seed=9), 0)
     vae, _ = trained(cfg, (clip_batch(cfg, step) for step in range(300)))
     with torch.no_grad():
         decoded = vae.decode(vae.encode(held).latent_dist.mode()).sample
     apart, inputs_apart = (decoded[0] - decoded[1]).abs().mean(), (held[0] - held[1]).abs().mean()
-    assert apart > 0.1 * inputs_apart, f"held-out clips decode {apart:.4f} apart (inputs: {inputs_apart:.4f})"
+    assert apart > 0.3 * inputs_apart, f"held-out clips decode {apart:.4f} apart (inputs: {inputs_apart:.4f})"
 
 
 def test_a_resumed_run_equals_an_uninterrupted_one_and_exports_a_wan_vae(tmp_path, capsys):
