@@ -4,8 +4,9 @@
     python train/toy_codec.py --config_path configs/toy/codec.yaml --resume steps=4000   # continue it
 
 Writes under output_dir: state.pt (model, optimizer, step, config; replaced atomically every save_every
-steps and at the end), log.jsonl (loss, PSNR of the training batch, seconds into the run; a resume drops
-the lines of steps after its state's), and at the end vae/ (a diffusers folder with the latents' mean
+steps and at the end), log.jsonl (loss, PSNR of the training batch, seconds into the run, and every
+eval_every steps the round trip of 8 held-back clips, held_psnr and held_spread; a resume drops the
+lines of steps after its state's), and at the end vae/ (a diffusers folder with the latents' mean
 and std, loadable by hiar.codecs.WanVAE.from_folder) and ceiling.json: 16 held-out clips of 21 frames
 through the VAE and back, measured as eval.toy_fidelity measures a model (colour, shape, direction,
 count, presence; PSNR). A fresh run refuses a folder that holds a state.pt. Bad input ends it with one
@@ -26,7 +27,7 @@ from hiar.atomic import atomic_path
 from hiar.codecs import WanVAE
 from hiar.config import ConfigError, repo_path
 from hiar.toycodec import (build_toy_vae, clip_batch, export, latent_stats, learning_rate, load_codec_config,
-                           load_state, reconstruction_loss, save_state)
+                           load_state, reconstruction_loss, save_state, validate)
 from hiar.toyfidelity import held_out_clips, round_trip
 
 
@@ -68,11 +69,15 @@ def main(argv=None) -> int:
             loss.backward()
             optimizer.step()
             step += 1
-            if step % cfg.log_every == 0:
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                metrics.update(validate(vae, cfg))
+            if step % cfg.log_every == 0 or "held_psnr" in metrics:
                 log.write(json.dumps({"step": step, **metrics, "lr": optimizer.param_groups[0]["lr"],
                                       "seconds": round(time.time() - started, 1)}) + "\n")
                 log.flush()
-                print(f"step {step}: l1 {metrics['l1']:.4f}, psnr {metrics['psnr']:.2f} dB", flush=True)
+                held = (f"; held-out {metrics['held_psnr']:.2f} dB, spread {metrics['held_spread']:.2f}"
+                        if "held_psnr" in metrics else "")
+                print(f"step {step}: l1 {metrics['l1']:.4f}, psnr {metrics['psnr']:.2f} dB{held}", flush=True)
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save_state(state, vae, optimizer, step, cfg)
     vae.eval()
