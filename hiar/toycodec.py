@@ -75,8 +75,8 @@ def initialise(vae) -> None:
     layer defaults): He-normal convolutions, zero biases, and each residual block's last convolution zero,
     so that the block starts as its shortcut. With the defaults, a convolution's output shrinks to about
     a third of its input's variance while its uniform bias does not, so the encoder's latents barely
-    depend on the clip and the decoder learns one flat colour for every clip first, a plateau that runs
-    at lr 3e-4 or more never left (docs/toy_prompts.md)."""
+    depend on the clip and the decoder learns one flat colour for every clip first, a plateau every
+    full-size run from those defaults stayed on or fell back to (docs/toy_prompts.md)."""
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanResidualBlock
 
     for module in vae.modules():
