@@ -130,8 +130,13 @@ def reconstruction_loss(vae, video: torch.Tensor, kl_weight: float) -> tuple[tor
     l1, mse = (decoded - video).abs().mean(), ((decoded - video) ** 2).mean()
     # diffusers' posterior.kl() sums over dims 1-3 only, which for video leaves the width out
     kl = 0.5 * (posterior.mean ** 2 + posterior.var - 1 - posterior.logvar).mean()
-    psnr = 10 * torch.log10(4 / ((decoded.detach().clamp(-1, 1) - video) ** 2).mean().clamp_min(1e-12))
-    return l1 + mse + kl_weight * kl, {"l1": float(l1.detach()), "kl": float(kl.detach()), "psnr": float(psnr)}
+    metrics = {"l1": float(l1.detach()), "kl": float(kl.detach()), "psnr": psnr(decoded.detach().clamp(-1, 1), video)}
+    return l1 + mse + kl_weight * kl, metrics
+
+
+def psnr(decoded: torch.Tensor, video: torch.Tensor) -> float:
+    """PSNR in dB of `decoded` against `video`, both in [-1, 1] (a peak-to-peak range of 2)."""
+    return float(10 * torch.log10(4 / ((decoded - video) ** 2).mean().clamp_min(1e-12)))
 
 
 def learning_rate(cfg: ToyCodecConfig, step: int) -> float:
@@ -148,9 +153,8 @@ def validate(vae, cfg: ToyCodecConfig, clips: int = 8) -> dict[str, float]:
     held_back = dataclasses.replace(cfg, seed=cfg.seed + 1)
     video = torch.cat([clip_batch(held_back, b) for b in range(-(-clips // cfg.batch_size))])[:clips]
     decoded = vae.decode(vae.encode(video).latent_dist.mode()).sample
-    mse = ((decoded - video) ** 2).mean()
     spread = (decoded - decoded.mean(0)).abs().mean() / (video - video.mean(0)).abs().mean()
-    return {"held_psnr": float(10 * torch.log10(4 / mse.clamp_min(1e-12))), "held_spread": float(spread)}
+    return {"held_psnr": psnr(decoded, video), "held_spread": float(spread)}
 
 
 @torch.no_grad()

@@ -75,7 +75,6 @@ def test_the_learning_rate_warms_up():
     assert learning_rate(ToyCodecConfig(lr=1e-3, warmup_steps=0), 0) == 1e-3
 
 
-
 def trained(cfg, batches):
     """A fresh VAE (seed 0) after one AdamW step on each of `batches` at the trainer's rate; its last metrics."""
     torch.manual_seed(0)
@@ -89,6 +88,7 @@ def trained(cfg, batches):
         loss.backward()
         optimizer.step()
     return vae, metrics
+
 
 def test_a_single_batch_overfit_makes_the_decoder_use_its_latents():
     """The check the first runs lacked: at 64x64 the VAE first learns one flat colour for every clip (the
@@ -112,8 +112,8 @@ def test_a_short_run_on_fresh_clips_leaves_the_flat_colour_plateau():
     default initialisation first decodes every clip to one flat colour and, at lr 3e-4, mostly stays there
     (four held-out clips' decodes spread 0.00-0.08 times as much as the clips after 300 steps, seeds
     0-3, one thread, one-frame clips, base_dim 8, 64x64; a run of seed 0 on two threads did leave); so
-    did every full-size run. With `initialise` (He-normal, zero biases, residual branches starting at zero) the decoder uses
-    its latents by step 300 in all four seeds (0.68-0.83). About 20 s."""
+    did every full-size run. With `initialise` (He-normal, zero biases, residual branches starting at
+    zero) the decoder uses its latents by step 300 in all four seeds (0.68-0.83). About 20 s."""
     cfg = ToyCodecConfig(base_dim=8, num_frames=1, batch_size=2, lr=3e-4)
     held = clip_batch(ToyCodecConfig(num_frames=1, batch_size=2, seed=9), 0)
     vae, _ = trained(cfg, (clip_batch(cfg, step) for step in range(300)))
