@@ -7,14 +7,18 @@ docs/results.md between its `generated` markers (the reading around them is writ
 Each --label (a training length) has its own section and assets (docs/results/<label>/); a second
 generated section compares every label evaluated so far (from their summary.json files).
 
-Per variant (a checkpoint under --runs and the order it is sampled in): toy-world fidelity of short clips
-of held-out captions (`eval.toy_fidelity`: prompted colours recovered, objects moving at the world's
-speeds), then long rollouts of the same captions and seeds for every variant (`eval.rollout`, wavefront,
-flat memory) scored for drift (`eval.drift`) and reported (`eval.report`: report.md and plots). Each of
-those programs runs as its own process, as it would from the command line, and this one reads the files
-it writes; the first that fails ends the run with exit code 2. The table, the plots and the raw JSON are
-copied next to the doc. --out is this program's own working folder: every run regenerates it
-(launch/reproduce_toy.sh reruns it), its long rollouts included.
+Per variant (a checkpoint under --runs and the order it is sampled in): toy-world fidelity of short
+clips of held-out captions (`eval.toy_fidelity`: prompted colours recovered, objects moving at the
+world's speeds; and per prompted object its colour, shape, direction, count and presence), phrased both
+in the training template and in the held-out phrasings, and the same for fewer, longer videos at each
+--fidelity_seconds (default 60 s and 5 minutes, --fidelity_clips videos each: does the video still show
+its prompt at the end? About 13 minutes a variant on a 2-core CPU at the defaults), then long rollouts
+of the same captions and seeds for every variant (`eval.rollout`, wavefront, flat memory) scored for
+drift (`eval.drift`) and reported (`eval.report`: report.md and plots). Each of those programs runs as
+its own process, as it would from the command line, and this one reads the files it writes; the first
+that fails ends the run with exit code 2. The table, the plots and the raw JSON are copied next to the
+doc. --out is this program's own working folder: every run regenerates it (launch/reproduce_toy.sh
+reruns it), its long rollouts included.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ VARIANTS = {
     "ode_init": ("ode_init", ["sampling.method=timestep_first"], "the ODE-initialised student all start from"),
 }
 HELD_OUT_SEED = 515151  # captions of clips no stage trained on
+CAPTION_SETS = ["template", "held_out"]  # the training template, and phrasings no stage trained on
 METRICS = ["saturation", "toy_object_error", "toy_presence", "motion", "frame_l1"]  # the table's drift columns
 
 
@@ -56,6 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/toy/results")
     p.add_argument("--doc", default="docs/results.md")
     p.add_argument("--num_clips", type=int, default=40, help="short clips a variant for fidelity")
+    p.add_argument("--fidelity_seconds", type=float, nargs="*", default=[60.0, 300.0],
+                   help="lengths of the longer videos whose prompts are checked too (none: short clips only)")
+    p.add_argument("--fidelity_clips", type=int, default=4,
+                   help="videos a variant and caption set at each --fidelity_seconds")
     p.add_argument("--num_long", type=int, default=4, help="long videos a variant for drift")
     p.add_argument("--seconds", type=float, default=60.0, help="length of the long videos")
     p.add_argument("--config_path", default="configs/toy/hiar.yaml", help="the long rollouts' config")
@@ -81,6 +90,10 @@ def run_program(program: str, *args: str) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
+    if args.fidelity_clips < 1 or any(s <= 0 for s in args.fidelity_seconds):
+        given = " ".join(f"{s:g}" for s in args.fidelity_seconds)
+        raise ValueError(f"--fidelity_clips={args.fidelity_clips}, --fidelity_seconds={given}: give a clip or more "
+                         "and positive lengths")
     runs, out = Path(args.runs), Path(args.out)
     present = {name: v for name, v in VARIANTS.items() if (runs / v[0] / "model.safetensors").is_file()}
     if not present:
@@ -88,14 +101,17 @@ def evaluate(args: argparse.Namespace) -> int:
         return 2
     out.mkdir(parents=True, exist_ok=True)
 
-    # 1. short clips: does each variant draw its captions?
-    fidelity = {}
+    # 1. short clips, then longer videos: does each variant draw its captions, and still at the end?
+    fidelity = {name: {} for name in present}
+    lengths = [("short", args.num_clips, [])] + [(f"{s:g} s", args.fidelity_clips, ["--seconds", f"{s:g}"])
+                                                 for s in args.fidelity_seconds]
     for name, (run, overrides, _) in present.items():
-        folder = out / "fidelity" / name
-        if run_program("toy_fidelity", "--checkpoint", str(runs / run / "model.safetensors"), "--num_clips",
-                       str(args.num_clips), "--out", str(folder), *overrides) != 0:
-            return 2
-        fidelity[name] = json.loads((folder / "results.json").read_text())
+        for length, clips, seconds in lengths:
+            folder = out / "fidelity" / length.replace(" ", "") / name
+            if run_program("toy_fidelity", "--checkpoint", str(runs / run / "model.safetensors"), "--num_clips",
+                           str(clips), "--captions", *CAPTION_SETS, *seconds, "--out", str(folder), *overrides) != 0:
+                return 2
+            fidelity[name][length] = json.loads((folder / "results.json").read_text())
 
     # 2. long rollouts of the same captions and seeds, scored and reported
     prompts = out / "long_prompts.txt"
@@ -123,12 +139,23 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+PROMPT_MEASURES = ["colour", "shape", "direction_of_moving", "count", "presence", "presence_last_fifth"]
+
+
 def summary(fidelity: dict, scores: dict) -> dict:
-    """variant -> the table's numbers (what docs/results/<label>/summary.json keeps)."""
-    return {name: {"colour_fidelity": f["colour_fidelity"], "moving": f["moving"],
+    """variant -> the tables' numbers (what docs/results/<label>/summary.json keeps). `prompts`: per video
+    length and caption set, the PROMPT_MEASURES of eval.toy_fidelity's summary."""
+    return {name: {"colour_fidelity": f["short"]["colour_fidelity"], "moving": f["short"]["moving"],
                    "drift_score": scores["methods"][name]["summary"]["drift_score"],
-                   "slope": {m: scores["methods"][name]["summary"]["slope"].get(m, float("nan")) for m in METRICS}}
+                   "slope": {m: scores["methods"][name]["summary"]["slope"].get(m, float("nan")) for m in METRICS},
+                   "prompts": {length: {captions: prompt_measures(s) for captions, s in r["by_captions"].items()}
+                               for length, r in f.items()}}
             for name, f in fidelity.items()}
+
+
+def prompt_measures(s: dict) -> dict:
+    """The prompt table's numbers from one caption set's eval.toy_fidelity summary."""
+    return {**{m: s[m] for m in PROMPT_MEASURES[:-1]}, "presence_last_fifth": s["presence_by_segment"][-1]}
 
 
 def table(present: dict, rows: dict, args: argparse.Namespace, assets: Path) -> str:
@@ -143,11 +170,28 @@ def table(present: dict, rows: dict, args: argparse.Namespace, assets: Path) -> 
         slopes = " | ".join(f"{r['slope'][m]:+.3g}" for m in METRICS)
         lines.append(f"| {name} | {what} | {r['colour_fidelity']:.0%} | {r['moving']:.0%} | {r['drift_score']:.3f} | "
                      f"{slopes} |")
+    lines += ["", prompt_table(present, rows, args)]
     missing = [n for n in VARIANTS if n not in present]
     if missing:
         lines += ["", f"Not trained at this length: {', '.join(missing)}."]
     lines += ["", f"![metrics over time]({assets.as_posix()}/metrics.png)", "",
               f"![contact sheet]({assets.as_posix()}/contact_sheet.png)"]
+    return "\n".join(lines)
+
+
+def prompt_table(present: dict, rows: dict, args: argparse.Namespace) -> str:
+    """What the prompts say, object by object: one row a variant, video length and caption set."""
+    lines = [f"What the prompts say (hiar/toyfidelity.py), per prompted object: short clips ({args.num_clips} "
+             f"held-out captions) and {args.fidelity_clips} videos at each longer length, phrased in the "
+             "training template and in held-out phrasings no stage trained on. Direction: of the objects that "
+             "move; presence: the frames showing the object, over the video and over its last fifth.", "",
+             "| variant | video | captions | colour | shape | direction | count | presence | presence, last fifth |",
+             "| --- " * 9 + "|"]
+    for name in present:
+        for length, by_captions in rows[name]["prompts"].items():
+            for captions, m in by_captions.items():
+                lines.append(f"| {name} | {length} | {captions} | "
+                             + " | ".join(f"{m[k]:.0%}" for k in PROMPT_MEASURES) + " |")
     return "\n".join(lines)
 
 

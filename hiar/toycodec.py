@@ -29,14 +29,21 @@ from hiar.toyworld import clip_to_video, sample_clip
 @dataclass(frozen=True)
 class ToyCodecConfig:
     base_dim: int = 16  # channels of the first stage (Wan2.1: 96)
+    dim_mult: tuple[int, ...] = (1, 2, 2, 2)  # channels of each stage over base_dim (Wan2.1: 1, 2, 4, 4)
     num_res_blocks: int = 1  # per stage (Wan2.1: 2)
     num_frames: int = 9  # video frames of a training clip: 1 + 4 k, k = 2 -> 3 latent frames
+    # the long-clip stage: from step long_from on, each batch's length is drawn from num_frames ..
+    # max_frames (when above num_frames) and the rate is long_lr (0: lr)
+    max_frames: int = 0
+    long_from: int = 0
+    long_lr: float = 0.0
     height: int = 64
     width: int = 64
     batch_size: int = 2
     lr: float = 3.0e-4
     warmup_steps: int = 0  # the learning rate rises linearly to lr over these steps (0: none)
     kl_weight: float = 1.0e-6  # a near-deterministic autoencoder: what matters is the round trip
+    edge_weight: float = 0.0  # weight of the L1 between decoded and true spatial differences (`edge_l1`)
     steps: int = 2000
     seed: int = 0
     log_every: int = 10
@@ -44,6 +51,7 @@ class ToyCodecConfig:
     eval_every: int = 100  # held-out round trip in the log (`validate`); 0: never
     threads: int = 1  # torch CPU threads (the toy's machines have two cores for everything)
     output_dir: str = "runs/toy/codec"
+    init_from: str = ""  # a state.pt whose weights a fresh run starts from (not its optimizer or step)
 
 
 def load_codec_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> ToyCodecConfig:
@@ -54,9 +62,15 @@ def load_codec_config(path: str | Path, overrides: typing.Iterable[str] = ()) ->
         raise ConfigError(f"{path}: {yaml_message(err)}") from None
     data.update(parse_override(text) for text in overrides)
     cfg = build_dataclass(ToyCodecConfig, data)
-    if (cfg.num_frames - 1) % 4 or cfg.height % 8 or cfg.width % 8:
-        raise ConfigError(f"num_frames={cfg.num_frames} must be 1 + 4 k and height, width multiples of 8 "
-                          "(the VAE's strides)")
+    lengths_ok = (cfg.num_frames - 1) % 4 == 0 and (cfg.max_frames == 0 or (cfg.max_frames - 1) % 4 == 0)
+    if not lengths_ok or cfg.height % 8 or cfg.width % 8:
+        raise ConfigError(f"num_frames={cfg.num_frames} and max_frames={cfg.max_frames} must be 1 + 4 k and "
+                          "height, width multiples of 8 (the VAE's strides)")
+    if len(cfg.dim_mult) != 4:
+        raise ConfigError(f"dim_mult={list(cfg.dim_mult)} needs 4 stages (Wan2.1's three spatial halvings)")
+    if cfg.max_frames and cfg.max_frames < cfg.num_frames:
+        raise ConfigError(f"max_frames={cfg.max_frames} is below num_frames={cfg.num_frames} "
+                          "(0: every clip num_frames long)")
     return cfg
 
 
@@ -64,8 +78,8 @@ def build_toy_vae(cfg: ToyCodecConfig):
     """AutoencoderKLWan with Wan2.1's strides (three spatial halvings, two temporal) and a tiny width."""
     from diffusers import AutoencoderKLWan
 
-    vae = AutoencoderKLWan(base_dim=cfg.base_dim, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=cfg.num_res_blocks,
-                           temperal_downsample=[False, True, True])
+    vae = AutoencoderKLWan(base_dim=cfg.base_dim, z_dim=16, dim_mult=list(cfg.dim_mult),
+                           num_res_blocks=cfg.num_res_blocks, temperal_downsample=[False, True, True])
     initialise(vae)
     return vae
 
@@ -89,15 +103,27 @@ def initialise(vae) -> None:
             torch.nn.init.zeros_(module.conv2.weight)
 
 
-def clip_batch(cfg: ToyCodecConfig, step: int) -> torch.Tensor:
+def clip_length(cfg: ToyCodecConfig, step: int) -> int:
+    """The video frames of training batch `step`: num_frames, or in the long-clip stage (step >= long_from,
+    max_frames above num_frames) a length 1 + 4 k drawn uniformly between the two, a pure function of seed
+    and step, so a resumed run draws the same. The causal decoder's frame cache only learns the lengths it
+    is trained on; short clips first make the early steps, where the shapes are learnt, cheap."""
+    if cfg.max_frames <= cfg.num_frames or step < cfg.long_from:
+        return cfg.num_frames
+    return random.Random(f"toycodec/{cfg.seed}/length/{step}").randrange(cfg.num_frames, cfg.max_frames + 1, 4)
+
+
+def clip_batch(cfg: ToyCodecConfig, step: int, frames: int | None = None) -> torch.Tensor:
     """Training batch `step`: clips step * B .. of the world with cfg.seed, each from a start frame of its
-    own (the world is stationary, so any start is a clip), as the VAE takes them: [B, 3, F, H, W]."""
+    own (the world is stationary, so any start is a clip), `frames` long (default `clip_length`), as the
+    VAE takes them: [B, 3, F, H, W]."""
+    length = frames or clip_length(cfg, step)
     clips = []
     for i in range(cfg.batch_size):
         index = step * cfg.batch_size + i
         start = random.Random(f"toycodec/{cfg.seed}/{index}").randrange(1000)
-        frames = sample_clip(cfg.seed, index, cfg.height, cfg.width).render(cfg.num_frames, start)
-        clips.append(torch.from_numpy(clip_to_video(frames)))
+        rendered = sample_clip(cfg.seed, index, cfg.height, cfg.width).render(length, start)
+        clips.append(torch.from_numpy(clip_to_video(rendered)))
     return torch.stack(clips).transpose(1, 2)
 
 
@@ -118,20 +144,32 @@ def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def reconstruction_loss(vae, video: torch.Tensor, kl_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+def reconstruction_loss(vae, video: torch.Tensor, kl_weight: float,
+                        edge_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """L1 + MSE of the decoded posterior mean, before the output clamp (`decode_unclamped`), against the
-    video, plus kl_weight times the posterior's KL per latent element. The mean, not a sample: at
-    initialisation the posterior's std is about 1 against means near 0, so a sampled latent is noise the
-    decoder can only learn to ignore; the KL term keeps the means' scale in check. No noise also makes a
-    resumed run repeat an uninterrupted one. PSNR is of the clamped output, what the codec delivers.
-    (Why the first runs did not learn, and what a run reaches now: docs/toy_prompts.md.)"""
+    video, plus edge_weight times `edge_l1` and kl_weight times the posterior's KL per latent element.
+    The mean, not a sample: at initialisation the posterior's std is about 1 against means near 0, so a
+    sampled latent is noise the decoder can only learn to ignore; the KL term keeps the means' scale in
+    check. No noise also makes a resumed run repeat an uninterrupted one. PSNR is of the clamped output,
+    what the codec delivers. (Why the first runs did not learn, and what runs reach: docs/toy_prompts.md.)"""
     posterior = vae.encode(video).latent_dist
     decoded = decode_unclamped(vae, posterior.mode())
     l1, mse = (decoded - video).abs().mean(), ((decoded - video) ** 2).mean()
     # diffusers' posterior.kl() sums over dims 1-3 only, which for video leaves the width out
     kl = 0.5 * (posterior.mean ** 2 + posterior.var - 1 - posterior.logvar).mean()
-    metrics = {"l1": float(l1.detach()), "kl": float(kl.detach()), "psnr": psnr(decoded.detach().clamp(-1, 1), video)}
-    return l1 + mse + kl_weight * kl, metrics
+    edge = edge_l1(decoded, video)
+    metrics = {"l1": float(l1.detach()), "edge": float(edge.detach()), "kl": float(kl.detach()),
+               "psnr": psnr(decoded.detach().clamp(-1, 1), video)}
+    return l1 + mse + edge_weight * edge + kl_weight * kl, metrics
+
+
+def edge_l1(decoded: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+    """Mean L1 between the decoded and the true differences of neighbouring pixels, across and down
+    ([..., H, W]). A toy object's shape lies in its outline, a few percent of the pixels, so a pixelwise
+    loss is nearly as happy with a soft blob; this term is large exactly where an edge is blurred."""
+    across = (decoded.diff(dim=-1) - video.diff(dim=-1)).abs().mean()
+    down = (decoded.diff(dim=-2) - video.diff(dim=-2)).abs().mean()
+    return across + down
 
 
 def psnr(decoded: torch.Tensor, video: torch.Tensor) -> float:
@@ -140,8 +178,10 @@ def psnr(decoded: torch.Tensor, video: torch.Tensor) -> float:
 
 
 def learning_rate(cfg: ToyCodecConfig, step: int) -> float:
-    """cfg.lr after a linear warm-up over cfg.warmup_steps: a pure function of the step, so a resumed run
-    sets the rate an uninterrupted one would."""
+    """cfg.lr after a linear warm-up over cfg.warmup_steps, long_lr in the long-clip stage: a pure function
+    of the step, so a resumed run sets the rate an uninterrupted one would."""
+    if cfg.long_lr and step >= cfg.long_from:
+        return cfg.long_lr
     return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
 
 
@@ -151,7 +191,8 @@ def validate(vae, cfg: ToyCodecConfig, clips: int = 8) -> dict[str, float]:
     decode, and `held_spread`, how much the decodes differ from their mean over how much the clips do:
     about 0 on the flat-colour plateau (every clip decoded alike), 1 for a faithful codec."""
     held_back = dataclasses.replace(cfg, seed=cfg.seed + 1)
-    video = torch.cat([clip_batch(held_back, b) for b in range(-(-clips // cfg.batch_size))])[:clips]
+    batches = range(-(-clips // cfg.batch_size))
+    video = torch.cat([clip_batch(held_back, b, cfg.num_frames) for b in batches])[:clips]
     decoded = vae.decode(vae.encode(video).latent_dist.mode()).sample
     spread = (decoded - decoded.mean(0)).abs().mean() / (video - video.mean(0)).abs().mean()
     return {"held_psnr": psnr(decoded, video), "held_spread": float(spread)}
@@ -161,7 +202,8 @@ def validate(vae, cfg: ToyCodecConfig, clips: int = 8) -> dict[str, float]:
 def latent_stats(vae, cfg: ToyCodecConfig, batches: int = 8) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of the posterior means of held-back clips (seed + 1), as Wan publishes
     its latents' mean and std: the diffusion model sees unit-scale latents."""
-    z = torch.cat([vae.encode(clip_batch(dataclasses.replace(cfg, seed=cfg.seed + 1), b)).latent_dist.mode()
+    held_back = dataclasses.replace(cfg, seed=cfg.seed + 1)
+    z = torch.cat([vae.encode(clip_batch(held_back, b, cfg.num_frames)).latent_dist.mode()
                    for b in range(batches)])  # [N, 16, f, h, w]
     z = z.transpose(0, 1).flatten(1)
     return z.mean(1).tolist(), z.std(1).clamp_min(1e-4).tolist()

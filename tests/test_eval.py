@@ -188,6 +188,54 @@ def test_results_by_length_lines_up_every_evaluated_length(tmp_path):
     assert not any(line.startswith("| hiar_no_fkl") for line in lines)  # evaluated at no length
 
 
+def test_results_report_what_the_prompts_say_per_length_and_phrasing(tmp_path, monkeypatch, capsys):
+    """eval.toy_results asks eval.toy_fidelity for both caption sets, in short clips and in fewer videos
+    of each --fidelity_seconds, and tabulates each (variant, length, phrasing) row from what it wrote; a
+    bad length is refused before any program runs."""
+    from eval import toy_results
+
+    (tmp_path / "runs" / "hiar").mkdir(parents=True)
+    (tmp_path / "runs" / "hiar" / "model.safetensors").write_bytes(b"")
+    calls = []
+
+    def measures(colour: float) -> dict:
+        return {"colour": colour, "shape": 0.5, "direction_of_moving": 0.75, "count": 1.0, "presence": 0.875,
+                "presence_by_segment": [1.0, 0.25], "colour_fidelity": colour, "moving": 0.5}
+
+    def run_program(program: str, *args: str) -> int:  # each program's files, as it writes them
+        calls.append((program, args))
+        if program == "toy_fidelity":
+            out, long = Path(args[args.index("--out") + 1]), "--seconds" in args
+            out.mkdir(parents=True)
+            sets = {"template": measures(0.25 if long else 1.0), "held_out": measures(0.125 if long else 0.5)}
+            (out / "results.json").write_text(json.dumps({**sets["template"], "by_captions": sets}))
+        elif program == "rollout":
+            (tmp_path / "res" / "long" / "plots").mkdir(parents=True)
+        elif program == "report":
+            long = tmp_path / "res" / "long"
+            for name in ("plots/metrics.png", "plots/contact_sheet.png", "report.md"):
+                (long / name).write_bytes(b"")
+            (long / "scores.json").write_text(json.dumps(
+                {"methods": {"hiar": {"summary": {"drift_score": 0.1, "slope": {}}}}}))
+        return 0
+
+    monkeypatch.setattr(toy_results, "run_program", run_program)
+    common = ["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "res"), "--doc", str(tmp_path / "doc.md")]
+    assert toy_results.main([*common, "--fidelity_seconds", "60", "0"]) == 2
+    assert "give a clip or more and positive lengths" in capsys.readouterr().err and not calls
+    assert toy_results.main([*common, "--fidelity_seconds", "60", "300", "--fidelity_clips", "3"]) == 0
+    fidelity = [args for program, args in calls if program == "toy_fidelity"]
+    assert len(fidelity) == 3 and all(a[a.index("--captions") + 1:][:2] == ("template", "held_out") for a in fidelity)
+    assert [a[a.index("--num_clips") + 1] for a in fidelity] == ["40", "3", "3"]
+    assert [a[a.index("--seconds") + 1] for a in fidelity[1:]] == ["60", "300"] and "--seconds" not in fidelity[0]
+    lines = (tmp_path / "doc.md").read_text().splitlines()
+    assert "| hiar | short | held_out | 50% | 50% | 75% | 100% | 88% | 25% |" in lines
+    assert "| hiar | 300 s | template | 25% | 50% | 75% | 100% | 88% | 25% |" in lines
+    assert sum(line.startswith("| hiar | ") and " s | " in line for line in lines) == 4
+    summary = json.loads((tmp_path / "doc" / "1x" / "summary.json").read_text())["hiar"]
+    assert summary["colour_fidelity"] == 1.0 and summary["prompts"]["60 s"]["held_out"]["colour"] == 0.125
+
+
 def test_toy_fidelity_of_the_codec_ceiling_passes_every_clip(tmp_path):
     """Held-out clips through the toy codec pass both checks: the measurement is not what fails a model."""
     from eval import toy_fidelity

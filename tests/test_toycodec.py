@@ -9,8 +9,8 @@ import torch
 
 from hiar.codecs import WanVAE
 from hiar.config import ConfigError
-from hiar.toycodec import (ToyCodecConfig, build_toy_vae, clip_batch, decode_unclamped, learning_rate,
-                           load_codec_config, reconstruction_loss)
+from hiar.toycodec import (ToyCodecConfig, build_toy_vae, clip_batch, clip_length, decode_unclamped, edge_l1,
+                           learning_rate, load_codec_config, reconstruction_loss)
 
 
 def small(tmp_path, **extra) -> str:
@@ -21,8 +21,9 @@ def small(tmp_path, **extra) -> str:
     return str(path)
 
 
-def test_the_toy_vae_has_wans_geometry(tmp_path):
-    cfg = load_codec_config(small(tmp_path))
+@pytest.mark.parametrize("dim_mult", ["[1,2,2,2]", "[1,2,4,4]"])
+def test_the_toy_vae_has_wans_geometry(tmp_path, dim_mult):
+    cfg = load_codec_config(small(tmp_path), [f"dim_mult={dim_mult}"])
     video = clip_batch(cfg, 0)
     assert video.shape == (1, 3, 5, 32, 32) and video.min() >= -1 and video.max() <= 1
     with torch.no_grad():
@@ -42,6 +43,44 @@ def test_the_codec_config_is_strict(tmp_path):
         load_codec_config(path, ["steps=many"])
     with pytest.raises(ConfigError, match="must be 1 \\+ 4 k"):
         load_codec_config(path, ["num_frames=8"])
+    with pytest.raises(ConfigError, match="must be 1 \\+ 4 k"):
+        load_codec_config(path, ["max_frames=31"])
+    with pytest.raises(ConfigError, match="below num_frames"):
+        load_codec_config(path, ["num_frames=9", "max_frames=5"])
+    assert load_codec_config(path, ["dim_mult=[1,2,4,4]"]).dim_mult == (1, 2, 4, 4)  # Wan2.1's
+    with pytest.raises(ConfigError, match="needs 4 stages"):
+        load_codec_config(path, ["dim_mult=[1,2,4]"])
+
+
+def test_training_clips_take_lengths_drawn_per_step():
+    """With max_frames every batch has a length 1 + 4 k of its own between num_frames and max_frames, the
+    same on every call (a resumed run draws what an uninterrupted one did); without, all are num_frames."""
+    cfg = ToyCodecConfig(num_frames=5, max_frames=17, height=16, width=16, batch_size=2)
+    lengths = [clip_length(cfg, step) for step in range(40)]
+    assert set(lengths) == {5, 9, 13, 17}
+    assert lengths == [clip_length(cfg, step) for step in range(40)]
+    assert clip_batch(cfg, 3).shape == (2, 3, lengths[3], 16, 16)
+    assert clip_batch(cfg, 3, frames=1).shape == (2, 3, 1, 16, 16)
+    assert {clip_length(ToyCodecConfig(num_frames=5), step) for step in range(40)} == {5}
+    staged = ToyCodecConfig(num_frames=5, max_frames=17, long_from=20, lr=3e-4, long_lr=1e-4)
+    assert [clip_length(staged, step) for step in range(40)] == [5] * 20 + lengths[20:]
+    assert learning_rate(staged, 19) == 3e-4 and learning_rate(staged, 20) == 1e-4
+
+
+def test_the_edge_term_sees_blurred_outlines_not_offsets():
+    """`edge_l1` compares neighbouring pixels' differences: zero for a uniform colour offset (no edge
+    is wrong), positive for a blurred copy, although its pixelwise L1 is the smaller of the two; the loss
+    adds it at edge_weight."""
+    cfg = ToyCodecConfig(num_frames=1, batch_size=1)
+    video = clip_batch(cfg, 0)
+    blurred = torch.nn.functional.avg_pool3d(video, (1, 3, 3), stride=1, padding=(0, 1, 1), count_include_pad=False)
+    assert float(edge_l1(video + 0.1, video)) < 1e-6  # pixelwise L1 0.1
+    assert (blurred - video).abs().mean() < 0.02 and float(edge_l1(blurred, video)) > 0.02  # 0.012 and 0.028
+    torch.manual_seed(0)
+    vae = build_toy_vae(ToyCodecConfig(base_dim=4, num_frames=1))
+    plain, metrics = reconstruction_loss(vae, video, kl_weight=0.0)
+    with_edges, _ = reconstruction_loss(vae, video, kl_weight=0.0, edge_weight=2.0)
+    assert float((with_edges - plain).detach()) == pytest.approx(2 * metrics["edge"], rel=1e-4)
 
 
 def test_the_gradient_reaches_every_layer_even_past_the_output_clamp(tmp_path):
@@ -128,13 +167,14 @@ def test_a_resumed_run_equals_an_uninterrupted_one_and_exports_a_wan_vae(tmp_pat
 
     once, twice = tmp_path / "a", tmp_path / "b"
     once.mkdir(), twice.mkdir()
-    assert toy_codec.main(["--config_path", small(once), "steps=2"]) == 0
-    assert toy_codec.main(["--config_path", small(twice), "steps=1"]) == 0
-    assert toy_codec.main(["--config_path", small(twice), "steps=2"]) == 2  # a fresh run never replaces one
+    extra = {"max_frames": 9, "edge_weight": 0.5}  # random lengths and the edge term resume exactly too
+    assert toy_codec.main(["--config_path", small(once, **extra), "steps=2"]) == 0
+    assert toy_codec.main(["--config_path", small(twice, **extra), "steps=1"]) == 0
+    assert toy_codec.main(["--config_path", small(twice, **extra), "steps=2"]) == 2  # a fresh run never replaces one
     assert "--resume" in capsys.readouterr().err
     log = twice / "run" / "log.jsonl"
     log.write_text(log.read_text() + '{"step": 7}\n')  # logged by a run stopped before its next save
-    assert toy_codec.main(["--config_path", small(twice), "--resume", "steps=2"]) == 0
+    assert toy_codec.main(["--config_path", small(twice, **extra), "--resume", "steps=2"]) == 0
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
     a = torch.load(once / "run" / "state.pt", weights_only=True)
     b = torch.load(twice / "run" / "state.pt", weights_only=True)
@@ -149,3 +189,24 @@ def test_a_resumed_run_equals_an_uninterrupted_one_and_exports_a_wan_vae(tmp_pat
     stream = codec.stream_decoder()
     assert torch.equal(torch.cat([stream.decode(z[:, :1]), stream.decode(z[:, 1:])], 1), codec.decode(z))
     assert (once / "run" / "ceiling.json").is_file()
+
+
+def test_a_fresh_run_can_start_from_another_runs_weights(tmp_path, capsys):
+    """init_from: a new run (its own step count, optimizer and folder) from a state.pt's weights; with no
+    steps to take it exports exactly those weights. A missing file is refused before any compute."""
+    from diffusers import AutoencoderKLWan
+
+    from train import toy_codec
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir(), second.mkdir()
+    assert toy_codec.main(["--config_path", small(first), "steps=1"]) == 0
+    assert toy_codec.main(["--config_path", small(second), "init_from=nowhere/state.pt", "steps=1"]) == 2
+    assert "init_from=nowhere/state.pt" in capsys.readouterr().err
+    start = first / "run" / "state.pt"
+    assert toy_codec.main(["--config_path", small(second), f"init_from={start}", "base_dim=8", "steps=0"]) == 2
+    assert "does not fit this VAE" in capsys.readouterr().err
+    assert toy_codec.main(["--config_path", small(second), f"init_from={start}", "steps=0"]) == 0
+    trained = torch.load(start, weights_only=True)["vae"]
+    exported = AutoencoderKLWan.from_pretrained(second / "run" / "vae").state_dict()
+    assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)

@@ -2,6 +2,12 @@
 
     python train/toy_codec.py --config_path configs/toy/codec.yaml                # a fresh run
     python train/toy_codec.py --config_path configs/toy/codec.yaml --resume steps=4000   # continue it
+    python train/toy_codec.py --config_path configs/toy/codec.yaml output_dir=runs/toy/codec_ft \
+        init_from=runs/toy/codec/state.pt steps=500                  # a new run from another's weights
+
+The recipe (configs/toy/codec.yaml) trains on short clips first, then on clips of random length at a
+lower rate (the long-clip stage: long_from, max_frames, long_lr), so the causal decoder holds up over
+the toy model's whole window.
 
 Writes under output_dir: state.pt (model, optimizer, step, config; replaced atomically every save_every
 steps and at the end), log.jsonl (loss, PSNR of the training batch, seconds into the run, and every
@@ -52,11 +58,21 @@ def main(argv=None) -> int:
     if state.exists() and not args.resume:
         print(f"error: {state} exists: continue it with --resume, or choose another output_dir", file=sys.stderr)
         return 2
+    if cfg.init_from and not repo_path(cfg.init_from).is_file():
+        print(f"error: init_from={cfg.init_from}: no such state.pt", file=sys.stderr)
+        return 2
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # the initial weights
     vae = build_toy_vae(cfg)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
     step = load_state(state, vae, optimizer) if args.resume and state.exists() else 0
+    if step == 0 and cfg.init_from:
+        try:
+            vae.load_state_dict(torch.load(repo_path(cfg.init_from), map_location="cpu", weights_only=True)["vae"])
+        except (RuntimeError, KeyError) as err:
+            print(f"error: init_from={cfg.init_from} does not fit this VAE (base_dim, dim_mult, num_res_blocks): "
+                  f"{str(err).splitlines()[0]}", file=sys.stderr)
+            return 2
     out.mkdir(parents=True, exist_ok=True)
     forget_after(out / "log.jsonl", step)
     started = time.time()
@@ -64,7 +80,8 @@ def main(argv=None) -> int:
         while step < cfg.steps:
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step)
-            loss, metrics = reconstruction_loss(vae, clip_batch(cfg, step), cfg.kl_weight)  # batch = f(seed, step)
+            video = clip_batch(cfg, step)  # a pure function of seed and step
+            loss, metrics = reconstruction_loss(vae, video, cfg.kl_weight, cfg.edge_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
