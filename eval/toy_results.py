@@ -12,7 +12,7 @@ clips of held-out captions (`eval.toy_fidelity`: prompted colours recovered, obj
 world's speeds; and per prompted object its colour, shape, direction, count and presence), phrased both
 in the training template and in the held-out phrasings, and the same for fewer, longer videos at each
 --fidelity_seconds (default 60 s and 5 minutes, --fidelity_clips videos each: does the video still show
-its prompt at the end? About 13 minutes a variant on a 2-core CPU at the defaults), then long rollouts
+its prompt at the end? About 8 minutes a variant on a 2-core CPU at the defaults), then long rollouts
 of the same captions and seeds for every variant (`eval.rollout`, wavefront, flat memory) scored for
 drift (`eval.drift`) and reported (`eval.report`: report.md and plots). Each of those programs runs as
 its own process, as it would from the command line, and this one reads the files it writes; the first
