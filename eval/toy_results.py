@@ -49,6 +49,7 @@ VARIANTS = {
 HELD_OUT_SEED = 515151  # captions of clips no stage trained on
 CAPTION_SETS = ["template", "held_out"]  # the training template, and phrasings no stage trained on
 METRICS = ["saturation", "toy_object_error", "toy_presence", "motion", "frame_l1"]  # the table's drift columns
+PROMPT_MEASURES = ["colour", "shape", "direction_of_moving", "count", "presence", "presence_last_fifth"]
 
 
 def markers(section: str) -> tuple[str, str]:
@@ -139,9 +140,6 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-PROMPT_MEASURES = ["colour", "shape", "direction_of_moving", "count", "presence", "presence_last_fifth"]
-
-
 def summary(fidelity: dict, scores: dict) -> dict:
     """variant -> the tables' numbers (what docs/results/<label>/summary.json keeps). `prompts`: per video
     length and caption set, the PROMPT_MEASURES of eval.toy_fidelity's summary."""
@@ -181,10 +179,11 @@ def table(present: dict, rows: dict, args: argparse.Namespace, assets: Path) -> 
 
 def prompt_table(present: dict, rows: dict, args: argparse.Namespace) -> str:
     """What the prompts say, object by object: one row a variant, video length and caption set."""
-    lines = [f"What the prompts say (hiar/toyfidelity.py), per prompted object: short clips ({args.num_clips} "
-             f"held-out captions) and {args.fidelity_clips} videos at each longer length, phrased in the "
-             "training template and in held-out phrasings no stage trained on. Direction: of the objects that "
-             "move; presence: the frames showing the object, over the video and over its last fifth.", "",
+    lines = [f"What the prompts say (hiar/toyfidelity.py), per prompted object (count: per video): short "
+             f"clips ({args.num_clips} held-out captions) and {args.fidelity_clips} videos at each longer "
+             "length, phrased in the training template and in held-out phrasings no stage trained on. "
+             "Direction: of the objects that move; presence: the frames showing the object, over the video and "
+             "over its last fifth.", "",
              "| variant | video | captions | colour | shape | direction | count | presence | presence, last fifth |",
              "| --- " * 9 + "|"]
     for name in present:
