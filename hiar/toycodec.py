@@ -185,14 +185,19 @@ def learning_rate(cfg: ToyCodecConfig, step: int) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
 
 
+def held_back_batches(cfg: ToyCodecConfig, batches: int) -> list[torch.Tensor]:
+    """The first `batches` batches of num_frames clips of the world with seed + 1, which training never
+    draws: what `validate` and `latent_stats` measure."""
+    held_back = dataclasses.replace(cfg, seed=cfg.seed + 1)
+    return [clip_batch(held_back, b, cfg.num_frames) for b in range(batches)]
+
+
 @torch.no_grad()
 def validate(vae, cfg: ToyCodecConfig, clips: int = 8) -> dict[str, float]:
     """Round trip of `clips` held-back clips (seed + 1, as `latent_stats`): `held_psnr` of the clamped
     decode, and `held_spread`, how much the decodes differ from their mean over how much the clips do:
     about 0 on the flat-colour plateau (every clip decoded alike), 1 for a faithful codec."""
-    held_back = dataclasses.replace(cfg, seed=cfg.seed + 1)
-    batches = range(-(-clips // cfg.batch_size))
-    video = torch.cat([clip_batch(held_back, b, cfg.num_frames) for b in batches])[:clips]
+    video = torch.cat(held_back_batches(cfg, -(-clips // cfg.batch_size)))[:clips]
     decoded = vae.decode(vae.encode(video).latent_dist.mode()).sample
     spread = (decoded - decoded.mean(0)).abs().mean() / (video - video.mean(0)).abs().mean()
     return {"held_psnr": psnr(decoded, video), "held_spread": float(spread)}
@@ -202,10 +207,8 @@ def validate(vae, cfg: ToyCodecConfig, clips: int = 8) -> dict[str, float]:
 def latent_stats(vae, cfg: ToyCodecConfig, batches: int = 8) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of the posterior means of held-back clips (seed + 1), as Wan publishes
     its latents' mean and std: the diffusion model sees unit-scale latents."""
-    held_back = dataclasses.replace(cfg, seed=cfg.seed + 1)
-    z = torch.cat([vae.encode(clip_batch(held_back, b, cfg.num_frames)).latent_dist.mode()
-                   for b in range(batches)])  # [N, 16, f, h, w]
-    z = z.transpose(0, 1).flatten(1)
+    z = torch.cat([vae.encode(video).latent_dist.mode() for video in held_back_batches(cfg, batches)])
+    z = z.transpose(0, 1).flatten(1)  # [16, N f h w]
     return z.mean(1).tolist(), z.std(1).clamp_min(1e-4).tolist()
 
 
