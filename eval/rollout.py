@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from hiar.checkpoints import CheckpointError, load_generator
-from hiar.codecs import build_codec
+from hiar.codecs import build_codec, rendered_frames
 from hiar.config import PRESET_DIR, Config, ConfigError, load_config, repo_path, save_config, with_overrides
 from hiar.models import WanModel
 from hiar.outputs import OVERWRITE_HELP, new_file, publish, refuse_existing
@@ -121,7 +121,7 @@ def check(args: argparse.Namespace) -> tuple[list[Method], list[str]]:
 
 def check_scoring(methods: list[Method], args: argparse.Namespace) -> None:
     """What eval.drift would refuse after the generation, refused before it."""
-    frames = min(1 + m.cfg.video.vae_stride[0] * (m.cfg.video.num_latent_frames - 1) for m in methods)
+    frames = min(rendered_frames(m.cfg) for m in methods)
     if not 2 <= args.segments <= frames:
         raise ValueError(f"--segments={args.segments}: give 2 to {frames} (the frames of a video this long)")
     if args.weights and not Path(args.weights).is_dir():

@@ -172,6 +172,12 @@ class WanVAEStream:
         return torch.cat(frames, dim=2).clamp(-1, 1).transpose(1, 2).float()
 
 
+def rendered_frames(cfg: Config) -> int:
+    """Video frames of the config's latent length: a codec of temporal stride s decodes F latent frames
+    to 1 + s (F - 1) (the toy codec: one a latent frame)."""
+    return 1 + cfg.video.vae_stride[0] * (cfg.video.num_latent_frames - 1)
+
+
 def build_codec(cfg: Config, device: torch.device | str = "cpu") -> Codec:
     if cfg.video.codec == "toy_dct":
         return ToyDCTCodec()

@@ -28,7 +28,7 @@ import torch
 from hiar.atomic import atomic_path
 from hiar.captions import parse_caption, phrase
 from hiar.checkpoints import checkpoint_config, load_generator
-from hiar.codecs import Codec, build_codec
+from hiar.codecs import Codec, build_codec, rendered_frames
 from hiar.config import Config, with_overrides
 from hiar.sampling import block_noise, sample_video
 from hiar.text import build_text_encoder
@@ -240,12 +240,6 @@ class Sampler:
         with torch.no_grad():
             noise = block_noise(cfg, 0, range(start, start + len(text)))
             return sample_video(self.model, text, cfg, noise, cfg.geometry.num_blocks)
-
-
-def rendered_frames(cfg: Config) -> int:
-    """Video frames of the config's latent length: a codec of temporal stride s decodes F latent frames
-    to 1 + s (F - 1) (the toy codec: one a latent frame)."""
-    return 1 + cfg.video.vae_stride[0] * (cfg.video.num_latent_frames - 1)
 
 
 def encode_clips(codec: Codec, clips: list[ToyClip], frames: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from hiar.codecs import Codec
+from hiar.codecs import Codec, rendered_frames
 from hiar.config import Config
 from hiar.data import toy_caption
 from hiar.flow import FlowMatching
@@ -21,10 +21,10 @@ from hiar.toyworld import clip_to_video, sample_clip
 
 def toy_batch(cfg: Config, codec: Codec, indices: Sequence[int]) -> tuple[torch.Tensor, list[str]]:
     """Latents [B, F, C, h, w] (on the CPU) and captions (style train.captions) of the toy world's clips
-    `indices`."""
+    `indices`: F = video.num_latent_frames, from the video frames the codec needs for them."""
     v, t = cfg.video, cfg.train
     clips = [sample_clip(t.seed, i, v.height, v.width) for i in indices]
-    video = torch.stack([torch.from_numpy(clip_to_video(c.render(v.num_latent_frames))) for c in clips])
+    video = torch.stack([torch.from_numpy(clip_to_video(c.render(rendered_frames(cfg)))) for c in clips])
     return codec.encode(video), [toy_caption(c, t.seed, i, t.captions) for c, i in zip(clips, indices)]
 
 

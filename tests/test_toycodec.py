@@ -9,8 +9,11 @@ import torch
 
 from hiar.codecs import WanVAE
 from hiar.config import ConfigError
+from hiar.config import load_config
 from hiar.toycodec import (ToyCodecConfig, build_toy_vae, clip_batch, clip_length, decode_unclamped, edge_l1,
-                           learning_rate, load_codec_config, reconstruction_loss)
+                           learning_rate, load_codec_config, object_mask, reconstruction_loss)
+from hiar.toyteacher import toy_batch
+from hiar.toyworld import BACKGROUNDS, sample_clip
 
 
 def small(tmp_path, **extra) -> str:
@@ -81,6 +84,19 @@ def test_the_edge_term_sees_blurred_outlines_not_offsets():
     plain, metrics = reconstruction_loss(vae, video, kl_weight=0.0)
     with_edges, _ = reconstruction_loss(vae, video, kl_weight=0.0, edge_weight=2.0)
     assert float((with_edges - plain).detach()) == pytest.approx(2 * metrics["edge"], rel=1e-4)
+
+
+def test_the_object_mask_covers_each_object_and_its_rim():
+    """The pixels the object weight counts extra: every pixel not of the background colour and its
+    neighbours, nothing two pixels or more away from an object."""
+    cfg = ToyCodecConfig(batch_size=4)
+    video = clip_batch(cfg, 0)
+    mask = object_mask(video)[:, 0].bool()
+    for b in range(cfg.batch_size):
+        background = torch.tensor(BACKGROUNDS[sample_clip(cfg.seed, b).background]) / 127.5 - 1
+        on_object = (video[b] - background[:, None, None, None]).abs().amax(0) > 1e-3  # [F, H, W]
+        near = torch.nn.functional.max_pool2d(on_object.float(), 3, stride=1, padding=1).bool()
+        assert on_object.any() and torch.equal(mask[b], near)
 
 
 def test_the_gradient_reaches_every_layer_even_past_the_output_clamp(tmp_path):
@@ -167,7 +183,8 @@ def test_a_resumed_run_equals_an_uninterrupted_one_and_exports_a_wan_vae(tmp_pat
 
     once, twice = tmp_path / "a", tmp_path / "b"
     once.mkdir(), twice.mkdir()
-    extra = {"max_frames": 9, "edge_weight": 0.5}  # random lengths and the edge term resume exactly too
+    # random lengths and the edge and object terms resume exactly too
+    extra = {"max_frames": 9, "edge_weight": 0.5, "object_weight": 2}
     assert toy_codec.main(["--config_path", small(once, **extra), "steps=2"]) == 0
     assert toy_codec.main(["--config_path", small(twice, **extra), "steps=1"]) == 0
     assert toy_codec.main(["--config_path", small(twice, **extra), "steps=2"]) == 2  # a fresh run never replaces one
@@ -189,6 +206,10 @@ def test_a_resumed_run_equals_an_uninterrupted_one_and_exports_a_wan_vae(tmp_pat
     stream = codec.stream_decoder()
     assert torch.equal(torch.cat([stream.decode(z[:, :1]), stream.decode(z[:, 1:])], 1), codec.decode(z))
     assert (once / "run" / "ceiling.json").is_file()
+    # a toy model trained on it sees clips of 1 + 4 (F - 1) frames as F latent frames
+    cfg = load_config("toy", ["video.codec=wan_vae", "video.vae_stride=[4,8,8]", f"runtime.base_model={once / 'run'}",
+                              "video.num_latent_frames=3", "video.height=32", "video.width=32"])
+    assert toy_batch(cfg, codec, [0, 1])[0].shape == (2, 3, 16, 4, 4)
 
 
 def test_a_fresh_run_can_start_from_another_runs_weights(tmp_path, capsys):

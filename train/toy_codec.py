@@ -81,7 +81,7 @@ def main(argv=None) -> int:
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step)
             video = clip_batch(cfg, step)  # a pure function of seed and step
-            loss, metrics = reconstruction_loss(vae, video, cfg.kl_weight, cfg.edge_weight)
+            loss, metrics = reconstruction_loss(vae, video, cfg.kl_weight, cfg.edge_weight, cfg.object_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
