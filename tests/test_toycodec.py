@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from hiar.codecs import WanVAE
-from hiar.config import ConfigError
-from hiar.config import load_config
+from hiar.config import ConfigError, load_config
 from hiar.toycodec import (ToyCodecConfig, build_toy_vae, clip_batch, clip_length, decode_unclamped, edge_l1,
                            learning_rate, load_codec_config, object_mask, reconstruction_loss)
 from hiar.toyteacher import toy_batch
@@ -97,6 +96,15 @@ def test_the_object_mask_covers_each_object_and_its_rim():
         on_object = (video[b] - background[:, None, None, None]).abs().amax(0) > 1e-3  # [F, H, W]
         near = torch.nn.functional.max_pool2d(on_object.float(), 3, stride=1, padding=1).bool()
         assert on_object.any() and torch.equal(mask[b], near)
+    # the loss adds object_weight times the L1 over those pixels (as a mean over all of them)
+    torch.manual_seed(0)
+    vae = build_toy_vae(ToyCodecConfig(base_dim=4))
+    with torch.no_grad():
+        decoded = decode_unclamped(vae, vae.encode(video).latent_dist.mode())
+        plain, _ = reconstruction_loss(vae, video, kl_weight=0.0)
+        weighted, _ = reconstruction_loss(vae, video, kl_weight=0.0, object_weight=3.0)
+    on_objects = ((decoded - video).abs() * mask[:, None]).mean()
+    assert float(weighted - plain) == pytest.approx(3 * float(on_objects), rel=1e-4)
 
 
 def test_the_gradient_reaches_every_layer_even_past_the_output_clamp(tmp_path):
