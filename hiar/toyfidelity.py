@@ -32,9 +32,9 @@ from hiar.codecs import Codec, build_codec, rendered_frames
 from hiar.config import Config, with_overrides
 from hiar.sampling import block_noise, sample_video
 from hiar.text import build_text_encoder
-from hiar.toyteacher import teacher_samples
+from hiar.toyteacher import encode_clips, teacher_samples
 from hiar.toyworld import (DIRECTIONS, SPEED_RANGE, UNIT_AREA, MeasuredObject, ToyClip, caption_fidelity,
-                           clip_to_video, fidelity_verdict, measure_frame, sample_clip, speed_census)
+                           fidelity_verdict, measure_frame, sample_clip, speed_census)
 from hiar.video import to_uint8
 
 HELD_OUT_SEED = 424242  # captions of clips the teacher never trained on
@@ -240,11 +240,6 @@ class Sampler:
         with torch.no_grad():
             noise = block_noise(cfg, 0, range(start, start + len(text)))
             return sample_video(self.model, text, cfg, noise, cfg.geometry.num_blocks)
-
-
-def encode_clips(codec: Codec, clips: list[ToyClip], frames: int) -> torch.Tensor:
-    """The clips' first `frames` frames, rendered and encoded."""
-    return codec.encode(torch.stack([torch.from_numpy(clip_to_video(clip.render(frames))) for clip in clips]))
 
 
 def round_trip(codec: Codec, clips: list[ToyClip], frames: int, caption_set: str = "template") -> dict:

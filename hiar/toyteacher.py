@@ -16,7 +16,7 @@ from hiar.flow import FlowMatching
 from hiar.models import AttentionMode, Bidirectional, WanModel
 from hiar.sampling import guided, teacher_ode
 from hiar.text import PromptBank
-from hiar.toyworld import clip_to_video, sample_clip
+from hiar.toyworld import ToyClip, clip_to_video, sample_clip
 
 
 def toy_batch(cfg: Config, codec: Codec, indices: Sequence[int]) -> tuple[torch.Tensor, list[str]]:
@@ -24,8 +24,13 @@ def toy_batch(cfg: Config, codec: Codec, indices: Sequence[int]) -> tuple[torch.
     `indices`: F = video.num_latent_frames, from the video frames the codec needs for them."""
     v, t = cfg.video, cfg.train
     clips = [sample_clip(t.seed, i, v.height, v.width) for i in indices]
-    video = torch.stack([torch.from_numpy(clip_to_video(c.render(rendered_frames(cfg)))) for c in clips])
-    return codec.encode(video), [toy_caption(c, t.seed, i, t.captions) for c, i in zip(clips, indices)]
+    latents = encode_clips(codec, clips, rendered_frames(cfg))
+    return latents, [toy_caption(c, t.seed, i, t.captions) for c, i in zip(clips, indices)]
+
+
+def encode_clips(codec: Codec, clips: Sequence[ToyClip], frames: int) -> torch.Tensor:
+    """The clips' first `frames` frames, rendered and encoded."""
+    return codec.encode(torch.stack([torch.from_numpy(clip_to_video(clip.render(frames))) for clip in clips]))
 
 
 def flow_matching_loss(model: torch.nn.Module, x0: torch.Tensor, text: torch.Tensor, flow: FlowMatching,
