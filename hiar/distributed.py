@@ -5,7 +5,8 @@ Every training program (teacher, ODE pairs, ODE initialisation, distillation) st
   run as a plain script it makes a group of one on a free local port, so a world of one is the
   ordinary path, not a special case;
 * on a CUDA machine the process owns GPU `LOCAL_RANK` (`torch.cuda.set_device`) and the group uses
-  NCCL; elsewhere the CPU and gloo.
+  NCCL; elsewhere the CPU and gloo;
+* a program that ends well leaves the group with `end()` (`hiar.training.main_guard` calls it).
 
 Pipelined inference (hiar/parallel.py) joins the launcher's group with `join_group` and places each
 stage with `local_rank_device`.
@@ -39,15 +40,22 @@ class World:
         return self.rank == 0
 
 
+_solo = False  # whether `init` set this process's launcher variables itself (a group of one)
+
+
 def init() -> World:
     """Join (or, run as a plain script, create) the process group; returns this process's `World`."""
     import deepspeed
 
-    if "RANK" not in os.environ:  # a plain single-process run: a group of one on a free local port
+    global _solo
+    # a plain single-process run: a group of one on a free local port, a fresh port each time this process
+    # makes its group again (`training.main_guard` ends the group when a program ends)
+    if "RANK" not in os.environ or (_solo and not torch.distributed.is_initialized()):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        _solo = True
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -59,6 +67,19 @@ def init() -> World:
             clear_stale_build_lock("deepspeed_shm_comm")
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return World(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
+
+
+def end() -> None:
+    """Leave the process group before the interpreter exits. Left to interpreter teardown, gloo's worker
+    threads can outlive it and abort a process whose work is done ("terminate called without an active
+    exception", SIGABRT), and NCCL warns of transfers that may be pending. Through DeepSpeed, which also
+    drops the groups it cached (ZeRO's data-parallel group), so a later `init` in this process starts clean."""
+    import deepspeed.comm
+
+    if deepspeed.comm.is_initialized():
+        deepspeed.comm.destroy_process_group()
+    elif torch.distributed.is_initialized():  # a group made without DeepSpeed
+        torch.distributed.destroy_process_group()
 
 
 def join_group(timeout_s: float) -> bool:

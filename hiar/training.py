@@ -463,9 +463,14 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
 def main_guard(fn: Callable[[], None]) -> None:
     """Run a training program: a setting to change (a bad config, a run that does not fit, a total batch
     that does not divide, a run folder in use) ends it with its message and exit code 2, a checkpoint
-    that cannot be written or read with 1, a non-finite-loss abort with 3."""
+    that cannot be written or read with 1, a non-finite-loss abort with 3.
+
+    A run that ends well leaves its process group (`distributed.end`); a run that failed does not: other
+    ranks may still be in a collective, and destroying the group under them can hang. Its exit code
+    already says it failed."""
     try:
         fn()
+        distributed.end()
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -9,7 +9,7 @@ import torch
 
 from hiar import distributed
 from hiar.config import ConfigError, load_config
-from hiar.training import EMA, Trainer, accumulation_steps, frozen
+from hiar.training import EMA, Trainer, accumulation_steps, frozen, main_guard
 from conftest import random_inputs, random_model
 
 T = torch.tensor([937.5, 833.3, 625.0, 250.0], dtype=torch.float64)
@@ -78,6 +78,23 @@ def test_the_finite_flag_is_reduced_on_the_process_device():
     world = distributed.init()
     assert world.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert distributed.all_true(True, world.device) and not distributed.all_true(False, world.device)
+
+
+def test_a_program_that_ends_well_leaves_its_group_and_one_that_fails_does_not():
+    """main_guard ends the group after a run (else gloo's threads can abort the exited process: a flaky
+    SIGABRT under torchrun), and the next program in this process makes a new group of one; a failed run
+    keeps the group, since other ranks may still be in a collective."""
+    world = distributed.init()
+    main_guard(lambda: None)
+    assert not torch.distributed.is_initialized()
+    world = distributed.init()  # again, on a fresh port
+    assert torch.distributed.is_initialized() and distributed.all_true(True, world.device)
+
+    def fails():
+        raise ConfigError("a setting to change")
+    with pytest.raises(SystemExit) as exit_info:
+        main_guard(fails)
+    assert exit_info.value.code == 2 and torch.distributed.is_initialized()
 
 
 @pytest.mark.parametrize("total,world,want", [(0, 8, 1), (64, 8, 8), (64, 64, 1), (64, 1, 64)])
