@@ -37,10 +37,15 @@ def flow_matching_loss(model: torch.nn.Module, x0: torch.Tensor, text: torch.Ten
                        attention: AttentionMode = Bidirectional()) -> torch.Tensor:
     """MSE between the predicted and the true flow at shifted-uniform noise levels, one per sample."""
     sigma = flow.shifted(torch.rand(x0.shape[0]))
-    noise = torch.randn_like(x0)
+    return flow_errors(model, x0, text, flow, sigma, torch.randn_like(x0), attention).mean()
+
+
+def flow_errors(model: torch.nn.Module, x0: torch.Tensor, text: torch.Tensor, flow: FlowMatching,
+                sigma: torch.Tensor, noise: torch.Tensor, attention: AttentionMode = Bidirectional()) -> torch.Tensor:
+    """Per-sample MSE [B] of the predicted flow of x0 noised by `noise` to levels `sigma` [B]."""
     t = flow.timestep(sigma)
     pred = model(flow.add_noise(x0, noise, t), t, text, attention)
-    return (pred.float() - flow.flow_target(x0, noise).float()).square().mean()
+    return (pred.float() - flow.flow_target(x0, noise).float()).square().flatten(1).mean(1)
 
 
 def drop_captions(captions: list[str], p: float, negative: str) -> list[str]:

@@ -1,0 +1,75 @@
+"""eval.toy_words: which caption words a toy model uses, from its flow error under changed captions."""
+
+import json
+
+import pytest
+import torch
+
+from eval import toy_words
+from hiar.captions import parse_caption, template_caption
+from hiar.checkpoints import save_model
+from hiar.codecs import build_codec, rendered_frames
+from hiar.config import load_config
+from hiar.text import PromptBank
+from hiar.toyfidelity import held_out_clips
+from hiar.toyworld import BACKGROUNDS, OBJECT_COLOURS, SHAPES, sample_clip
+from hiar.toywords import KINDS, OPPOSITE, changed, word_use
+from conftest import random_model
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_changed_caption_changes_every_word_of_its_kind_and_nothing_else(kind):
+    for i in range(60):
+        spec = sample_clip(7, i).spec()
+        new = changed(spec, kind)
+        assert parse_caption(template_caption(new)) == new  # still a caption of the world
+        if kind == "background":
+            assert new["background"] != spec["background"] and new["background"] in BACKGROUNDS
+            assert new["objects"] == spec["objects"]
+            continue
+        assert new["background"] == spec["background"]
+        for old, o in zip(spec["objects"], new["objects"]):
+            assert o[kind] != old[kind] and {k: v for k, v in o.items() if k != kind} == \
+                {k: v for k, v in old.items() if k != kind}
+        if kind == "colour":  # objects stay told apart by colour, as in the world
+            assert all(o["colour"] in OBJECT_COLOURS for o in new["objects"])
+            assert len({o["colour"] for o in new["objects"]}) == len(new["objects"])
+        if kind == "shape":
+            assert all(o["shape"] in SHAPES for o in new["objects"])
+        if kind == "direction":  # the same axis, the other way
+            assert all(o["direction"] == OPPOSITE[old["direction"]] for old, o in zip(spec["objects"], new["objects"]))
+
+
+class Blind(torch.nn.Module):
+    """A model that never reads its caption."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, t, text, attention):
+        return self.model(x, t, torch.zeros_like(text), attention)
+
+
+def test_a_model_that_ignores_its_caption_pays_nothing_for_a_changed_word():
+    cfg = load_config("tiny", ["model.text_len=32"])  # tiny's 8 tokens would cut the background off
+    codec, bank = build_codec(cfg, "cpu"), PromptBank.for_config(cfg, torch.device("cpu"))
+    clips = held_out_clips(4, cfg.video.height, cfg.video.width)
+    model = random_model(cfg)
+    args = (codec, bank, clips, rendered_frames(cfg), "", (0.3, 0.8))
+    blind = word_use(Blind(model), *args, batch_size=3)
+    assert all(blind["penalty"][k] == 0.0 for k in [*KINDS, "none"])  # the same noise: errors equal to the bit
+    assert blind["penalty"]["shuffled"] != 0.0  # frame order is not a word: a blind model still sees it
+    reading = word_use(model, *args, batch_size=3)  # a model that reads its caption: each word moves its error
+    assert all(reading["penalty"][k] != 0.0 for k in KINDS)
+
+
+def test_the_program_writes_its_result_and_refuses_a_missing_checkpoint(tmp_path, capsys):
+    cfg = load_config("tiny")
+    path = save_model(random_model(cfg), cfg, tmp_path / "teacher.safetensors")
+    result = toy_words.main(["--checkpoint", str(path), "--num_clips", "2", "--out", str(tmp_path / "words.json")])
+    assert json.loads((tmp_path / "words.json").read_text())["penalty"] == result["penalty"]
+    assert set(result["error"]) == {"caption", *KINDS, "none", "shuffled"} and result["clips"] == 2
+    with pytest.raises(SystemExit) as exit_info:
+        toy_words.main(["--checkpoint", str(tmp_path / "nothing.safetensors")])
+    assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
