@@ -6,9 +6,8 @@ changed (hiar/toywords.py).
 
 Prints, per kind of word, how much worse the clips' flow is predicted with that word changed (+0%: the
 model ignores the word; beside it, no caption at all, and the frames shuffled: does the model know time)
-and the errors by noise level; writes them to
---out as JSON. A missing
-checkpoint ends it with one line and exit code 2.
+and the errors by noise level; writes them to --out as JSON. A missing checkpoint ends it with one line
+and exit code 2.
 """
 
 from __future__ import annotations

@@ -81,15 +81,13 @@ def word_use(model: torch.nn.Module, codec: Codec, bank: PromptBank, clips: Sequ
     generator, device = torch.Generator().manual_seed(seed), next(model.parameters()).device
     for start in range(0, len(clips), batch_size):
         x0 = encode_clips(codec, clips[start:start + batch_size], frames).to(device)
-        order = _shuffled(x0.shape[1], seed)
+        inputs = {name: (x0, bank(texts[start:start + batch_size])) for name, texts in captions.items()}
+        inputs["shuffled"] = (x0[:, _shuffled(x0.shape[1], seed)], inputs["caption"][1])
         for i, level in enumerate(levels):
             noise = torch.randn(x0.shape, generator=generator).to(device)
             sigma = torch.full((x0.shape[0],), float(level), device=device)
-            for name, texts in captions.items():
-                errors = flow_errors(model, x0, bank(texts[start:start + batch_size]), flow, sigma, noise)
-                sums[name][i] += errors.double().sum().cpu()
-            text = bank(captions["caption"][start:start + batch_size])
-            sums["shuffled"][i] += flow_errors(model, x0[:, order], text, flow, sigma, noise).double().sum().cpu()
+            for name, (x, text) in inputs.items():
+                sums[name][i] += flow_errors(model, x, text, flow, sigma, noise).double().sum().cpu()
     error = {name: (s / len(clips)).tolist() for name, s in sums.items()}
     pooled = {name: sum(e) for name, e in error.items()}
     return {"levels": list(levels), "clips": len(clips), "error": error,
