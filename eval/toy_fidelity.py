@@ -6,7 +6,8 @@
     python -m eval.toy_fidelity --checkpoint checkpoints/toy_hiar.safetensors --captions template held_out --seconds 60
 
 `--sampler codec`: no model, the held-out clips themselves through the toy codec (of the checkpoint's
-config): the ceiling every model is measured against, with its PSNR. `--sampler teacher`: the
+config): the ceiling every model is measured against, with its PSNR; with `--speed` every object moves
+at that speed (how much motion within a latent frame costs the codec). `--sampler teacher`: the
 bidirectional teacher's ODE with CFG (train.sample_steps, train.sample_shift, train.guidance_scale of
 the checkpoint's config). `--sampler student` (default): the causal student in its config's order
 (trailing section.key=value overrides change it), one video of the config's length or of `--seconds`.
@@ -38,6 +39,8 @@ def main(argv=None) -> dict:
     p.add_argument("--captions", nargs="+", choices=CAPTION_SETS, default=["template"],
                    help="caption sets, each reported on its own (the first also at the top of results.json)")
     p.add_argument("--seconds", type=float, help="video length (student, codec; default: the config's)")
+    p.add_argument("--speed", type=float, help="codec sampler: every object moves this many px a frame "
+                   "(default: each its own)")
     p.add_argument("--out", default="runs/toy/fidelity")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (student sampler)")
     args = p.parse_args(argv)
@@ -51,9 +54,9 @@ def main(argv=None) -> dict:
     if len(set(args.captions)) != len(args.captions):
         raise ValueError(f"--captions {' '.join(args.captions)}: name each set once")
     result, videos = evaluate(args.checkpoint, args.overrides, args.sampler, args.num_clips, args.batch_size,
-                              args.captions, args.seconds)
+                              args.captions, args.seconds, args.speed)
     result = {"checkpoint": args.checkpoint, "sampler": args.sampler, "overrides": args.overrides,
-              "seconds": args.seconds, **result}
+              "seconds": args.seconds, "speed": args.speed, **result}
     out = Path(args.out)
     write_fidelity(out, result, videos)
     for name, s in result["by_captions"].items():

@@ -6,8 +6,10 @@ changed (hiar/toywords.py).
 
 Prints, per kind of word, how much worse the clips' flow is predicted with that word changed (+0%: the
 model ignores the word; beside it, no caption at all, and the frames shuffled: does the model know time)
-and the errors by noise level; writes them to --out as JSON. A missing checkpoint ends it with one line
-and exit code 2.
+and the errors by noise level; writes them to --out as JSON. With --context N the first N latent frames
+are given nearly clean and the rest scored: does the model use the words to say where what it has seen
+goes next? A missing checkpoint or a --context that leaves no frame to score ends it with one line and
+exit code 2.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def main(argv=None) -> dict:
     p.add_argument("--checkpoint", default="runs/toy/teacher/model.safetensors")
     p.add_argument("--num_clips", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--context", type=int, default=0,
+                   help="latent frames given nearly clean, the rest scored (hiar/toywords.py; default: none)")
     p.add_argument("--out", default=None, help="JSON file for the result (default: print only)")
     args = p.parse_args(argv)
     if not Path(args.checkpoint).is_file():
@@ -39,11 +43,15 @@ def main(argv=None) -> dict:
               file=sys.stderr)
         sys.exit(2)
     model, cfg = load_generator(args.checkpoint)
+    if not 0 <= args.context < cfg.video.num_latent_frames:
+        print(f"error: --context {args.context}: the model's clips have {cfg.video.num_latent_frames} latent "
+              "frames, and at least one must be scored", file=sys.stderr)
+        sys.exit(2)
     model.eval()
     cpu = torch.device("cpu")
     clips = held_out_clips(args.num_clips, cfg.video.height, cfg.video.width)
     result = word_use(model, build_codec(cfg, cpu), PromptBank.for_config(cfg, cpu), clips, rendered_frames(cfg),
-                      cfg.train.negative_prompt, batch_size=args.batch_size)
+                      cfg.train.negative_prompt, batch_size=args.batch_size, context=args.context)
     result["checkpoint"] = args.checkpoint
     print("flow error with the word changed, against the clip's own caption: "
           + ", ".join(f"{k} {v:+.1%}" for k, v in result["penalty"].items())

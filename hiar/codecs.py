@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from pathlib import Path
 
-from hiar.config import Config, repo_path
+from hiar.config import Config, ConfigError, repo_path
 
 
 class StreamDecoder(Protocol):
@@ -117,6 +117,13 @@ class WanVAE:
         self.mean = torch.tensor(vae.config.latents_mean, dtype=param.dtype, device=param.device).view(shape)
         self.std = torch.tensor(vae.config.latents_std, dtype=param.dtype, device=param.device).view(shape)
 
+    @property
+    def stride(self) -> tuple[int, int, int]:
+        """(time, height, width) compression: each stage after the first halves the frame, and the
+        stages marked in `temperal_downsample` halve time too."""
+        config = self.vae.config
+        return 2 ** sum(config.temperal_downsample), 2 ** (len(config.dim_mult) - 1), 2 ** (len(config.dim_mult) - 1)
+
     @classmethod
     def from_folder(cls, folder: str | Path, device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32) -> WanVAE:
@@ -181,4 +188,8 @@ def rendered_frames(cfg: Config) -> int:
 def build_codec(cfg: Config, device: torch.device | str = "cpu") -> Codec:
     if cfg.video.codec == "toy_dct":
         return ToyDCTCodec()
-    return WanVAE.from_folder(repo_path(cfg.runtime.base_model), device, cfg.torch_dtype(torch.device(device)))
+    codec = WanVAE.from_folder(repo_path(cfg.runtime.base_model), device, cfg.torch_dtype(torch.device(device)))
+    if codec.stride != tuple(cfg.video.vae_stride):
+        raise ConfigError(f"the VAE in {cfg.runtime.base_model} has strides {list(codec.stride)}, the config "
+                          f"video.vae_stride={list(cfg.video.vae_stride)}: set video.vae_stride={list(codec.stride)}")
+    return codec

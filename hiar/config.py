@@ -42,8 +42,10 @@ ROOT = Path(__file__).resolve().parent.parent  # the repository: relative config
 PRESET_DIR = ROOT / "configs"
 
 
-# What each codec and text encoder produces, checked against the model's sizes in `Config.validate`.
-CODEC_LAYOUT = {"wan_vae": (16, 16, (4, 8, 8)), "toy_dct": (16, 16, (1, 8, 8))}
+# What each codec and text encoder produces, checked against the model's sizes in `Config.validate`:
+# latent channels and the strides it may have (Wan2.1's VAE: 4, 8, 8; the toy world's Wan-shaped VAE may
+# have one spatial halving fewer, hiar/toycodec.py; hiar.codecs.build_codec checks the weights' own).
+CODEC_LAYOUT = {"wan_vae": (16, ((4, 8, 8), (4, 4, 4))), "toy_dct": (16, ((1, 8, 8),))}
 TEXT_DIMS = {"umt5-xxl": 4096, "all-minilm-l6-v2": 384}
 
 
@@ -441,11 +443,12 @@ def check_frame_size(m: ModelConfig, v: VideoConfig) -> None:
 
 def check_codec_and_text(m: ModelConfig, v: VideoConfig) -> None:
     """The model's input and text sizes must be what the codec and the text encoder produce."""
-    codec_shape = CODEC_LAYOUT[v.codec]
-    if (m.in_channels, m.out_channels, tuple(v.vae_stride)) != codec_shape:
+    channels, strides = CODEC_LAYOUT[v.codec]
+    if m.in_channels != channels or m.out_channels != channels or tuple(v.vae_stride) not in strides:
         raise ConfigError(
-            f"video.codec={v.codec} makes {codec_shape[0]}-channel latents with stride {list(codec_shape[2])}: "
-            f"set model.in_channels/out_channels={codec_shape[0]} and video.vae_stride={list(codec_shape[2])}")
+            f"video.codec={v.codec} makes {channels}-channel latents with stride "
+            f"{' or '.join(str(list(s)) for s in strides)}: set model.in_channels/out_channels={channels} "
+            f"and video.vae_stride to one of them")
     if m.text_dim != TEXT_DIMS[m.text_encoder]:
         raise ConfigError(f"model.text_encoder={m.text_encoder} gives {TEXT_DIMS[m.text_encoder]}-d states: "
                           f"set model.text_dim={TEXT_DIMS[m.text_encoder]}")

@@ -3,7 +3,10 @@ rendered toy clips (train/toy_codec.py).
 
 It has Wan2.1's geometry (16 latent channels, temporal stride 4 with a first frame of its own, spatial
 stride 8, a causal decoder with a frame cache), so a toy recipe on it would exercise the same encode,
-streaming decode and frame geometry as full scale. It is exported the way Wan's is distributed, a
+streaming decode and frame geometry as full scale. With one stage fewer its spatial stride is 4: the
+toy's objects are 10 to 18 pixels wide, two latent pixels at stride 8 where a real object at 480p spans
+dozens, and stride 4 with Wan's 2x2 patch still gives the DiT 8x8 tokens a 64x64 frame
+(docs/toy_prompts.md measures both). It is exported the way Wan's is distributed, a
 diffusers folder `vae/` whose config carries the latents' per-channel mean and std, so
 `hiar.codecs.WanVAE.from_folder` loads it unchanged. Not wired into any toy preset yet.
 """
@@ -29,7 +32,9 @@ from hiar.toyworld import clip_to_video, sample_clip
 @dataclass(frozen=True)
 class ToyCodecConfig:
     base_dim: int = 16  # channels of the first stage (Wan2.1: 96)
-    dim_mult: tuple[int, ...] = (1, 2, 2, 2)  # channels of each stage over base_dim (Wan2.1: 1, 2, 4, 4)
+    # channels of each stage over base_dim (Wan2.1: 1, 2, 4, 4); each stage after the first halves the
+    # frame, so 4 stages give Wan's spatial stride 8 and 3 stages stride 4 (`spatial_stride`)
+    dim_mult: tuple[int, ...] = (1, 2, 2, 2)
     num_res_blocks: int = 1  # per stage (Wan2.1: 2)
     num_frames: int = 9  # video frames of a training clip: 1 + 4 k, k = 2 -> 3 latent frames
     # the long-clip stage: from step long_from on, each batch's length is drawn from num_frames ..
@@ -64,23 +69,32 @@ def load_codec_config(path: str | Path, overrides: typing.Iterable[str] = ()) ->
     data.update(parse_override(text) for text in overrides)
     cfg = build_dataclass(ToyCodecConfig, data)
     lengths_ok = (cfg.num_frames - 1) % 4 == 0 and (cfg.max_frames == 0 or (cfg.max_frames - 1) % 4 == 0)
-    if not lengths_ok or cfg.height % 8 or cfg.width % 8:
+    if len(cfg.dim_mult) not in (3, 4):
+        raise ConfigError(f"dim_mult={list(cfg.dim_mult)} needs 4 stages (Wan2.1's three spatial halvings, "
+                          "stride 8) or 3 (stride 4)")
+    stride = spatial_stride(cfg)
+    if not lengths_ok or cfg.height % stride or cfg.width % stride:
         raise ConfigError(f"num_frames={cfg.num_frames} and max_frames={cfg.max_frames} must be 1 + 4 k and "
-                          "height, width multiples of 8 (the VAE's strides)")
-    if len(cfg.dim_mult) != 4:
-        raise ConfigError(f"dim_mult={list(cfg.dim_mult)} needs 4 stages (Wan2.1's three spatial halvings)")
+                          f"height, width multiples of {stride} (the VAE's strides)")
     if cfg.max_frames and cfg.max_frames < cfg.num_frames:
         raise ConfigError(f"max_frames={cfg.max_frames} is below num_frames={cfg.num_frames} "
                           "(0: every clip num_frames long)")
     return cfg
 
 
+def spatial_stride(cfg: ToyCodecConfig) -> int:
+    return 2 ** (len(cfg.dim_mult) - 1)
+
+
 def build_toy_vae(cfg: ToyCodecConfig):
-    """AutoencoderKLWan with Wan2.1's strides (three spatial halvings, two temporal) and a tiny width."""
+    """AutoencoderKLWan with a tiny width and Wan2.1's temporal stride 4 (the last two halvings also
+    halve time); spatial stride 8 as Wan2.1's, or 4 with one stage fewer."""
     from diffusers import AutoencoderKLWan
 
+    halvings = len(cfg.dim_mult) - 1
     vae = AutoencoderKLWan(base_dim=cfg.base_dim, z_dim=16, dim_mult=list(cfg.dim_mult),
-                           num_res_blocks=cfg.num_res_blocks, temperal_downsample=[False, True, True])
+                           num_res_blocks=cfg.num_res_blocks,
+                           temperal_downsample=[False] * (halvings - 2) + [True, True])
     initialise(vae)
     return vae
 

@@ -17,6 +17,7 @@ length or of `seconds`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections import Counter
@@ -193,8 +194,14 @@ def psnr(reference: np.ndarray, video: np.ndarray) -> float:
 # -- sampling -------------------------------------------------------------------------------------------------
 
 
-def held_out_clips(num_clips: int, height: int = 64, width: int = 64) -> list[ToyClip]:
-    return [sample_clip(HELD_OUT_SEED, i, height, width) for i in range(num_clips)]
+def held_out_clips(num_clips: int, height: int = 64, width: int = 64, speed: float | None = None) -> list[ToyClip]:
+    """The evaluation's clips; with `speed`, every object moves at that many px a frame instead of its own
+    (a codec's round trip at one speed: how much motion within a latent frame costs it)."""
+    clips = [sample_clip(HELD_OUT_SEED, i, height, width) for i in range(num_clips)]
+    if speed is None:
+        return clips
+    return [dataclasses.replace(c, objects=tuple(dataclasses.replace(o, speed=speed) for o in c.objects))
+            for c in clips]
 
 
 def captions_of(clips: list[ToyClip], caption_set: str) -> list[str]:
@@ -251,15 +258,20 @@ def round_trip(codec: Codec, clips: list[ToyClip], frames: int, caption_set: str
 
 
 def evaluate(checkpoint: str, overrides: list[str], sampler: str, num_clips: int, batch_size: int,
-             caption_sets: list[str], seconds: float | None = None) -> tuple[dict, list[np.ndarray]]:
+             caption_sets: list[str], seconds: float | None = None,
+             speed: float | None = None) -> tuple[dict, list[np.ndarray]]:
     """Every caption set's per-clip measures and summary (`by_captions`); the first set's summary at the
     top level, as eval.toy_results reads it; the codec's PSNR against the rendered clips; and the first
-    set's videos. The codec sampler's videos do not depend on the caption, so it samples once."""
+    set's videos. The codec sampler's videos do not depend on the caption, so it samples once; it alone
+    takes a `speed` for every object (`held_out_clips`), since a model draws from the caption only."""
     if sampler == "teacher" and seconds is not None:
         raise ValueError("--seconds: the teacher is bidirectional and samples clips of its training length only")
+    if speed is not None and (sampler != "codec" or speed < 0):
+        raise ValueError(f"--speed {speed}: a speed of at least 0 px a frame, for the codec sampler only (a model "
+                         "draws from the caption, which says no speed)")
     cfg = evaluation_config(checkpoint, overrides, seconds)
     model = Sampler(checkpoint, cfg, sampler)
-    clips = held_out_clips(num_clips, model.cfg.video.height, model.cfg.video.width)
+    clips = held_out_clips(num_clips, model.cfg.video.height, model.cfg.video.width, speed)
     result: dict = {"frames": rendered_frames(model.cfg), "fps": model.cfg.video.fps, "by_captions": {}}
     first = None
     for caption_set in caption_sets:

@@ -41,11 +41,13 @@ def flow_matching_loss(model: torch.nn.Module, x0: torch.Tensor, text: torch.Ten
 
 
 def flow_errors(model: torch.nn.Module, x0: torch.Tensor, text: torch.Tensor, flow: FlowMatching,
-                sigma: torch.Tensor, noise: torch.Tensor, attention: AttentionMode = Bidirectional()) -> torch.Tensor:
-    """Per-sample MSE [B] of the predicted flow of x0 noised by `noise` to levels `sigma` [B]."""
+                sigma: torch.Tensor, noise: torch.Tensor, attention: AttentionMode = Bidirectional(),
+                scored: slice = slice(None)) -> torch.Tensor:
+    """Per-sample MSE [B] of the predicted flow of x0 noised by `noise` to levels `sigma` [B] (or [B, F]:
+    a level per latent frame), over the latent frames `scored`."""
     t = flow.timestep(sigma)
     pred = model(flow.add_noise(x0, noise, t), t, text, attention)
-    return (pred.float() - flow.flow_target(x0, noise).float()).square().flatten(1).mean(1)
+    return (pred.float() - flow.flow_target(x0, noise).float())[:, scored].square().flatten(1).mean(1)
 
 
 def drop_captions(captions: list[str], p: float, negative: str) -> list[str]:

@@ -13,6 +13,11 @@ A control asks whether the model knows frame order at all: the clip's own captio
 shuffled ("shuffled", one fixed permutation). A model that ignores the direction word but pays for
 shuffled frames knows time and does not tie it to the caption.
 
+With `context` the first latent frames are given nearly clean (level CONTEXT_LEVEL) and only the rest
+are scored: where the objects are is then known, and only the direction word (and the motion the
+model infers) says where they go next. It is the causal student's situation after its first block,
+and where the direction word is worth most to the loss.
+
 The changed word is always another of the world's: the next colour in the palette not already in the
 scene, the next shape, the opposite direction (the same axis, so only the sign of the motion differs),
 the next background.
@@ -34,6 +39,7 @@ from hiar.toyworld import BACKGROUNDS, OBJECT_COLOURS, SHAPES, ToyClip
 KINDS = ("colour", "shape", "direction", "background")
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)  # noise levels sigma the errors are taken at
+CONTEXT_LEVEL = 0.05  # the level of the context frames (`word_use`'s context)
 
 
 def _next(names: Sequence[str], name: str, taken: set[str] = frozenset()) -> str:
@@ -68,11 +74,13 @@ def _shuffled(n: int, seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def word_use(model: torch.nn.Module, codec: Codec, bank: PromptBank, clips: Sequence[ToyClip], frames: int,
-             negative: str, levels: Sequence[float] = LEVELS, batch_size: int = 8, seed: int = 0) -> dict:
+             negative: str, levels: Sequence[float] = LEVELS, batch_size: int = 8, seed: int = 0,
+             context: int = 0) -> dict:
     """Mean flow error of the clips (their first `frames` video frames) under their template captions
     ("caption"), each kind changed, the negative prompt ("none") and with their latent frames shuffled
     ("shuffled"), by level; and the penalty of each (module docstring). The same noise for every
-    caption, so the penalties are paired differences, not noise."""
+    caption, so the penalties are paired differences, not noise. With `context`, that many latent frames
+    are given at CONTEXT_LEVEL and the levels and the error are the other frames'."""
     captions = {"caption": [template_caption(c.spec()) for c in clips],
                 **{kind: [template_caption(changed(c.spec(), kind)) for c in clips] for kind in KINDS},
                 "none": [negative] * len(clips)}
@@ -85,10 +93,12 @@ def word_use(model: torch.nn.Module, codec: Codec, bank: PromptBank, clips: Sequ
         inputs["shuffled"] = (x0[:, _shuffled(x0.shape[1], seed)], inputs["caption"][1])
         for i, level in enumerate(levels):
             noise = torch.randn(x0.shape, generator=generator).to(device)
-            sigma = torch.full((x0.shape[0],), float(level), device=device)
+            sigma = torch.full(x0.shape[:2], float(level), device=device)
+            sigma[:, :context] = CONTEXT_LEVEL
             for name, (x, text) in inputs.items():
-                sums[name][i] += flow_errors(model, x, text, flow, sigma, noise).double().sum().cpu()
+                errors = flow_errors(model, x, text, flow, sigma, noise, scored=slice(context, None))
+                sums[name][i] += errors.double().sum().cpu()
     error = {name: (s / len(clips)).tolist() for name, s in sums.items()}
     pooled = {name: sum(e) for name, e in error.items()}
-    return {"levels": list(levels), "clips": len(clips), "error": error,
+    return {"levels": list(levels), "context": context, "clips": len(clips), "error": error,
             "penalty": {name: pooled[name] / pooled["caption"] - 1 for name in [*KINDS, "none", "shuffled"]}}

@@ -73,6 +73,11 @@ def test_inconsistent_geometry_says_what_to_change():
         load_config("tiny", ["train.decay_steps=-1"])
     with pytest.raises(ConfigError, match=r"train.ema_decay=1.0 must lie in \[0, 1\)"):
         load_config("tiny", ["train.ema_decay=1.0"])
+    with pytest.raises(ConfigError, match=r"toy_dct makes 16-channel latents with stride \[1, 8, 8\]: "):
+        load_config("toy", ["video.vae_stride=[4,8,8]"])
+    with pytest.raises(ConfigError, match=r"wan_vae .* stride \[4, 8, 8\] or \[4, 4, 4\]"):
+        load_config("toy", ["video.codec=wan_vae", "video.vae_stride=[4,2,2]"])
+    assert load_config("toy", ["video.codec=wan_vae", "video.vae_stride=[4,4,4]"]).video.vae_stride == (4, 4, 4)
 
 
 def test_unknown_preset_lists_presets():

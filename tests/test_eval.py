@@ -237,7 +237,8 @@ def test_results_report_what_the_prompts_say_per_length_and_phrasing(tmp_path, m
 
 
 def test_toy_fidelity_of_the_codec_ceiling_passes_every_clip(tmp_path):
-    """Held-out clips through the toy codec pass both checks: the measurement is not what fails a model."""
+    """Held-out clips through the toy codec pass both checks: the measurement is not what fails a model.
+    With --speed every object moves at that speed, and the measurement reads it back."""
     from eval import toy_fidelity
     from hiar.checkpoints import save_model
     from hiar.config import load_config
@@ -250,6 +251,16 @@ def test_toy_fidelity_of_the_codec_ceiling_passes_every_clip(tmp_path):
                                 str(tmp_path / "f"), "video.height=64", "video.width=64"])
     assert result["colour_fidelity"] == 1.0 and result["moving"] == 1.0
     assert result["object_speeds"]["in_range"] == 1.0 and (tmp_path / "f" / "contact_sheet.png").is_file()
+    # every object at one speed, measured back: 0 (none moves) and 2 px a frame
+    common = ["--checkpoint", str(path), "--sampler", "codec", "--num_clips", "6", "video.height=64", "video.width=64"]
+    for speed in (0, 2):
+        fixed = toy_fidelity.main([*common, "--speed", str(speed), "--out", str(tmp_path / f"at{speed}")])
+        speeds = [o["speed"] for c in fixed["by_captions"]["template"]["per_clip"] for o in c["prompted"]]
+        assert fixed["speed"] == speed and len(speeds) == 9
+        assert abs(np.median(speeds) - speed) < 0.1 and np.allclose(speeds, speed, atol=0.35)  # fits on a grid
+        assert fixed["moving"] == (1.0 if speed else 0.0)
+    with pytest.raises(ValueError, match="for the codec sampler only"):
+        toy_fidelity.main(["--checkpoint", str(path), "--sampler", "teacher", "--speed", "1"])
 
 
 def eval_imports(path: Path) -> list[str]:

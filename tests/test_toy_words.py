@@ -64,6 +64,37 @@ def test_a_model_that_ignores_its_caption_pays_nothing_for_a_changed_word():
     assert all(reading["penalty"][k] != 0.0 for k in KINDS)
 
 
+class WrongOnContext(torch.nn.Module):
+    """The model, but its flow on the first `frames` latent frames is far off."""
+
+    def __init__(self, model, frames):
+        super().__init__()
+        self.model, self.frames = model, frames
+
+    def forward(self, x, t, text, attention):
+        out = self.model(x, t, text, attention).clone()
+        out[:, :self.frames] += 100.0
+        return out
+
+
+def test_a_context_probe_scores_only_the_frames_after_the_context():
+    cfg = load_config("tiny", ["model.text_len=32"])
+    codec, bank = build_codec(cfg, "cpu"), PromptBank.for_config(cfg, torch.device("cpu"))
+    clips = held_out_clips(3, cfg.video.height, cfg.video.width)
+    model = random_model(cfg)
+    args = (codec, bank, clips, rendered_frames(cfg), "", (0.5,))
+    plain = word_use(model, *args, context=3)
+    assert plain["context"] == 3
+    assert word_use(WrongOnContext(model, 3), *args, context=3)["error"] == plain["error"]  # never scored
+    assert word_use(WrongOnContext(model, 3), *args)["error"]["caption"][0] > 100  # scored without context
+    blind = word_use(Blind(model), *args, context=3)
+    assert all(blind["penalty"][k] == 0.0 for k in [*KINDS, "none"])
+    seen = []
+    model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[1]))
+    word_use(model, *args, context=3)
+    assert all(torch.equal(t[:, :3], torch.full_like(t[:, :3], 50.0)) and (t[:, 3:] == 500.0).all() for t in seen)
+
+
 def test_the_program_writes_its_result_and_refuses_a_missing_checkpoint(tmp_path, capsys):
     cfg = load_config("tiny")
     path = save_model(random_model(cfg), cfg, tmp_path / "teacher.safetensors")
@@ -73,3 +104,6 @@ def test_the_program_writes_its_result_and_refuses_a_missing_checkpoint(tmp_path
     with pytest.raises(SystemExit) as exit_info:
         toy_words.main(["--checkpoint", str(tmp_path / "nothing.safetensors")])
     assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        toy_words.main(["--checkpoint", str(path), "--context", str(cfg.video.num_latent_frames)])
+    assert exit_info.value.code == 2 and "at least one must be scored" in capsys.readouterr().err

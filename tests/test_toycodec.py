@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from hiar.codecs import WanVAE
-from hiar.config import ConfigError, load_config
+from hiar.codecs import WanVAE, build_codec
+from hiar.config import ConfigError, load_config, with_overrides
 from hiar.toycodec import (ToyCodecConfig, build_toy_vae, clip_batch, clip_length, decode_unclamped, edge_l1,
-                           learning_rate, load_codec_config, object_mask, reconstruction_loss)
+                           learning_rate, load_codec_config, object_mask, reconstruction_loss, spatial_stride)
 from hiar.toyteacher import toy_batch
 from hiar.toyworld import BACKGROUNDS, sample_clip
 
@@ -23,14 +23,20 @@ def small(tmp_path, **extra) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("dim_mult", ["[1,2,2,2]", "[1,2,4,4]"])
-def test_the_toy_vae_has_wans_geometry(tmp_path, dim_mult):
+@pytest.mark.parametrize("dim_mult, pixels", [("[1,2,2,2]", 8), ("[1,2,4,4]", 8), ("[1,2,4]", 4)])
+def test_the_toy_vae_has_wans_geometry(tmp_path, dim_mult, pixels):
     cfg = load_codec_config(small(tmp_path), [f"dim_mult={dim_mult}"])
+    assert spatial_stride(cfg) == pixels
     video = clip_batch(cfg, 0)
     assert video.shape == (1, 3, 5, 32, 32) and video.min() >= -1 and video.max() <= 1
+    vae = build_toy_vae(cfg)
+    assert WanVAE(vae).stride == (4, pixels, pixels)
     with torch.no_grad():
-        z = build_toy_vae(cfg).encode(video).latent_dist.mode()
-    assert z.shape == (1, 16, 2, 4, 4)  # the first frame alone, then 4 frames a latent frame; 8x8 pixels
+        z = vae.encode(video).latent_dist.mode()
+        decoded = vae.decode(z).sample
+    side = 32 // pixels
+    assert z.shape == (1, 16, 2, side, side)  # the first frame alone, then 4 frames a latent frame
+    assert decoded.shape == video.shape
     assert torch.equal(clip_batch(cfg, 3), clip_batch(cfg, 3))
     assert not torch.equal(clip_batch(cfg, 3), clip_batch(cfg, 4))
 
@@ -51,7 +57,10 @@ def test_the_codec_config_is_strict(tmp_path):
         load_codec_config(path, ["num_frames=9", "max_frames=5"])
     assert load_codec_config(path, ["dim_mult=[1,2,4,4]"]).dim_mult == (1, 2, 4, 4)  # Wan2.1's
     with pytest.raises(ConfigError, match="needs 4 stages"):
-        load_codec_config(path, ["dim_mult=[1,2,4]"])
+        load_codec_config(path, ["dim_mult=[1,2]"])
+    with pytest.raises(ConfigError, match="multiples of 8"):
+        load_codec_config(path, ["height=36"])
+    assert load_codec_config(path, ["height=36", "dim_mult=[1,2,4]"]).height == 36  # stride 4
 
 
 def test_training_clips_take_lengths_drawn_per_step():
@@ -218,6 +227,9 @@ def test_a_resumed_run_equals_an_uninterrupted_one_and_exports_a_wan_vae(tmp_pat
     cfg = load_config("toy", ["video.codec=wan_vae", "video.vae_stride=[4,8,8]", f"runtime.base_model={once / 'run'}",
                               "video.num_latent_frames=3", "video.height=32", "video.width=32"])
     assert toy_batch(cfg, codec, [0, 1])[0].shape == (2, 3, 16, 4, 4)
+    assert build_codec(cfg).stride == (4, 8, 8)
+    with pytest.raises(ConfigError, match=r"has strides \[4, 8, 8\].*set video.vae_stride=\[4, 8, 8\]"):
+        build_codec(with_overrides(cfg, ["video.vae_stride=[4,4,4]"]))  # the weights decide, before any compute
 
 
 def test_a_fresh_run_can_start_from_another_runs_weights(tmp_path, capsys):
