@@ -19,6 +19,13 @@
 #   pip download --no-deps -d .gpu_wheels torchao==0.18.0 diffusers==0.42.1   # here, with internet access
 #   echo /.gpu_wheels/ >> .git/info/exclude                                  # then carry .gpu_wheels
 #   PYTHON=python3 WHEELS=.gpu_wheels OUT=$OUT bash launch/gpu_check.sh speed
+#
+#   BUDGET=560 bash launch/gpu_check.sh pending   # what no GPU has checked yet, most important first,
+# all within BUDGET seconds (each step's limit is cut to what is left): every CUDA test (the training
+# programs under NCCL included), the rehearsal of full-scale distillation with a 1.3B teacher on this
+# one GPU, the speed rows as in `speed` (fp8 and compiled first), then the rehearsal with the 14B teacher
+# streamed from the host. Takes WHEELS like `speed`; DeepSpeed
+# (an sdist, no wheel) travels as an installed package folder on PYTHONPATH.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
@@ -49,6 +56,44 @@ if [ "${1:-all}" = speed ]; then
     for part in options backends compiled_fp8; do  # again, for the runs a time limit stopped
       "$py" -m eval.bench table "$out/bench_speed_${day}_$part.json"
     done
+  } 2>&1 | tee "$log"
+  exit 0
+fi
+if [ "${1:-all}" = pending ]; then
+  log="$out/gpu_check_pending_$day.log"
+  export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+  if [ -n "${WHEELS:-}" ]; then
+    "$py" -m pip install -q --no-index --no-deps --target /tmp/gpu_check_deps "$WHEELS"/*.whl
+    export PYTHONPATH=/tmp/gpu_check_deps:$PYTHONPATH
+  fi
+  end=$(( $(date +%s) + ${BUDGET:-560} ))
+  within() {  # within CAP CMD...: run CMD for at most CAP seconds and never past the budget
+    local cap=$1 left=$(( end - $(date +%s) )); shift
+    if (( left < 20 )); then echo "SKIPPED (budget spent): $*"; return; fi
+    echo "== $(date -u +%T) $*"
+    timeout $(( cap < left ? cap : left )) "$@"; echo "== rc $?"
+  }
+  bench=("$py" -m eval.bench run --config_path configs/hiar.yaml --device cuda --num_blocks 7
+         --repeats "${REPEATS:-2}" video.height=240 video.width=416)
+  {
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+    "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+    within 240 "$py" -m pytest -q -rs --durations=8 tests/test_cuda.py tests/test_speed_options.py
+    within 240 env PYTHON="$py" STEPS=7 OUT=/tmp/rehearsal bash launch/rehearse.sh \
+      train.deepspeed=configs/deepspeed/zero2_offload.json distill.teacher_model=wan1.3b
+    within 120 "${bench[@]}" --methods frame_first wavefront --options fp8 compiled fp8_compiled \
+      --json "$out/bench_speed_${day}_compiled_fp8.json"
+    within 110 "${bench[@]}" --methods frame_first wavefront hybrid_steps_1 hybrid_steps_2 hybrid_steps_3 \
+      --options static decode decode_overlap --json "$out/bench_speed_${day}_options.json"
+    within 50 "${bench[@]}" --methods frame_first --options backends --option_methods frame_first \
+      --json "$out/bench_speed_${day}_backends.json"
+    within 240 env PYTHON="$py" STEPS=2 OUT=/tmp/rehearsal bash launch/rehearse.sh \
+      train.deepspeed=configs/deepspeed/zero2_offload.json distill.teacher_sharding=zero3_offload
+    for part in compiled_fp8 options backends; do
+      [ -f "$out/bench_speed_${day}_$part.json" ] && "$py" -m eval.bench table "$out/bench_speed_${day}_$part.json"
+    done
+    date -u
   } 2>&1 | tee "$log"
   exit 0
 fi

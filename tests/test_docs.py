@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 # Folders that are not the repository's text: virtual environments, caches, and what programs write.
-SKIP_DIRS = {".git", "__pycache__", ".pytest_cache", "outputs", "runs", "wan_models", "ckpts"}
+SKIP_DIRS = {".git", "__pycache__", ".pytest_cache", "outputs", "runs", "wan_models", "ckpts", ".gpu_wheels"}
 SCANNED = (".py", ".md", ".sh", ".yaml", ".yml")
 # A repository path: one of the repository's top-level folders, then path characters; it counts when it
 # ends in a file extension or "/" (so "tests/test_*.py" or "runs/eval/long" are not taken for one).
