@@ -4,7 +4,9 @@ float8 e4m3 with one scale per tensor, the weight's fixed once, the input's take
 
 * "torchao": torchao's `Float8DynamicActivationFloat8WeightConfig` (per-tensor scales), fp8 matrix
   products on CUDA GPUs of compute capability >= 8.9 (Ada, Hopper). torchao is imported only here and
-  only then; the device is checked before any compute.
+  only then; the device is checked before any compute. Eager, it is slower than bf16 (3-4x on one
+  H200, docs/benchmarks.md): the input's cast and scale run as kernels of their own, which only
+  `runtime.compile_blocks` fuses. Sampling warns when it is asked for without compiled blocks.
 * "emulate": the same rounding on any device and dtype: weights and inputs go through float8_e4m3fn
   with per-tensor scales, the products run in the model's dtype. What fp8 costs in quality, measurable
   on the CPU; it is no faster.

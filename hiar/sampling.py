@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import itertools
 import math
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -163,6 +164,10 @@ class CellRunner:
         # A static cache is written in place, which a cell with grad could not backpropagate through.
         self.cache_type = StaticKVCache if cfg.runtime.kv_cache == "static" and grad_cells is None else KVCache
         if grad_cells is None:  # sampling only: fp8 rounds the weights in place, which training must not
+            if cfg.runtime.fp8_linear == "torchao" and not cfg.runtime.compile_blocks:
+                warnings.warn("runtime.fp8_linear=torchao without runtime.compile_blocks: its casts and scales "
+                              "run as separate kernels, 3-4x slower than bf16 on an H200 (docs/benchmarks.md)",
+                              stacklevel=2)
             fp8_linears(model, cfg.runtime.fp8_linear)  # before compiling: the compiled halves call them
         if cfg.runtime.compile_blocks:
             compile_blocks(model)

@@ -224,6 +224,20 @@ def test_the_runtime_option_converts_the_sampled_model(model):
     assert not all(torch.equal(round_fp8(m.weight), m.weight) for m in block_linears(model))
 
 
+def test_eager_torchao_fp8_warns_that_it_is_slower(model, monkeypatch):
+    """Measured on an H200, eager torchao fp8 is 3-4x slower than bf16: asking for it without compiled
+    blocks warns (the conversion itself is stubbed: torchao cannot run on the CPU)."""
+    import hiar.sampling
+    from hiar.sampling import CellRunner
+
+    converted = []
+    monkeypatch.setattr(hiar.sampling, "fp8_linears", lambda m, mode: converted.append(mode))
+    cfg, noise, text = setup("runtime.fp8_linear=torchao", frames=6)
+    with pytest.warns(UserWarning, match="without runtime.compile_blocks"):
+        CellRunner(model, text, cfg, noise)
+    assert converted == ["torchao"]
+
+
 def test_training_refuses_fp8():
     """fp8 rounds the weights in place, so the sample videos a training run makes (CellRunner without
     grad) would round the weights it trains: every trainer refuses it before it starts."""
