@@ -276,7 +276,8 @@ class CellRunner:
         """One cell: returns (x0, the block's input for the next step, or x0 after the last step).
         With `context_t`, the block's context at that level waits in `ctx` for the next read."""
         self.blocks_started = max(self.blocks_started, block + 1)
-        grad = contextlib.nullcontext() if self.grad_cells is None else torch.set_grad_enabled(self.grad_cells(block, step))
+        grad = (contextlib.nullcontext() if self.grad_cells is None
+                else torch.set_grad_enabled(self.grad_cells(block, step)))
         with grad:
             x0 = self.denoise(ctx, block, step, x)
             last = step == self.num_steps - 1

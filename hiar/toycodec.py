@@ -42,6 +42,7 @@ class ToyCodecConfig:
     max_frames: int = 0
     long_from: int = 0
     long_lr: float = 0.0
+    long_lr_from: int = 0  # the rate drops to long_lr from this step on, short clips too (0: at long_from)
     height: int = 64
     width: int = 64
     batch_size: int = 2
@@ -76,6 +77,9 @@ def load_codec_config(path: str | Path, overrides: typing.Iterable[str] = ()) ->
     if not lengths_ok or cfg.height % stride or cfg.width % stride:
         raise ConfigError(f"num_frames={cfg.num_frames} and max_frames={cfg.max_frames} must be 1 + 4 k and "
                           f"height, width multiples of {stride} (the VAE's strides)")
+    if cfg.long_lr_from and (not cfg.long_lr or cfg.long_lr_from > cfg.long_from):
+        raise ConfigError(f"long_lr_from={cfg.long_lr_from} needs a long_lr and must not pass long_from="
+                          f"{cfg.long_from} (the rate drops before the long clips start, or with them)")
     if cfg.max_frames and cfg.max_frames < cfg.num_frames:
         raise ConfigError(f"max_frames={cfg.max_frames} is below num_frames={cfg.num_frames} "
                           "(0: every clip num_frames long)")
@@ -209,9 +213,9 @@ def psnr(decoded: torch.Tensor, video: torch.Tensor) -> float:
 
 
 def learning_rate(cfg: ToyCodecConfig, step: int) -> float:
-    """cfg.lr after a linear warm-up over cfg.warmup_steps, long_lr in the long-clip stage: a pure function
-    of the step, so a resumed run sets the rate an uninterrupted one would."""
-    if cfg.long_lr and step >= cfg.long_from:
+    """cfg.lr after a linear warm-up over cfg.warmup_steps, long_lr from long_lr_from (or the long-clip
+    stage) on: a pure function of the step, so a resumed run sets the rate an uninterrupted one would."""
+    if cfg.long_lr and step >= (cfg.long_lr_from or cfg.long_from):
         return cfg.long_lr
     return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
 

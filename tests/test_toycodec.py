@@ -2,6 +2,7 @@
 reaches every layer (through diffusers' output clamp too), a single-batch overfit in which the decoder
 comes to use its latents, and a resumed training run that equals an uninterrupted one."""
 
+import dataclasses
 import json
 
 import pytest
@@ -61,6 +62,10 @@ def test_the_codec_config_is_strict(tmp_path):
     with pytest.raises(ConfigError, match="multiples of 8"):
         load_codec_config(path, ["height=36"])
     assert load_codec_config(path, ["height=36", "dim_mult=[1,2,4]"]).height == 36  # stride 4
+    with pytest.raises(ConfigError, match="long_lr_from=30 needs a long_lr and must not pass long_from=20"):
+        load_codec_config(path, ["long_from=20", "long_lr=1e-4", "long_lr_from=30"])
+    with pytest.raises(ConfigError, match="needs a long_lr"):
+        load_codec_config(path, ["long_from=20", "long_lr=0", "long_lr_from=10"])
 
 
 def test_training_clips_take_lengths_drawn_per_step():
@@ -76,6 +81,9 @@ def test_training_clips_take_lengths_drawn_per_step():
     staged = ToyCodecConfig(num_frames=5, max_frames=17, long_from=20, lr=3e-4, long_lr=1e-4)
     assert [clip_length(staged, step) for step in range(40)] == [5] * 20 + lengths[20:]
     assert learning_rate(staged, 19) == 3e-4 and learning_rate(staged, 20) == 1e-4
+    early = dataclasses.replace(staged, long_lr_from=10)  # the rate drops first, the clips lengthen later
+    assert [learning_rate(early, step) for step in (9, 10, 19)] == [3e-4, 1e-4, 1e-4]
+    assert [clip_length(early, step) for step in range(40)] == [5] * 20 + lengths[20:]
 
 
 def test_the_edge_term_sees_blurred_outlines_not_offsets():
