@@ -225,6 +225,9 @@ class TrainConfig:
     # a pure function of (world seed, clip index). The held-out phrasings are evaluation's, never a choice.
     captions: Literal["template", "varied"] = "template"
     timestep_shift: float = 3.0  # teacher: noise levels sigma = shift(u), u ~ U(0, 1)
+    # teacher: this share of samples draws a level per latent frame (diffusion forcing), so a legible frame
+    # beside illegible ones, the causal student's case, is a training case; the rest one level a sample
+    frame_noise: float = 0.0
     negative_prompt: str = ""
     guidance_scale: float = 3.0  # teacher samples and ODE trajectories
     sample_steps: int = 48  # Euler steps of teacher sampling
@@ -497,6 +500,9 @@ def check_train(t: TrainConfig) -> None:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps} and train.decay_steps={t.decay_steps} must be >= 0")
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"train.ema_decay={t.ema_decay} must lie in [0, 1) (0: no EMA)")
+    if not 0 <= t.frame_noise <= 1:
+        raise ConfigError(f"train.frame_noise={t.frame_noise} must lie in [0, 1] (the share of samples with a "
+                          "noise level per latent frame)")
 
 
 def resolved_lengths(d: DistillConfig, num_latent_frames: int) -> DistillConfig:

@@ -34,10 +34,19 @@ def encode_clips(codec: Codec, clips: Sequence[ToyClip], frames: int) -> torch.T
 
 
 def flow_matching_loss(model: torch.nn.Module, x0: torch.Tensor, text: torch.Tensor, flow: FlowMatching,
-                       attention: AttentionMode = Bidirectional()) -> torch.Tensor:
-    """MSE between the predicted and the true flow at shifted-uniform noise levels, one per sample."""
-    sigma = flow.shifted(torch.rand(x0.shape[0]))
+                       attention: AttentionMode = Bidirectional(), frame_noise: float = 0.0) -> torch.Tensor:
+    """MSE between the predicted and the true flow at shifted-uniform noise levels (`noise_levels`)."""
+    sigma = noise_levels(flow, x0.shape[0], x0.shape[1], frame_noise).to(x0.device)
     return flow_errors(model, x0, text, flow, sigma, torch.randn_like(x0), attention).mean()
+
+
+def noise_levels(flow: FlowMatching, batch: int, frames: int, frame_noise: float = 0.0) -> torch.Tensor:
+    """Levels sigma [B, F], shifted-uniform: one a sample, or with probability `frame_noise` one a latent
+    frame of that sample (diffusion forcing; train.frame_noise)."""
+    sigma = flow.shifted(torch.rand(batch))[:, None].repeat(1, frames)
+    per_frame = torch.rand(batch) < frame_noise
+    sigma[per_frame] = flow.shifted(torch.rand(int(per_frame.sum()), frames))
+    return sigma
 
 
 def flow_errors(model: torch.nn.Module, x0: torch.Tensor, text: torch.Tensor, flow: FlowMatching,

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hiar.config import ConfigError, load_config
 from train import teacher
 
 TINY_TEACHER = ["--config_path", "tiny", "train.batch_size=2", "train.log_every=1", "train.save_every=2",
@@ -65,6 +66,30 @@ def test_teacher_writes_samples(tmp_path):
     teacher.main([*TINY_TEACHER, "train.steps=1", "train.sample_every=1", "train.sample_steps=2",
                   f"train.output_dir={tmp_path}"])
     assert len(list((tmp_path / "samples").glob("step-00000001-*.mp4"))) == 2
+
+
+def test_frame_noise_draws_a_level_per_frame_for_its_share_of_samples(tmp_path, monkeypatch):
+    """train.frame_noise: that share of a batch's samples gets a noise level per latent frame (diffusion
+    forcing), the rest one level for all frames; out of [0, 1] it is refused before any compute."""
+    from hiar.flow import FlowMatching
+    from hiar.toyteacher import noise_levels
+
+    flow = FlowMatching(3.0)
+    torch.manual_seed(0)
+    uniform = noise_levels(flow, 64, 5)
+    assert uniform.shape == (64, 5) and torch.all(uniform == uniform[:, :1])
+    mixed = noise_levels(flow, 400, 5, frame_noise=0.5)
+    per_frame = (mixed != mixed[:, :1]).any(dim=1).float().mean()
+    assert 0.4 < per_frame < 0.6 and 0 < mixed.min() and mixed.max() < 1
+    assert (noise_levels(flow, 50, 5, frame_noise=1.0) != 0).all()
+    with pytest.raises(ConfigError, match="train.frame_noise=1.5 must lie in"):
+        load_config("toy", ["train.frame_noise=1.5"])
+    from hiar import toyteacher  # the option reaches the training loop: every sample a level per frame
+
+    levels, errors = [], toyteacher.flow_errors
+    monkeypatch.setattr(toyteacher, "flow_errors", lambda *a, **k: levels.append(a[4]) or errors(*a, **k))
+    teacher.main([*TINY_TEACHER, "train.steps=2", "train.frame_noise=1", f"train.output_dir={tmp_path}"])
+    assert len(levels) == 2 and all((s != s[:, :1]).any(dim=1).all() for s in levels)
 
 
 def test_non_finite_losses_abort_with_a_message(tmp_path, monkeypatch):
