@@ -37,6 +37,7 @@ def main(argv=None) -> dict:
     p.add_argument("--context", type=int, default=0,
                    help="latent frames given nearly clean, the rest scored (hiar/toywords.py; default: none)")
     p.add_argument("--out", default=None, help="JSON file for the result (default: print only)")
+    p.add_argument("--device", default="cpu", help="where the model and the text encoder run (default: cpu)")
     args = p.parse_args(argv)
     if not Path(args.checkpoint).is_file():
         print(f"error: --checkpoint {args.checkpoint} does not exist: train it first (launch/reproduce_toy.sh)",
@@ -47,10 +48,11 @@ def main(argv=None) -> dict:
         print(f"error: --context {args.context}: the model's clips have {cfg.video.num_latent_frames} latent "
               "frames, and at least one must be scored", file=sys.stderr)
         sys.exit(2)
-    model.eval()
-    cpu = torch.device("cpu")
+    device = torch.device(args.device)
+    model.eval().to(device)
     clips = held_out_clips(args.num_clips, cfg.video.height, cfg.video.width)
-    result = word_use(model, build_codec(cfg, cpu), PromptBank.for_config(cfg, cpu), clips, rendered_frames(cfg),
+    codec = build_codec(cfg, torch.device("cpu"))  # encodes on the host; word_use moves the latents
+    result = word_use(model, codec, PromptBank.for_config(cfg, device), clips, rendered_frames(cfg),
                       cfg.train.negative_prompt, batch_size=args.batch_size, context=args.context)
     result["checkpoint"] = args.checkpoint
     print("flow error with the word changed, against the clip's own caption: "

@@ -98,7 +98,8 @@ def test_a_context_probe_scores_only_the_frames_after_the_context():
 def test_the_program_writes_its_result_and_refuses_a_missing_checkpoint(tmp_path, capsys):
     cfg = load_config("tiny")
     path = save_model(random_model(cfg), cfg, tmp_path / "teacher.safetensors")
-    result = toy_words.main(["--checkpoint", str(path), "--num_clips", "2", "--out", str(tmp_path / "words.json")])
+    result = toy_words.main(["--checkpoint", str(path), "--num_clips", "2", "--out", str(tmp_path / "words.json"),
+                             "--device", "cpu"])
     assert json.loads((tmp_path / "words.json").read_text())["penalty"] == result["penalty"]
     assert set(result["error"]) == {"caption", *KINDS, "none", "shuffled"} and result["clips"] == 2
     with pytest.raises(SystemExit) as exit_info:
