@@ -58,7 +58,7 @@ class ToyCodecConfig:
     eval_every: int = 100  # held-out round trip in the log (`validate`); 0: never
     threads: int = 1  # torch CPU threads (the toy's machines have two cores for everything)
     output_dir: str = "runs/toy/codec"
-    init_from: str = ""  # a state.pt whose weights a fresh run starts from (not its optimizer or step)
+    init_from: str = ""  # a state.pt, or a folder with an exported vae/, whose weights a fresh run starts from
 
 
 def load_codec_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> ToyCodecConfig:

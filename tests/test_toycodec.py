@@ -241,8 +241,9 @@ def test_a_resumed_run_equals_an_uninterrupted_one_and_exports_a_wan_vae(tmp_pat
 
 
 def test_a_fresh_run_can_start_from_another_runs_weights(tmp_path, capsys):
-    """init_from: a new run (its own step count, optimizer and folder) from a state.pt's weights; with no
-    steps to take it exports exactly those weights. A missing file is refused before any compute."""
+    """init_from: a new run (its own step count, optimizer and folder) from a state.pt's weights, or from
+    an exported vae/ folder's; with no steps to take it exports exactly those weights. A missing file is
+    refused before any compute."""
     from diffusers import AutoencoderKLWan
 
     from train import toy_codec
@@ -259,3 +260,8 @@ def test_a_fresh_run_can_start_from_another_runs_weights(tmp_path, capsys):
     trained = torch.load(start, weights_only=True)["vae"]
     exported = AutoencoderKLWan.from_pretrained(second / "run" / "vae").state_dict()
     assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)
+    third = tmp_path / "c"  # from the exported folder: the same weights again
+    third.mkdir()
+    assert toy_codec.main(["--config_path", small(third), f"init_from={second / 'run'}", "steps=0"]) == 0
+    again = AutoencoderKLWan.from_pretrained(third / "run" / "vae").state_dict()
+    assert all(torch.equal(again[k], trained[k]) for k in trained)

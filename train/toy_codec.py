@@ -4,6 +4,7 @@
     python train/toy_codec.py --config_path configs/toy/codec.yaml --resume steps=4000   # continue it
     python train/toy_codec.py --config_path configs/toy/codec.yaml output_dir=runs/toy/codec_ft \
         init_from=runs/toy/codec/state.pt steps=500                  # a new run from another's weights
+                                                  # (init_from=checkpoints/toy_vae_s4: an exported vae/ folder)
 
 The recipe (configs/toy/codec.yaml) trains on short clips first, then on clips of random length at a
 lower rate (the long-clip stage: long_from, max_frames, long_lr), so the causal decoder holds up over
@@ -46,6 +47,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
+def initial_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The VAE weights of a run's state.pt, or of a folder holding an exported vae/ (such as the shipped
+    checkpoints/toy_vae_s4, in fp16), in float32."""
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)["vae"]
+    return {k: v.float() for k, v in WanVAE.from_folder(path).vae.state_dict().items()}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -58,8 +67,9 @@ def main(argv=None) -> int:
     if state.exists() and not args.resume:
         print(f"error: {state} exists: continue it with --resume, or choose another output_dir", file=sys.stderr)
         return 2
-    if cfg.init_from and not repo_path(cfg.init_from).is_file():
-        print(f"error: init_from={cfg.init_from}: no such state.pt", file=sys.stderr)
+    if cfg.init_from and not (repo_path(cfg.init_from).is_file() or (repo_path(cfg.init_from) / "vae").is_dir()):
+        print(f"error: init_from={cfg.init_from}: no such state.pt, nor a folder with an exported vae/",
+              file=sys.stderr)
         return 2
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # the initial weights
@@ -68,7 +78,7 @@ def main(argv=None) -> int:
     step = load_state(state, vae, optimizer) if args.resume and state.exists() else 0
     if step == 0 and cfg.init_from:
         try:
-            vae.load_state_dict(torch.load(repo_path(cfg.init_from), map_location="cpu", weights_only=True)["vae"])
+            vae.load_state_dict(initial_weights(repo_path(cfg.init_from)))
         except (RuntimeError, KeyError) as err:
             print(f"error: init_from={cfg.init_from} does not fit this VAE (base_dim, dim_mult, num_res_blocks): "
                   f"{str(err).splitlines()[0]}", file=sys.stderr)
