@@ -8,7 +8,8 @@
 #                                                           # deepspeed: on PYTHONPATH if not installed)
 # Writes gpu_check_<date>.log and the benchmark JSON into $OUT (default docs/benchmarks/).
 #
-#   bash launch/gpu_check.sh speed     # issue 33 alone, in at most 8 minutes (each step has a time limit)
+#   bash launch/gpu_check.sh speed     # issue 33 alone, in at most 8 minutes (each step has a time limit,
+#                                      # all of them BUDGET seconds, 560 by default)
 # The CUDA tests of sampling and of the speed options (static cache, compiled blocks, overlapped decoding,
 # fp8 linears, a 2-stage pipeline sharing the GPU; not the training ones), then the option rows of
 # eval.bench at Wan2.1-1.3B's width and depth (random bf16 weights, window 21, 7 blocks) on a quarter of
@@ -32,36 +33,10 @@ py=${PYTHON:-.venv/bin/python}
 out=${OUT:-docs/benchmarks}
 day=$(date +%Y-%m-%d)
 export PYTHONUNBUFFERED=1
-if [ "${1:-all}" = speed ]; then
-  log="$out/gpu_check_speed_$day.log"
+mode=${1:-all}
+one_gpu=(train.deepspeed=configs/deepspeed/zero2_offload.json)  # the rehearsals' one-GPU settings
+if [ "$mode" = speed ] || [ "$mode" = pending ]; then
   export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}  # the repository, where nothing installed it
-  if [ -n "${WHEELS:-}" ]; then
-    "$py" -m pip install -q --no-index --no-deps --target /tmp/gpu_check_deps "$WHEELS"/*.whl
-    export PYTHONPATH=/tmp/gpu_check_deps:$PYTHONPATH
-  fi
-  bench=("$py" -m eval.bench run --config_path configs/hiar.yaml --device cuda --num_blocks 7
-         --repeats "${REPEATS:-2}" video.height=240 video.width=416)
-  {
-    date -u
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
-    "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-    timeout 180 "$py" -m pytest -q -rs tests/test_cuda.py tests/test_speed_options.py \
-      -k "not training_programs and not rehearsal and not resumed_ema"
-    timeout 110 "${bench[@]}" --methods frame_first wavefront hybrid_steps_1 hybrid_steps_2 hybrid_steps_3 \
-      --options static decode decode_overlap --json "$out/bench_speed_${day}_options.json"
-    timeout 50 "${bench[@]}" --methods frame_first --options backends --option_methods frame_first \
-      --json "$out/bench_speed_${day}_backends.json"
-    timeout 120 "${bench[@]}" --methods frame_first wavefront --options fp8 compiled fp8_compiled \
-      --json "$out/bench_speed_${day}_compiled_fp8.json"
-    for part in options backends compiled_fp8; do  # again, for the runs a time limit stopped
-      "$py" -m eval.bench table "$out/bench_speed_${day}_$part.json"
-    done
-  } 2>&1 | tee "$log"
-  exit 0
-fi
-if [ "${1:-all}" = pending ]; then
-  log="$out/gpu_check_pending_$day.log"
-  export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
   if [ -n "${WHEELS:-}" ]; then
     "$py" -m pip install -q --no-index --no-deps --target /tmp/gpu_check_deps "$WHEELS"/*.whl
     export PYTHONPATH=/tmp/gpu_check_deps:$PYTHONPATH
@@ -75,26 +50,35 @@ if [ "${1:-all}" = pending ]; then
   }
   bench=("$py" -m eval.bench run --config_path configs/hiar.yaml --device cuda --num_blocks 7
          --repeats "${REPEATS:-2}" video.height=240 video.width=416)
-  {
-    date -u
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
-    "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-    within 240 "$py" -m pytest -q -rs --durations=8 tests/test_cuda.py tests/test_speed_options.py
-    within 240 env PYTHON="$py" STEPS=7 OUT=/tmp/rehearsal bash launch/rehearse.sh \
-      train.deepspeed=configs/deepspeed/zero2_offload.json distill.teacher_model=wan1.3b
+  speed_rows() {  # the option rows, each JSON saved after every row; then every table again
     within 120 "${bench[@]}" --methods frame_first wavefront --options fp8 compiled fp8_compiled \
       --json "$out/bench_speed_${day}_compiled_fp8.json"
     within 110 "${bench[@]}" --methods frame_first wavefront hybrid_steps_1 hybrid_steps_2 hybrid_steps_3 \
       --options static decode decode_overlap --json "$out/bench_speed_${day}_options.json"
     within 50 "${bench[@]}" --methods frame_first --options backends --option_methods frame_first \
       --json "$out/bench_speed_${day}_backends.json"
-    within 240 env PYTHON="$py" STEPS=2 OUT=/tmp/rehearsal bash launch/rehearse.sh \
-      train.deepspeed=configs/deepspeed/zero2_offload.json distill.teacher_sharding=zero3_offload
-    for part in compiled_fp8 options backends; do
+  }
+  {
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+    "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+    if [ "$mode" = speed ]; then
+      within 180 "$py" -m pytest -q -rs tests/test_cuda.py tests/test_speed_options.py \
+        -k "not training_programs and not rehearsal and not resumed_ema"
+      speed_rows
+    else
+      within 240 "$py" -m pytest -q -rs --durations=8 tests/test_cuda.py tests/test_speed_options.py
+      within 240 env PYTHON="$py" STEPS=7 OUT=/tmp/rehearsal bash launch/rehearse.sh "${one_gpu[@]}" \
+        distill.teacher_model=wan1.3b
+      speed_rows
+      within 240 env PYTHON="$py" STEPS=2 OUT=/tmp/rehearsal bash launch/rehearse.sh "${one_gpu[@]}" \
+        distill.teacher_sharding=zero3_offload
+    fi
+    for part in compiled_fp8 options backends; do  # again, for the runs a time limit stopped
       [ -f "$out/bench_speed_${day}_$part.json" ] && "$py" -m eval.bench table "$out/bench_speed_${day}_$part.json"
     done
     date -u
-  } 2>&1 | tee "$log"
+  } 2>&1 | tee "$out/gpu_check_${mode}_$day.log"
   exit 0
 fi
 log="$out/gpu_check_$day.log"
@@ -104,7 +88,6 @@ log="$out/gpu_check_$day.log"
   "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
   "$py" -m pytest -q tests/test_cuda.py
   BENCH_PYTHON=$py BENCH_OUT=$out bash launch/bench.sh gpu
-  one_gpu=(train.deepspeed=configs/deepspeed/zero2_offload.json)
   PYTHON=$py STEPS=4 OUT=/tmp/rehearsal bash launch/rehearse.sh "${one_gpu[@]}" distill.teacher_model=wan1.3b
   PYTHON=$py STEPS=4 OUT=/tmp/rehearsal bash launch/rehearse.sh "${one_gpu[@]}" distill.teacher_sharding=zero3_offload
 } 2>&1 | tee "$log"

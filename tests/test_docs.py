@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 # Folders that are not the repository's text: virtual environments, caches, and what programs write.
-SKIP_DIRS = {".git", "__pycache__", ".pytest_cache", "outputs", "runs", "wan_models", "ckpts", ".gpu_wheels"}
+SKIP_DIRS = {"__pycache__", "outputs", "runs", "wan_models", "ckpts"}  # and every hidden folder (.git, .venv*)
 SCANNED = (".py", ".md", ".sh", ".yaml", ".yml")
 # A repository path: one of the repository's top-level folders, then path characters; it counts when it
 # ends in a file extension or "/" (so "tests/test_*.py" or "runs/eval/long" are not taken for one).
@@ -45,7 +45,7 @@ NOT_IN_REPO = RUN_TIME.keys() | ELSEWHERE.keys()
 def text_files(suffixes=SCANNED) -> list[Path]:
     found = []
     for folder, dirs, files in os.walk(ROOT):
-        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith(".venv")
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith(".")
                          and not d.endswith(".egg-info"))
         found += [Path(folder) / f for f in sorted(files) if f.endswith(suffixes)]
     return found

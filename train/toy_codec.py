@@ -52,7 +52,7 @@ def initial_weights(path: Path) -> dict[str, torch.Tensor]:
     checkpoints/toy_vae_s4, in fp16), in float32."""
     if path.is_file():
         return torch.load(path, map_location="cpu", weights_only=True)["vae"]
-    return {k: v.float() for k, v in WanVAE.from_folder(path).vae.state_dict().items()}
+    return WanVAE.from_folder(path).vae.state_dict()  # loaded in float32
 
 
 def main(argv=None) -> int:
