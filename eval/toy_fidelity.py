@@ -61,7 +61,8 @@ def main(argv=None) -> dict:
     write_fidelity(out, result, videos)
     for name, s in result["by_captions"].items():
         print(f"{name}: colour {s['colour']:.0%}, shape {s['shape']:.0%}, direction {s['direction']:.0%} "
-              f"({s['direction_of_moving']:.0%} of moving), count {s['count']:.0%}, presence {s['presence']:.0%} "
+              f"({s['direction_of_moving']:.0%} of moving; last fifth {s['direction_by_segment'][-1]:.0%}), "
+              f"count {s['count']:.0%}, presence {s['presence']:.0%} "
               f"(last fifth {s['presence_by_segment'][-1]:.0%}) of {s['objects']} objects in {s['clips']} clips; "
               f"colour fidelity {s['colour_fidelity']:.0%}, moving {s['moving']:.0%}")
     psnr = f"PSNR {result['psnr']:.2f} dB; " if "psnr" in result else ""

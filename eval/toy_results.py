@@ -49,7 +49,8 @@ VARIANTS = {
 HELD_OUT_SEED = 515151  # captions of clips no stage trained on
 CAPTION_SETS = ["template", "held_out"]  # the training template, and phrasings no stage trained on
 METRICS = ["saturation", "toy_object_error", "toy_presence", "motion", "frame_l1"]  # the table's drift columns
-PROMPT_MEASURES = ["colour", "shape", "direction_of_moving", "count", "presence", "presence_last_fifth"]
+PROMPT_MEASURES = ["colour", "shape", "direction_of_moving", "direction_last_fifth", "count", "presence",
+                   "presence_last_fifth"]
 
 
 def markers(section: str) -> tuple[str, str]:
@@ -153,7 +154,8 @@ def summary(fidelity: dict, scores: dict) -> dict:
 
 def prompt_measures(s: dict) -> dict:
     """The prompt table's numbers from one caption set's eval.toy_fidelity summary."""
-    return {**{m: s[m] for m in PROMPT_MEASURES[:-1]}, "presence_last_fifth": s["presence_by_segment"][-1]}
+    return {**{m: s[m] for m in PROMPT_MEASURES if m in s}, "presence_last_fifth": s["presence_by_segment"][-1],
+            "direction_last_fifth": s["direction_by_segment"][-1]}
 
 
 def table(present: dict, rows: dict, args: argparse.Namespace, assets: Path) -> str:
@@ -182,10 +184,12 @@ def prompt_table(present: dict, rows: dict, args: argparse.Namespace) -> str:
     lines = [f"What the prompts say (hiar/toyfidelity.py), per prompted object (count: per video): short "
              f"clips ({args.num_clips} held-out captions) and {args.fidelity_clips} videos at each longer "
              "length, phrased in the training template and in held-out phrasings no stage trained on. "
-             "Direction: of the objects that move; presence: the frames showing the object, over the video and "
-             "over its last fifth.", "",
-             "| variant | video | captions | colour | shape | direction | count | presence | presence, last fifth |",
-             "| --- " * 9 + "|"]
+             "Direction: of the objects that move, from the start of the video; last fifth: moving the prompted "
+             "way at the world's speeds over the video's last fifth; presence: the frames showing the object, "
+             "over the video and over its last fifth.", "",
+             "| variant | video | captions | colour | shape | direction | direction, last fifth | count | presence "
+             "| presence, last fifth |",
+             "| --- " * 10 + "|"]
     for name in present:
         for length, by_captions in rows[name]["prompts"].items():
             for captions, m in by_captions.items():

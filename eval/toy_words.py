@@ -50,7 +50,7 @@ def main(argv=None) -> dict:
         sys.exit(2)
     device = torch.device(args.device)
     model.eval().to(device)
-    clips = held_out_clips(args.num_clips, cfg.video.height, cfg.video.width)
+    clips = held_out_clips(args.num_clips, cfg.video.height, cfg.video.width, motion=cfg.video.toy_motion)
     codec = build_codec(cfg, torch.device("cpu"))  # encodes on the host; word_use moves the latents
     result = word_use(model, codec, PromptBank.for_config(cfg, device), clips, rendered_frames(cfg),
                       cfg.train.negative_prompt, batch_size=args.batch_size, context=args.context)

@@ -114,6 +114,10 @@ class VideoConfig:
     # block included (W = 21, k = 3: a block sees the 18 frames before it). 0 = unbounded.
     window_frames: int = 0
     sink_frames: int = 0  # first frames that stay visible to every block (attention sink)
+    # The toy world's rule at a border (hiar.toyworld): "bounce" (every toy checkpoint before the wrap
+    # world) or "wrap" (objects leave one border and re-enter at the opposite one, so they move the way
+    # the caption says for the whole video). Toy training and evaluation only.
+    toy_motion: Literal["bounce", "wrap"] = "bounce"
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ class ToyCodecConfig:
     threads: int = 1  # torch CPU threads (the toy's machines have two cores for everything)
     output_dir: str = "runs/toy/codec"
     init_from: str = ""  # a state.pt, or a folder with an exported vae/, whose weights a fresh run starts from
+    motion: typing.Literal["bounce", "wrap"] = "bounce"  # the toy world's rule at a border (hiar.toyworld.MOTIONS)
 
 
 def load_codec_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> ToyCodecConfig:
@@ -141,7 +142,7 @@ def clip_batch(cfg: ToyCodecConfig, step: int, frames: int | None = None) -> tor
     for i in range(cfg.batch_size):
         index = step * cfg.batch_size + i
         start = random.Random(f"toycodec/{cfg.seed}/{index}").randrange(1000)
-        rendered = sample_clip(cfg.seed, index, cfg.height, cfg.width).render(length, start)
+        rendered = sample_clip(cfg.seed, index, cfg.height, cfg.width, motion=cfg.motion).render(length, start)
         clips.append(torch.from_numpy(clip_to_video(rendered)))
     return torch.stack(clips).transpose(1, 2)
 

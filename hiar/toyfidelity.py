@@ -35,7 +35,7 @@ from hiar.sampling import block_noise, sample_video
 from hiar.text import build_text_encoder
 from hiar.toyteacher import encode_clips, teacher_samples
 from hiar.toyworld import (DIRECTIONS, SPEED_RANGE, UNIT_AREA, MeasuredObject, ToyClip, caption_fidelity,
-                           fidelity_verdict, measure_frame, sample_clip, speed_census)
+                           fidelity_verdict, measure_frame, sample_clip, speed_census, torus_offset)
 from hiar.video import to_uint8
 
 HELD_OUT_SEED = 424242  # captions of clips the teacher never trained on
@@ -58,32 +58,43 @@ def _bounced(p: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return lo + np.where(u <= span, u, 2 * span - u)
 
 
-def fit_motion(times: np.ndarray, positions: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
+def fit_motion(times: np.ndarray, positions: np.ndarray, lo: float, hi: float,
+               wrap: bool = False) -> tuple[float, float]:
     """(signed speed px/frame, mean absolute residual px) of the world's motion along one axis,
-    p(t) = bounce(p0 + v t) between lo and hi, that fits a centroid track best (least absolute error,
-    on a grid of p0 every half pixel and v every 0.05 px a frame up to 3, so a jittery track's outliers
-    do not decide). Bounces are part of the model: an object that meets the border and comes back still
-    moves the way it started."""
+    p(t) = bounce(p0 + v t) between lo and hi, or with `wrap` p(t) = p0 + v t modulo hi - lo (distances
+    on the circle), that fits a centroid track best (least absolute error, on a grid of p0 every half
+    pixel and v every 0.05 px a frame up to 3, so a jittery track's outliers do not decide). Bounces and
+    wraps are part of the model: an object that meets the border and comes back, or comes in on the other
+    side, still moves the way it started."""
     p0 = np.arange(lo, hi + 0.25, 0.5, dtype=np.float32)[:, None, None]  # [P, 1, 1]
     v = np.arange(-3.0, 3.0001, 0.05, dtype=np.float32)[None, :, None]  # [1, V, 1]
     t = (times - times[0]).astype(np.float32)[None, None]  # [1, 1, T]
-    cost = np.abs(_bounced(p0 + v * t, lo, hi) - positions.astype(np.float32)[None, None]).mean(-1)  # [P, V]
+    positions = positions.astype(np.float32)[None, None]
+    if wrap:
+        cost = np.abs(torus_offset(p0 + v * t - positions, hi - lo)).mean(-1)  # [P, V]
+    else:
+        cost = np.abs(_bounced(p0 + v * t, lo, hi) - positions).mean(-1)
     i, j = np.unravel_index(int(cost.argmin()), cost.shape)
     return float(v[0, j, 0]), float(cost[i, j])
 
 
 def object_motion(track: list[tuple[float, float] | None], half_extent: float, shape: str | None,
-                  height: int, width: int) -> dict:
+                  height: int, width: int, wrap: bool = False) -> dict:
     """Direction ('left', ... or None: seen in fewer than 3 frames), signed speeds and residual of one
-    track (centroid a frame, None where unseen) of an object of this half-extent and shape."""
+    track (centroid a frame, None where unseen) of an object of this half-extent and shape, in the world
+    that bounces or (`wrap`) in the one that wraps."""
     seen = [(t, c) for t, c in enumerate(track) if c is not None]
     if len(seen) < 3:
         return {"direction": None, "vx": math.nan, "vy": math.nan, "residual": math.nan}
     times = np.array([t for t, _ in seen], np.float32)
     xy = np.array([c for _, c in seen], np.float32)
     dy = half_extent / 3 if shape == "triangle" else 0.0  # the triangle's centroid sits below its box centre
-    vx, rx = fit_motion(times, xy[:, 0], half_extent, width - half_extent)
-    vy, ry = fit_motion(times, xy[:, 1], half_extent + dy, height - half_extent + dy)
+    if wrap:  # no margins: the centroid goes all the way round
+        vx, rx = fit_motion(times, xy[:, 0], 0, width, wrap=True)
+        vy, ry = fit_motion(times, xy[:, 1], 0, height, wrap=True)
+    else:
+        vx, rx = fit_motion(times, xy[:, 0], half_extent, width - half_extent)
+        vy, ry = fit_motion(times, xy[:, 1], half_extent + dy, height - half_extent + dy)
     unit = (np.sign(vx), 0.0) if abs(vx) >= abs(vy) else (0.0, np.sign(vy))
     direction = next((name for name, d in DIRECTIONS.items() if d == unit), None)  # None: no motion at all
     return {"direction": direction, "vx": vx, "vy": vy, "residual": max(rx, ry)}
@@ -97,28 +108,28 @@ def _segments(n: int, segments: int) -> list[range]:
 # -- one video against its caption ---------------------------------------------------------------------------
 
 
-def prompt_fidelity(frames: np.ndarray, caption: str, segments: int = SEGMENTS) -> dict:
-    """What a video (uint8 [F, H, W, 3]) shows of each object its caption prompts (`object_fidelity`
-    under "prompted"). Per clip: background_ok, count (the median over frames of objects with a core of
+def prompt_fidelity(frames: np.ndarray, caption: str, segments: int = SEGMENTS, wrap: bool = False) -> dict:
+    """What a video (uint8 [F, H, W, 3]) of the world that bounces or (`wrap`) wraps shows of each object
+    its caption prompts (`object_fidelity` under "prompted"). Per clip: background_ok, count (the median over frames of objects with a core of
     at least COUNT_CORE px) and count_ok, and `caption_fidelity`'s measures and verdict (the columns of
     eval.toy_results)."""
     wanted = parse_caption(caption)
     if wanted is None:
         raise ValueError(f"not a toy-world caption: {caption!r}")
-    measured = [measure_frame(f, shapes=True) for f in frames]
+    measured = [measure_frame(f, shapes=True, wrap=wrap) for f in frames]
     parts = _segments(len(frames), segments)
     objects = []
     for o in wanted["objects"]:
         seen = [next((m for m in frame.objects if m.colour == o["colour"]), None) for frame in measured]
-        objects.append(object_fidelity(o, seen, parts, frames.shape[1], frames.shape[2]))
+        objects.append(object_fidelity(o, seen, parts, frames.shape[1], frames.shape[2], wrap))
     count = int(np.median([sum(m.core >= COUNT_CORE for m in frame.objects) for frame in measured]))
-    legacy = caption_fidelity(frames, caption, measured)
+    legacy = caption_fidelity(frames, caption, measured, wrap)
     return {"caption": caption, "background_ok": legacy["background"] >= 0.5, "count": count,
             "count_ok": count == len(wanted["objects"]), "prompted": objects, **legacy, **fidelity_verdict(legacy)}
 
 
 def object_fidelity(wanted: dict, seen: list[MeasuredObject | None], parts: list[range], height: int,
-                    width: int) -> dict:
+                    width: int, wrap: bool = False) -> dict:
     """One prompted object ({colour, shape, direction}) against its measurements, frame by frame (None
     where its colour is not seen).
 
@@ -127,7 +138,10 @@ def object_fidelity(wanted: dict, seen: list[MeasuredObject | None], parts: list
     shape_iou (median overlap with the best-fitting shape); direction: `object_motion` over the first
     DIRECTION_FRAMES frames, direction_ok; speed (fitted, px a frame) and moves (within the world's
     SPEED_RANGE); axis_ok_by_segment: each part's motion lies along the prompted axis at the world's
-    speeds (after a bounce the sense reverses, the axis does not).
+    speeds (after a bounce the sense reverses, the axis does not); direction_ok_by_segment: each part's
+    motion is the prompted direction at the world's speeds (what a caption promises for the whole video
+    in the world that wraps, and only until the first bounce in the one that bounces). `wrap`: the world
+    that wraps.
     """
     found = [m for m in seen if m is not None]
     present = np.array([m is not None for m in seen])
@@ -137,14 +151,15 @@ def object_fidelity(wanted: dict, seen: list[MeasuredObject | None], parts: list
     area = float(np.median([m.area for m in found])) if found else 0.0
     half = math.sqrt(area / UNIT_AREA[shape or wanted["shape"]])
     track = [m.centroid if m is not None else None for m in seen]
-    start = object_motion(track[:DIRECTION_FRAMES], half, shape, height, width)
+    start = object_motion(track[:DIRECTION_FRAMES], half, shape, height, width, wrap)
     speed = math.hypot(start["vx"], start["vy"])
     horizontal = wanted["direction"] in ("left", "right")
-    axes = []
+    axes, senses = [], []
     for part in parts:
-        m = object_motion([track[t] for t in part], half, shape, height, width)
-        axes.append(bool(m["direction"] is not None and (abs(m["vx"]) >= abs(m["vy"])) == horizontal
-                         and SPEED_RANGE[0] <= max(abs(m["vx"]), abs(m["vy"])) <= SPEED_RANGE[1]))
+        m = object_motion([track[t] for t in part], half, shape, height, width, wrap)
+        at_speed = SPEED_RANGE[0] <= max(abs(m["vx"]), abs(m["vy"])) <= SPEED_RANGE[1]
+        axes.append(bool(m["direction"] is not None and (abs(m["vx"]) >= abs(m["vy"])) == horizontal and at_speed))
+        senses.append(bool(m["direction"] == wanted["direction"] and at_speed))
     return {**wanted, "colour_ok": bool(present.mean() >= 0.5), "presence": float(present.mean()),
             "presence_by_segment": [float(present[part.start:part.stop].mean()) for part in parts],
             "shape_measured": shape, "shape_ok": shape == wanted["shape"],
@@ -152,11 +167,16 @@ def object_fidelity(wanted: dict, seen: list[MeasuredObject | None], parts: list
             "shape_iou": float(np.median([m.shape_iou for m in found])) if found else 0.0,
             "direction_measured": start["direction"], "direction_ok": start["direction"] == wanted["direction"],
             "speed": speed, "moves": bool(SPEED_RANGE[0] <= speed <= SPEED_RANGE[1]),
-            "motion_residual": start["residual"], "axis_ok_by_segment": axes}
+            "motion_residual": start["residual"], "axis_ok_by_segment": axes, "direction_ok_by_segment": senses}
 
 
 def _rate(flags: list[bool]) -> float:
     return float(np.mean(flags)) if flags else math.nan
+
+
+def _by_segment(objects: list[dict], key: str) -> list[float]:
+    """The mean over objects of a per-part measure, part by part."""
+    return [_rate([o[key][i] for o in objects]) for i in range(len(objects[0][key]))] if objects else []
 
 
 def summarise(clips: list[dict]) -> dict:
@@ -173,11 +193,10 @@ def summarise(clips: list[dict]) -> dict:
             "direction": _rate([o["direction_ok"] for o in objects]),
             "direction_of_moving": _rate([o["direction_ok"] for o in moving]),
             "moving_objects": _rate([o["moves"] for o in objects]),
-            "axis_by_segment": [_rate([o["axis_ok_by_segment"][i] for o in objects])
-                                for i in range(len(objects[0]["axis_ok_by_segment"]))] if objects else [],
+            "axis_by_segment": _by_segment(objects, "axis_ok_by_segment"),
+            "direction_by_segment": _by_segment(objects, "direction_ok_by_segment"),
             "presence": _rate([o["presence"] for o in objects]),
-            "presence_by_segment": [_rate([o["presence_by_segment"][i] for o in objects])
-                                    for i in range(len(objects[0]["presence_by_segment"]))] if objects else [],
+            "presence_by_segment": _by_segment(objects, "presence_by_segment"),
             "background": _rate([c["background_ok"] for c in clips]),
             "count": _rate([c["count_ok"] for c in clips]),
             "colour_fidelity": _rate([c["colours_ok"] for c in clips]),
@@ -194,10 +213,12 @@ def psnr(reference: np.ndarray, video: np.ndarray) -> float:
 # -- sampling -------------------------------------------------------------------------------------------------
 
 
-def held_out_clips(num_clips: int, height: int = 64, width: int = 64, speed: float | None = None) -> list[ToyClip]:
-    """The evaluation's clips; with `speed`, every object moves at that many px a frame instead of its own
-    (a codec's round trip at one speed: how much motion within a latent frame costs it)."""
-    clips = [sample_clip(HELD_OUT_SEED, i, height, width) for i in range(num_clips)]
+def held_out_clips(num_clips: int, height: int = 64, width: int = 64, speed: float | None = None,
+                   motion: str = "bounce") -> list[ToyClip]:
+    """The evaluation's clips in the world with this `motion` rule; with `speed`, every object moves at
+    that many px a frame instead of its own (a codec's round trip at one speed: how much motion within a
+    latent frame costs it)."""
+    clips = [sample_clip(HELD_OUT_SEED, i, height, width, motion=motion) for i in range(num_clips)]
     if speed is None:
         return clips
     return [dataclasses.replace(c, objects=tuple(dataclasses.replace(o, speed=speed) for o in c.objects))
@@ -253,7 +274,8 @@ def round_trip(codec: Codec, clips: list[ToyClip], frames: int, caption_set: str
     """Rendered clips of `frames` frames through any codec and back, measured against their captions: the
     ceiling of a model on that codec (`summarise` and the mean PSNR)."""
     back = [to_uint8(v) for v in codec.decode(encode_clips(codec, clips, frames))]
-    per_clip = [prompt_fidelity(v, c) for v, c in zip(back, captions_of(clips, caption_set))]
+    per_clip = [prompt_fidelity(v, c, wrap=clip.motion == "wrap")
+                for v, c, clip in zip(back, captions_of(clips, caption_set), clips)]
     return {**summarise(per_clip), "psnr": float(np.mean([psnr(c.render(frames), v) for c, v in zip(clips, back)]))}
 
 
@@ -271,14 +293,15 @@ def evaluate(checkpoint: str, overrides: list[str], sampler: str, num_clips: int
                          "draws from the caption, which says no speed)")
     cfg = evaluation_config(checkpoint, overrides, seconds)
     model = Sampler(checkpoint, cfg, sampler)
-    clips = held_out_clips(num_clips, model.cfg.video.height, model.cfg.video.width, speed)
+    v = model.cfg.video
+    clips = held_out_clips(num_clips, v.height, v.width, speed, v.toy_motion)
     result: dict = {"frames": rendered_frames(model.cfg), "fps": model.cfg.video.fps, "by_captions": {}}
     first = None
     for caption_set in caption_sets:
         captions = captions_of(clips, caption_set)
         videos = first if sampler == "codec" and first is not None else model.videos(clips, captions, batch_size)
         first = first if first is not None else videos
-        per_clip = [prompt_fidelity(v, c) for v, c in zip(videos, captions)]
+        per_clip = [prompt_fidelity(video, c, wrap=v.toy_motion == "wrap") for video, c in zip(videos, captions)]
         result["by_captions"][caption_set] = {**summarise(per_clip), "per_clip": per_clip}
     if sampler == "codec":
         frames = rendered_frames(model.cfg)

@@ -23,7 +23,7 @@ def toy_batch(cfg: Config, codec: Codec, indices: Sequence[int]) -> tuple[torch.
     """Latents [B, F, C, h, w] (on the CPU) and captions (style train.captions) of the toy world's clips
     `indices`: F = video.num_latent_frames, from the video frames the codec needs for them."""
     v, t = cfg.video, cfg.train
-    clips = [sample_clip(t.seed, i, v.height, v.width) for i in indices]
+    clips = [sample_clip(t.seed, i, v.height, v.width, motion=v.toy_motion) for i in indices]
     latents = encode_clips(codec, clips, rendered_frames(cfg))
     return latents, [toy_caption(c, t.seed, i, t.captions) for c, i in zip(clips, indices)]
 

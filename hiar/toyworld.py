@@ -1,7 +1,10 @@
 """The toy world: procedural, captioned, flat-shaded videos in which every stage of the recipe runs on a CPU.
 
 One or two shapes (circle, square, triangle) in named colours move at constant speed on a named
-background and bounce off the borders. A clip is a pure function of (seed, index); it renders any
+background. The world's `motion` rule decides what happens at a border: "bounce" (the first world:
+objects bounce off it, so a caption's direction holds only until the first bounce) or "wrap" (the frame
+is a torus: an object leaving one border re-enters at the opposite one, cut in two while it crosses, and
+moves the named way for the whole video). A clip is a pure function of (seed, index); it renders any
 number of frames from any start frame, and the world is stationary, so a long video has the same
 statistics as a short one. Each clip carries its caption ("a red circle moving left on a dark blue
 background"; other phrasings of the same scene: `hiar.captions`) and its ground-truth parameters.
@@ -34,6 +37,7 @@ SHAPES = ("circle", "square", "triangle")
 UNIT_AREA = {"circle": math.pi, "square": 4.0, "triangle": 2.0}  # area of a shape of half-extent 1
 # Unit direction vectors (x right, y down) and their names in captions.
 DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
+MOTIONS = ("bounce", "wrap")  # what an object does at a border (video.toy_motion)
 
 
 @dataclass(frozen=True)
@@ -50,16 +54,21 @@ class ToyObject:
     def area(self) -> float:
         return UNIT_AREA[self.shape] * self.size ** 2
 
-    def centre(self, frame: float, height: int, width: int) -> tuple[float, float]:
-        """Bounding-box centre at `frame`, bouncing off the borders (a triangle wave in each axis)."""
+    def centre(self, frame: float, height: int, width: int, motion: str = "bounce") -> tuple[float, float]:
+        """Bounding-box centre at `frame`: bouncing off the borders (a triangle wave in each axis) or, with
+        motion "wrap", modulo the frame (a sawtooth: the frame is a torus)."""
         dx, dy = DIRECTIONS[self.direction]
-        return (_bounce(self.x + dx * self.speed * frame, self.size, width),
-                _bounce(self.y + dy * self.speed * frame, self.size, height))
+        x, y = self.x + dx * self.speed * frame, self.y + dy * self.speed * frame
+        if motion == "wrap":
+            return x % width, y % height
+        return _bounce(x, self.size, width), _bounce(y, self.size, height)
 
-    def centroid(self, frame: float, height: int, width: int) -> tuple[float, float]:
-        """Centre of mass (the triangle's lies a third of its height below the box centre)."""
-        x, y = self.centre(frame, height, width)
-        return x, y + (self.size / 3 if self.shape == "triangle" else 0.0)
+    def centroid(self, frame: float, height: int, width: int, motion: str = "bounce") -> tuple[float, float]:
+        """Centre of mass (the triangle's lies a third of its height below the box centre; on the torus,
+        modulo the height)."""
+        x, y = self.centre(frame, height, width, motion)
+        y += self.size / 3 if self.shape == "triangle" else 0.0
+        return x, y % height if motion == "wrap" else y
 
 
 def _bounce(p: float, margin: float, extent: int) -> float:
@@ -68,12 +77,18 @@ def _bounce(p: float, margin: float, extent: int) -> float:
     return margin + (u if u <= span else 2 * span - u)
 
 
+def torus_offset(d: np.ndarray | float, extent: float) -> np.ndarray | float:
+    """The shortest signed offset equal to d modulo extent, in [-extent / 2, extent / 2)."""
+    return (d + extent / 2) % extent - extent / 2
+
+
 @dataclass(frozen=True)
 class ToyClip:
     background: str
     objects: tuple[ToyObject, ...]
     height: int = 64
     width: int = 64
+    motion: str = "bounce"  # one of MOTIONS
 
     @property
     def caption(self) -> str:
@@ -91,7 +106,7 @@ class ToyClip:
     @staticmethod
     def from_params(params: dict) -> ToyClip:
         return ToyClip(params["background"], tuple(ToyObject(**o) for o in params["objects"]),
-                       params["height"], params["width"])
+                       params["height"], params["width"], params.get("motion", "bounce"))
 
     def render(self, num_frames: int, start: int = 0) -> np.ndarray:
         """Frames start .. start + num_frames - 1 as uint8 [F, H, W, 3]."""
@@ -101,8 +116,11 @@ class ToyClip:
             frame = frames[i]
             frame[:] = BACKGROUNDS[self.background]
             for obj in self.objects:  # later objects are drawn over earlier ones
-                cx, cy = obj.centre(start + i, self.height, self.width)
-                frame[_inside(obj.shape, xs - cx, ys - cy, obj.size)] = OBJECT_COLOURS[obj.colour]
+                cx, cy = obj.centre(start + i, self.height, self.width, self.motion)
+                dx, dy = xs - cx, ys - cy
+                if self.motion == "wrap":  # each pixel's nearest copy of the object on the torus
+                    dx, dy = torus_offset(dx, self.width), torus_offset(dy, self.height)
+                frame[_inside(obj.shape, dx, dy, obj.size)] = OBJECT_COLOURS[obj.colour]
         return frames
 
 
@@ -115,8 +133,12 @@ def _inside(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
     return (dy >= -r) & (dy <= r) & (np.abs(dx) <= (dy + r) / 2)
 
 
-def sample_clip(seed: int, index: int, height: int = 64, width: int = 64, max_objects: int = 2) -> ToyClip:
-    """Clip `index` of the world with this seed: a pure function of its arguments."""
+def sample_clip(seed: int, index: int, height: int = 64, width: int = 64, max_objects: int = 2,
+                motion: str = "bounce") -> ToyClip:
+    """Clip `index` of the world with this seed: a pure function of its arguments. The motion rule changes
+    nothing else: the same (seed, index) has the same scene and start in both worlds."""
+    if motion not in MOTIONS:
+        raise ValueError(f"motion {motion!r}: one of {MOTIONS}")
     rng = random.Random(f"toyworld/{seed}/{index}")
     background = rng.choice(sorted(BACKGROUNDS))
     colours = rng.sample(sorted(OBJECT_COLOURS), k=rng.randint(1, max_objects))  # distinct colours
@@ -126,7 +148,7 @@ def sample_clip(seed: int, index: int, height: int = 64, width: int = 64, max_ob
         objects.append(ToyObject(shape=rng.choice(SHAPES), colour=colour, size=size,
                                  x=rng.uniform(size, width - size), y=rng.uniform(size, height - size),
                                  direction=rng.choice(sorted(DIRECTIONS)), speed=rng.uniform(0.75, 2.5)))
-    return ToyClip(background, tuple(objects), height, width)
+    return ToyClip(background, tuple(objects), height, width, motion)
 
 
 def clip_to_video(frames: np.ndarray) -> np.ndarray:
@@ -158,13 +180,14 @@ class FrameMeasurement:
 
 
 def measure_frame(frame: np.ndarray, min_area: int = 6, max_distance: float = 90.0,
-                  shapes: bool = False) -> FrameMeasurement:
+                  shapes: bool = False, wrap: bool = False) -> FrameMeasurement:
     """Segment an RGB frame (uint8 [H, W, 3]) by nearest palette colour.
 
     The background is the background colour covering most pixels; every object colour covering at least
     `min_area` pixels is an object, with its area, centroid and, with `shapes`, its `classify_shape`.
     Pixels farther than `max_distance` from every palette colour count as neither (generated frames are
-    not exactly flat).
+    not exactly flat). With `wrap` the frame is a torus (the "wrap" world): an object cut by a border is
+    measured whole, as `torus_roll` rejoins it, and its centroid is taken modulo the frame.
     """
     pixels = frame.reshape(-1, 3).astype(np.float32)
     distance = np.linalg.norm(pixels[:, None, :] - _PALETTE[None], axis=-1)  # [H*W, P]
@@ -179,13 +202,30 @@ def measure_frame(frame: np.ndarray, min_area: int = 6, max_distance: float = 90
     objects = []
     for p in range(nb, len(_PALETTE)):
         if counts[p] >= min_area:
-            mask = label == p
-            centroid = (float(xs[mask].mean() + 0.5), float(ys[mask].mean() + 0.5))
-            mask = mask.reshape(frame.shape[:2])
+            mask = (label == p).reshape(frame.shape[:2])
+            roll = torus_roll(mask) if wrap else (0, 0)
+            mask = np.roll(mask, (-roll[0], -roll[1]), (0, 1))
+            my, mx = np.nonzero(mask)
+            centroid = (float(mx.mean() + 0.5), float(my.mean() + 0.5))
             shape = (*classify_shape(mask, centroid), core_area(mask)) if shapes else (None, None, None)
+            centroid = ((centroid[0] + roll[1]) % frame.shape[1], (centroid[1] + roll[0]) % frame.shape[0])
             objects.append(MeasuredObject(_PALETTE_NAMES[p], int(counts[p]), centroid, *shape))
     objects.sort(key=lambda o: -o.area)
     return FrameMeasurement(_PALETTE_NAMES[bg], bg_error, tuple(objects))
+
+
+def torus_roll(mask: np.ndarray) -> tuple[int, int]:
+    """(rows, columns) to roll a mask (bool [H, W]) back by so that no object in it straddles a border:
+    on each axis where both border lines are occupied, the widest empty band is moved to the border.
+    (0, 0) for a mask that touches no two opposite borders, so a whole object is measured as before."""
+    def along(occupied: np.ndarray) -> int:
+        if not (occupied[0] and occupied[-1]):
+            return 0
+        edges = np.flatnonzero(np.diff(occupied.astype(np.int8)))  # i: occupied[i] != occupied[i + 1]
+        gaps = [(b - a, b + 1) for a, b in zip(edges[::2], edges[1::2])]  # (length, first occupied after)
+        return max(gaps)[1] if gaps else 0
+
+    return along(mask.any(1)), along(mask.any(0))
 
 
 # Below this overlap with its best-fitting shape an object has no recognisable shape. Rendered objects
@@ -226,9 +266,10 @@ def classify_shape(mask: np.ndarray, centroid: tuple[float, float]) -> tuple[str
     return best if best[1] >= SHAPE_MIN_IOU else (None, best[1])
 
 
-def caption_fidelity(frames: np.ndarray, caption: str, measured: list[FrameMeasurement] | None = None) -> dict:
+def caption_fidelity(frames: np.ndarray, caption: str, measured: list[FrameMeasurement] | None = None,
+                     wrap: bool = False) -> dict:
     """How well a video (uint8 [F, H, W, 3]) shows its toy caption, frame by frame (`measured`: the
-    frames' `measure_frame`, when the caller has it).
+    frames' `measure_frame`, when the caller has it; `wrap`: the frame is a torus).
 
     background: fraction of frames whose measured background is the prompted one; objects: fraction of
     frames showing every prompted object colour; speed: median centroid displacement per frame (pixels)
@@ -238,11 +279,17 @@ def caption_fidelity(frames: np.ndarray, caption: str, measured: list[FrameMeasu
     if wanted is None:
         raise ValueError(f"not a toy-world caption: {caption!r}")
     colours = [o["colour"] for o in wanted["objects"]]
-    measured = measured or [measure_frame(f) for f in frames]
+    measured = measured or [measure_frame(f, wrap=wrap) for f in frames]
     tracks = {c: [next((o.centroid for o in m.objects if o.colour == c), None) for m in measured] for c in colours}
+    height, width = frames.shape[1:3]
+
+    def step(a: tuple[float, float], b: tuple[float, float]) -> float:
+        dx, dy = b[0] - a[0], b[1] - a[1]
+        return math.hypot(torus_offset(dx, width), torus_offset(dy, height)) if wrap else math.hypot(dx, dy)
+
     speeds = {}
     for c, track in tracks.items():
-        steps = [math.dist(a, b) for a, b in zip(track, track[1:]) if a is not None and b is not None]
+        steps = [step(a, b) for a, b in zip(track, track[1:]) if a is not None and b is not None]
         speeds[c] = float(np.median(steps)) if steps else float("nan")
     return {"background": float(np.mean([m.background == wanted["background"] for m in measured])),
             "objects": float(np.mean([all(t[i] is not None for t in tracks.values()) for i in range(len(frames))])),

@@ -200,7 +200,8 @@ def test_results_report_what_the_prompts_say_per_length_and_phrasing(tmp_path, m
 
     def measures(colour: float) -> dict:
         return {"colour": colour, "shape": 0.5, "direction_of_moving": 0.75, "count": 1.0, "presence": 0.875,
-                "presence_by_segment": [1.0, 0.25], "colour_fidelity": colour, "moving": 0.5}
+                "presence_by_segment": [1.0, 0.25], "direction_by_segment": [0.75, 0.625], "colour_fidelity": colour,
+                "moving": 0.5}
 
     def run_program(program: str, *args: str) -> int:  # each program's files, as it writes them
         calls.append((program, args))
@@ -229,8 +230,8 @@ def test_results_report_what_the_prompts_say_per_length_and_phrasing(tmp_path, m
     assert [a[a.index("--num_clips") + 1] for a in fidelity] == ["40", "3", "3"]
     assert [a[a.index("--seconds") + 1] for a in fidelity[1:]] == ["60", "300"] and "--seconds" not in fidelity[0]
     lines = (tmp_path / "doc.md").read_text().splitlines()
-    assert "| hiar | short | held_out | 50% | 50% | 75% | 100% | 88% | 25% |" in lines
-    assert "| hiar | 300 s | template | 25% | 50% | 75% | 100% | 88% | 25% |" in lines
+    assert "| hiar | short | held_out | 50% | 50% | 75% | 62% | 100% | 88% | 25% |" in lines
+    assert "| hiar | 300 s | template | 25% | 50% | 75% | 62% | 100% | 88% | 25% |" in lines
     assert sum(line.startswith("| hiar | ") and " s | " in line for line in lines) == 4
     summary = json.loads((tmp_path / "doc" / "1x" / "summary.json").read_text())["hiar"]
     assert summary["colour_fidelity"] == 1.0 and summary["prompts"]["60 s"]["held_out"]["colour"] == 0.125

@@ -4,6 +4,7 @@ comes to use its latents, and a resumed training run that equals an uninterrupte
 
 import dataclasses
 import json
+import random
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from hiar.config import ConfigError, load_config, with_overrides
 from hiar.toycodec import (ToyCodecConfig, build_toy_vae, clip_batch, clip_length, decode_unclamped, edge_l1,
                            learning_rate, load_codec_config, object_mask, reconstruction_loss, spatial_stride)
 from hiar.toyteacher import toy_batch
-from hiar.toyworld import BACKGROUNDS, sample_clip
+from hiar.toyworld import BACKGROUNDS, clip_to_video, sample_clip
 
 
 def small(tmp_path, **extra) -> str:
@@ -279,3 +280,22 @@ def test_the_shipped_stride4_vae_keeps_the_toy_worlds_shapes_colours_and_directi
     result = round_trip(codec, held_out_clips(8, 64, 64), 21)  # 13 objects: 100%, 100%, 92% (12), 26.8 dB
     assert result["colour"] == 1.0 and result["direction"] == 1.0 and result["shape"] >= 0.9
     assert result["psnr"] > 26.0
+
+
+def test_every_toy_stage_draws_its_clips_from_the_configured_world():
+    """video.toy_motion (teacher batches) and the codec's `motion` pick the world; the clips, their start
+    frames and captions stay the same, only what objects do at a border changes."""
+    from hiar.codecs import ToyDCTCodec
+    from hiar.toyteacher import encode_clips
+
+    cfg = ToyCodecConfig(num_frames=9, height=64, width=64, batch_size=2, seed=5)
+    wrapped = dataclasses.replace(cfg, motion="wrap")
+    starts = [random.Random(f"toycodec/5/{i}").randrange(1000) for i in range(2)]
+    expected = [sample_clip(5, i, motion="wrap").render(9, s) for i, s in enumerate(starts)]
+    videos = torch.stack([torch.from_numpy(clip_to_video(frames)) for frames in expected])
+    assert torch.equal(clip_batch(wrapped, 0), videos.transpose(1, 2))
+    assert not torch.equal(clip_batch(cfg, 0), clip_batch(wrapped, 0))  # the first world's clips, bounced
+    teacher = load_config("configs/toy/teacher.yaml", ["video.num_latent_frames=48", "video.toy_motion=wrap"])
+    latents, captions = toy_batch(teacher, ToyDCTCodec(), [0, 1])
+    clips = [sample_clip(teacher.train.seed, i, motion="wrap") for i in (0, 1)]
+    assert torch.equal(latents, encode_clips(ToyDCTCodec(), clips, 48)) and captions == [c.caption for c in clips]

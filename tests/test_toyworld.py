@@ -5,7 +5,7 @@ import pytest
 
 from hiar.data import load_prompts, read_shards, toy_samples, write_shards
 from hiar.toyworld import (BACKGROUNDS, DIRECTIONS, OBJECT_COLOURS, SHAPES, ToyClip, ToyObject, measure_frame,
-                           parse_caption, sample_clip)
+                           parse_caption, sample_clip, torus_offset)
 
 
 def test_measuring_a_rendered_frame_recovers_its_parameters():
@@ -217,3 +217,74 @@ def test_the_toy_codecs_ceiling():
     assert 0.85 < r["shape_iou"] < 0.95  # blurred: less than a rendered object's 0.98
     frames = held_out_clips(1)[0].render(3)
     assert psnr(frames, frames) == float("inf")
+
+
+def test_the_wrap_world_keeps_each_scene_and_moves_it_the_named_way_for_the_whole_video():
+    """In the world that wraps, every frame-to-frame step of every object goes the captioned way (in the
+    one that bounces a third of a 21-frame clip's steps do not: docs/toy_prompts.md), and an object cut
+    by a border keeps its area."""
+    for i in range(40):
+        bounce, wrap = sample_clip(0, i), sample_clip(0, i, motion="wrap")
+        assert wrap.objects == bounce.objects and wrap.motion == "wrap" and ToyClip.from_params(wrap.params()) == wrap
+        for obj in wrap.objects:
+            d = DIRECTIONS[obj.direction]
+            xy = np.array([obj.centre(t, 64, 64, "wrap") for t in range(480)])
+            step = torus_offset(np.diff(xy, axis=0), 64.0) @ np.array(d)
+            assert np.allclose(step, obj.speed, atol=1e-6)
+        if len(wrap.objects) == 1:
+            obj = wrap.objects[0]
+            frames = wrap.render(60, start=i * 7)
+            areas = (frames == OBJECT_COLOURS[obj.colour]).all(-1).sum((1, 2))
+            assert np.abs(areas - obj.area).max() <= 2.5 * obj.size + 4
+    with pytest.raises(ValueError, match="motion"):
+        sample_clip(0, 0, motion="loop")
+
+
+def test_measuring_an_object_cut_by_the_borders_of_the_torus():
+    from hiar.toyworld import classify_shape, torus_roll
+
+    for shape in SHAPES:
+        obj = ToyObject(shape, "yellow", 8.0, 1.0, 62.0, "left", 1.0)  # its box centre near the bottom-left corner
+        frame = ToyClip("dark blue", (obj,), motion="wrap").render(1)[0]
+        whole = measure_frame(frame, shapes=True, wrap=True).objects[0]
+        cx, cy = obj.centroid(0, 64, 64, "wrap")
+        assert abs(torus_offset(whole.centroid[0] - cx, 64)) < 0.6
+        assert abs(torus_offset(whole.centroid[1] - cy, 64)) < 0.6
+        assert whole.shape == shape and whole.shape_iou > 0.85 and abs(whole.area - obj.area) <= 2.5 * obj.size + 4
+        cut = measure_frame(frame, shapes=True).objects[0]  # read as if the frame had borders: four pieces
+        assert cut.shape is None and abs(cut.centroid[0] - cx) > 20
+    mask = np.zeros((64, 64), bool)
+    mask[10:20, 30:40] = True
+    assert torus_roll(mask) == (0, 0)  # nothing to rejoin: measured exactly as before
+    assert classify_shape(mask, (35.0, 15.0))[0] == "square"
+
+
+def test_motion_fit_on_the_torus():
+    from hiar.toyfidelity import fit_motion, object_motion
+
+    obj = ToyObject("circle", "red", 6.0, 3.0, 30.0, "left", 2.0)  # crosses the left border at once
+    track = [obj.centroid(t, 64, 64, "wrap") for t in range(24)]
+    times = np.arange(24, dtype=np.float32)
+    v, residual = fit_motion(times, np.array([x for x, _ in track]), 0, 64, wrap=True)
+    assert abs(v + 2.0) < 0.051 and residual < 0.3
+    assert object_motion(track, 6.0, "circle", 64, 64, wrap=True)["direction"] == "left"
+    assert object_motion(track, 6.0, "circle", 64, 64)["direction"] != "left"  # a bounce model misreads the jump
+
+
+def test_prompt_fidelity_in_the_wrap_world_holds_the_direction_throughout():
+    from hiar.captions import phrase, template_caption
+    from hiar.toyfidelity import held_out_clips, prompt_fidelity, summarise
+
+    clips = held_out_clips(24, motion="wrap")
+    right = summarise([prompt_fidelity(c.render(21), phrase(c.spec(), "held_out", i), wrap=True)
+                       for i, c in enumerate(clips)])
+    assert min(right["colour"], right["shape"], right["direction"], right["count"]) >= 0.95, right
+    flip = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    wrong = summarise([prompt_fidelity(c.render(21), template_caption(
+        {**c.spec(), "objects": [{**o, "direction": flip[o["direction"]]} for o in c.spec()["objects"]]}), wrap=True)
+        for c in clips])
+    assert wrong["direction"] <= 0.05
+    minute = summarise([prompt_fidelity(c.render(480), c.caption, wrap=True) for c in clips[:4]])  # 60 s at 8 fps
+    assert minute["direction_by_segment"] == [1.0] * 5 and minute["presence"] == 1.0, minute
+    bounced = summarise([prompt_fidelity(c.render(480), c.caption) for c in held_out_clips(4)])
+    assert min(bounced["direction_by_segment"]) < 1.0  # the world that bounces reverses its objects

@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     vae.eval()
     export(vae, out, *latent_stats(vae, cfg))
     codec = WanVAE.from_folder(out)
-    ceiling = round_trip(codec, held_out_clips(16, cfg.height, cfg.width), 21)
+    ceiling = round_trip(codec, held_out_clips(16, cfg.height, cfg.width, motion=cfg.motion), 21)
     (out / "ceiling.json").write_text(json.dumps({"step": step, **ceiling}, indent=1))
     print(f"step {step}: round trip of 16 held-out clips: PSNR {ceiling['psnr']:.2f} dB, colour "
           f"{ceiling['colour']:.0%}, shape {ceiling['shape']:.0%}, direction {ceiling['direction']:.0%}; "
