@@ -9,8 +9,10 @@
 config): the ceiling every model is measured against, with its PSNR; with `--speed` every object moves
 at that speed (how much motion within a latent frame costs the codec). `--sampler teacher`: the
 bidirectional teacher's ODE with CFG (train.sample_steps, train.sample_shift, train.guidance_scale of
-the checkpoint's config). `--sampler student` (default): the causal student in its config's order
-(trailing section.key=value overrides change it), one video of the config's length or of `--seconds`.
+the checkpoint's config); with `--context N` it is given each held-out clip's first N latent frames
+and draws the rest (does it continue the clip the way the caption says?). `--sampler student`
+(default): the causal student in its config's order (trailing section.key=value overrides change it),
+one video of the config's length or of `--seconds`.
 `--captions`: how the held-out clips are phrased, the training template and/or the held-out
 phrasings (hiar/captions.py), each reported on its own. Per prompted object: colour, shape, direction,
 speed, presence over time; per clip: background and count (hiar/toyfidelity.py). Writes results.json
@@ -41,6 +43,9 @@ def main(argv=None) -> dict:
     p.add_argument("--seconds", type=float, help="video length (student, codec; default: the config's)")
     p.add_argument("--speed", type=float, help="codec sampler: every object moves this many px a frame "
                    "(default: each its own)")
+    p.add_argument("--context", type=int, default=0, help="teacher sampler: give it the first N latent frames "
+                   "of each held-out clip and let it draw the rest (where objects start is given, where they "
+                   "go is the model's)")
     p.add_argument("--out", default="runs/toy/fidelity")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (student sampler)")
     args = p.parse_args(argv)
@@ -54,9 +59,9 @@ def main(argv=None) -> dict:
     if len(set(args.captions)) != len(args.captions):
         raise ValueError(f"--captions {' '.join(args.captions)}: name each set once")
     result, videos = evaluate(args.checkpoint, args.overrides, args.sampler, args.num_clips, args.batch_size,
-                              args.captions, args.seconds, args.speed)
+                              args.captions, args.seconds, args.speed, args.context)
     result = {"checkpoint": args.checkpoint, "sampler": args.sampler, "overrides": args.overrides,
-              "seconds": args.seconds, "speed": args.speed, **result}
+              "seconds": args.seconds, "speed": args.speed, "context": args.context, **result}
     out = Path(args.out)
     write_fidelity(out, result, videos)
     for name, s in result["by_captions"].items():

@@ -232,6 +232,10 @@ class TrainConfig:
     # teacher: this share of samples draws a level per latent frame (diffusion forcing), so a legible frame
     # beside illegible ones, the causal student's case, is a training case; the rest one level a sample
     frame_noise: float = 0.0
+    # teacher: this share of samples gets its first latent frame nearly clean (a level in [0, 0.2]) and the
+    # others one level: the case in which only the caption says which way the objects go next, the one
+    # case that teaches the direction word (docs/toy_prompts.md, "The direction word, learnt")
+    context_noise: float = 0.0
     negative_prompt: str = ""
     guidance_scale: float = 3.0  # teacher samples and ODE trajectories
     sample_steps: int = 48  # Euler steps of teacher sampling
@@ -507,6 +511,9 @@ def check_train(t: TrainConfig) -> None:
     if not 0 <= t.frame_noise <= 1:
         raise ConfigError(f"train.frame_noise={t.frame_noise} must lie in [0, 1] (the share of samples with a "
                           "noise level per latent frame)")
+    if not 0 <= t.context_noise <= 1 - t.frame_noise:
+        raise ConfigError(f"train.context_noise={t.context_noise} must lie in [0, 1 - train.frame_noise] (the "
+                          "share of samples with a nearly clean first latent frame; the shares add up)")
 
 
 def resolved_lengths(d: DistillConfig, num_latent_frames: int) -> DistillConfig:

@@ -463,13 +463,23 @@ def guided(model: WanModel, text: torch.Tensor, negative: torch.Tensor, scale: f
 
 @torch.no_grad()
 def teacher_ode(denoiser: Callable, timesteps: torch.Tensor, noise: torch.Tensor, flow: FlowMatching,
-                keep: Sequence[int] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+                keep: Sequence[int] = (), context: tuple[torch.Tensor, float] | None = None,
+                ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Euler steps of the probability-flow ODE over `timesteps` (t_0 > ... > t_N = 0) from `noise`
-    [B, F, C, h, w], all frames at once. Returns the clean latents and {i: x at t_i} for i in `keep`."""
+    [B, F, C, h, w], all frames at once. Returns the clean latents and {i: x at t_i} for i in `keep`.
+    `context` (latents [B, c, C, h, w] at timestep t_c, t_c): the first c frames are given, held at t_c at
+    every step (the denoiser sees a timestep per frame) while the ODE draws the others; the returned clean
+    latents start with the denoiser's x0 of them."""
     x, points = noise, {}
+    given, t_c = context if context is not None else (noise[:, :0], 0.0)
+    c = given.shape[1]
     for i, (t, t_next) in enumerate(zip(timesteps[:-1].tolist(), timesteps[1:].tolist())):
+        if c:
+            x = torch.cat([given, x[:, c:]], 1)
+            t = torch.full(x.shape[:2], t, device=x.device)
+            t[:, :c] = t_c
         if i in keep:
             points[i] = x
         x0 = flow.x0_from_flow(x, denoiser(x, t), t)
-        x = flow.ode_step(x, x0, t, t_next) if t_next > 0 else x0
+        x = flow.ode_step(x, x0, t, t_next) if t_next > 0 else x0  # given frames: replaced at the next step
     return x, points

@@ -110,9 +110,9 @@ def _segments(n: int, segments: int) -> list[range]:
 
 def prompt_fidelity(frames: np.ndarray, caption: str, segments: int = SEGMENTS, wrap: bool = False) -> dict:
     """What a video (uint8 [F, H, W, 3]) of the world that bounces or (`wrap`) wraps shows of each object
-    its caption prompts (`object_fidelity` under "prompted"). Per clip: background_ok, count (the median over frames of objects with a core of
-    at least COUNT_CORE px) and count_ok, and `caption_fidelity`'s measures and verdict (the columns of
-    eval.toy_results)."""
+    its caption prompts (`object_fidelity` under "prompted"). Per clip: background_ok, count (the median
+    over frames of objects with a core of at least COUNT_CORE px) and count_ok, and `caption_fidelity`'s
+    measures and verdict (the columns of eval.toy_results)."""
     wanted = parse_caption(caption)
     if wanted is None:
         raise ValueError(f"not a toy-world caption: {caption!r}")
@@ -244,10 +244,11 @@ def evaluation_config(checkpoint: str, overrides: list[str], seconds: float | No
 class Sampler:
     """A checkpoint's model, codec and text encoder, sampling videos (uint8 [F, H, W, 3]) of captions."""
 
-    def __init__(self, checkpoint: str, cfg: Config, sampler: str):
+    def __init__(self, checkpoint: str, cfg: Config, sampler: str, context: int = 0):
         self.model, self.cfg = load_generator(checkpoint, cfg)
         self.model.eval()
         self.sampler, self.codec, self.encoder = sampler, build_codec(self.cfg), build_text_encoder(self.cfg)
+        self.context = context  # teacher: latent frames of each clip given, the rest drawn
 
     def videos(self, clips: list[ToyClip], captions: list[str], batch_size: int) -> list[np.ndarray]:
         negative = self.encoder([self.cfg.train.negative_prompt])
@@ -264,7 +265,8 @@ class Sampler:
         if self.sampler == "codec":
             return encode_clips(self.codec, clips, rendered_frames(cfg))
         if self.sampler == "teacher":
-            return teacher_samples(self.model, cfg, text, negative, seed=start)
+            given = encode_clips(self.codec, clips, rendered_frames(cfg))[:, :self.context] if self.context else None
+            return teacher_samples(self.model, cfg, text, negative, seed=start, context=given)
         with torch.no_grad():
             noise = block_noise(cfg, 0, range(start, start + len(text)))
             return sample_video(self.model, text, cfg, noise, cfg.geometry.num_blocks)
@@ -280,19 +282,24 @@ def round_trip(codec: Codec, clips: list[ToyClip], frames: int, caption_set: str
 
 
 def evaluate(checkpoint: str, overrides: list[str], sampler: str, num_clips: int, batch_size: int,
-             caption_sets: list[str], seconds: float | None = None,
-             speed: float | None = None) -> tuple[dict, list[np.ndarray]]:
+             caption_sets: list[str], seconds: float | None = None, speed: float | None = None,
+             context: int = 0) -> tuple[dict, list[np.ndarray]]:
     """Every caption set's per-clip measures and summary (`by_captions`); the first set's summary at the
     top level, as eval.toy_results reads it; the codec's PSNR against the rendered clips; and the first
     set's videos. The codec sampler's videos do not depend on the caption, so it samples once; it alone
-    takes a `speed` for every object (`held_out_clips`), since a model draws from the caption only."""
+    takes a `speed` for every object (`held_out_clips`), since a model draws from the caption only. With
+    `context` the teacher is given each held-out clip's first `context` latent frames, rendered and
+    encoded, and draws the rest: where the objects start is the clip's, where they go is the model's."""
     if sampler == "teacher" and seconds is not None:
         raise ValueError("--seconds: the teacher is bidirectional and samples clips of its training length only")
     if speed is not None and (sampler != "codec" or speed < 0):
         raise ValueError(f"--speed {speed}: a speed of at least 0 px a frame, for the codec sampler only (a model "
                          "draws from the caption, which says no speed)")
     cfg = evaluation_config(checkpoint, overrides, seconds)
-    model = Sampler(checkpoint, cfg, sampler)
+    if context and not (sampler == "teacher" and 0 < context < cfg.video.num_latent_frames):
+        raise ValueError(f"--context {context}: the teacher sampler only, and fewer latent frames than its clips' "
+                         f"{cfg.video.num_latent_frames}")
+    model = Sampler(checkpoint, cfg, sampler, context)
     v = model.cfg.video
     clips = held_out_clips(num_clips, v.height, v.width, speed, v.toy_motion)
     result: dict = {"frames": rendered_frames(model.cfg), "fps": model.cfg.video.fps, "by_captions": {}}

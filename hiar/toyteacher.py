@@ -34,18 +34,29 @@ def encode_clips(codec: Codec, clips: Sequence[ToyClip], frames: int) -> torch.T
 
 
 def flow_matching_loss(model: torch.nn.Module, x0: torch.Tensor, text: torch.Tensor, flow: FlowMatching,
-                       attention: AttentionMode = Bidirectional(), frame_noise: float = 0.0) -> torch.Tensor:
+                       attention: AttentionMode = Bidirectional(), frame_noise: float = 0.0,
+                       context_noise: float = 0.0) -> torch.Tensor:
     """MSE between the predicted and the true flow at shifted-uniform noise levels (`noise_levels`)."""
-    sigma = noise_levels(flow, x0.shape[0], x0.shape[1], frame_noise).to(x0.device)
+    sigma = noise_levels(flow, x0.shape[0], x0.shape[1], frame_noise, context_noise).to(x0.device)
     return flow_errors(model, x0, text, flow, sigma, torch.randn_like(x0), attention).mean()
 
 
-def noise_levels(flow: FlowMatching, batch: int, frames: int, frame_noise: float = 0.0) -> torch.Tensor:
-    """Levels sigma [B, F], shifted-uniform: one a sample, or with probability `frame_noise` one a latent
-    frame of that sample (diffusion forcing; train.frame_noise)."""
+CONTEXT_TRAINING_LEVEL = 0.2  # train.context_noise: the first latent frame's level is drawn from [0, this]
+CONTEXT_LEVEL = 0.05  # the level of given context frames when probing (hiar.toywords) and sampling
+
+
+def noise_levels(flow: FlowMatching, batch: int, frames: int, frame_noise: float = 0.0,
+                 context_noise: float = 0.0) -> torch.Tensor:
+    """Levels sigma [B, F], shifted-uniform: one a sample; or with probability `frame_noise` one a latent
+    frame of that sample (diffusion forcing; train.frame_noise); or with probability `context_noise` one
+    for all frames but the first, which is nearly clean (train.context_noise)."""
     sigma = flow.shifted(torch.rand(batch))[:, None].repeat(1, frames)
-    per_frame = torch.rand(batch) < frame_noise
+    kind = torch.rand(batch)
+    per_frame = kind < frame_noise
     sigma[per_frame] = flow.shifted(torch.rand(int(per_frame.sum()), frames))
+    if context_noise:  # draws nothing otherwise, so runs without it keep their levels
+        context = (kind >= frame_noise) & (kind < frame_noise + context_noise)
+        sigma[context, 0] = CONTEXT_TRAINING_LEVEL * torch.rand(int(context.sum()))
     return sigma
 
 
@@ -66,15 +77,23 @@ def drop_captions(captions: list[str], p: float, negative: str) -> list[str]:
 
 @torch.no_grad()
 def teacher_samples(model: WanModel, cfg: Config, text: torch.Tensor, negative: torch.Tensor,
-                    seed: int) -> torch.Tensor:
+                    seed: int, context: torch.Tensor | None = None) -> torch.Tensor:
     """Clean latents [B, F, C, h, w] for prompt states `text` [B, Lt, D]: the teacher's ODE with CFG
-    against `negative` (train.sample_steps Euler steps, shift train.sample_shift), noise from `seed`."""
+    against `negative` (train.sample_steps Euler steps, shift train.sample_shift), noise from `seed`. With
+    `context` (clean latents [B, c, C, h, w]) the first c frames are given, noised to CONTEXT_LEVEL, and
+    the ODE draws the rest: the clip continued from its start (image-to-video for c = 1)."""
     t, geo = cfg.train, cfg.geometry
+    generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(text.shape[0], geo.num_latent_frames, cfg.model.in_channels, geo.latent_height,
-                        geo.latent_width, generator=torch.Generator().manual_seed(seed)).to(text.device)
+                        geo.latent_width, generator=generator).to(text.device)
     flow = FlowMatching(t.sample_shift)
+    if context is not None:
+        level = torch.tensor(CONTEXT_LEVEL)
+        context = flow.add_noise(context, torch.randn(context.shape, generator=generator).to(context.device),
+                                 flow.timestep(level))
+        context = (context, float(flow.timestep(level)))
     x0, _ = teacher_ode(guided(model, text, negative, t.guidance_scale), flow.sampling_timesteps(t.sample_steps),
-                        noise, flow)
+                        noise, flow, context=context)
     return x0
 
 

@@ -33,13 +33,12 @@ from hiar.captions import template_caption
 from hiar.codecs import Codec
 from hiar.flow import FlowMatching
 from hiar.text import PromptBank
-from hiar.toyteacher import encode_clips, flow_errors
+from hiar.toyteacher import CONTEXT_LEVEL, encode_clips, flow_errors
 from hiar.toyworld import BACKGROUNDS, OBJECT_COLOURS, SHAPES, ToyClip
 
 KINDS = ("colour", "shape", "direction", "background")
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)  # noise levels sigma the errors are taken at
-CONTEXT_LEVEL = 0.05  # the level of the context frames (`word_use`'s context)
 
 
 def _next(names: Sequence[str], name: str, taken: set[str] = frozenset()) -> str:

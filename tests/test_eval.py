@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from eval import drift as drift_program
 from eval import report as report_program
@@ -16,7 +17,7 @@ from eval import toy_videos
 from hiar import report
 from hiar.drift import (FLOORS, WEIGHTS, drift_score, fit_slope, frame_l1, frame_series, motion, segment_bounds,
                         segment_drift, ssim)
-from hiar.toyworld import ToyClip, ToyObject
+from hiar.toyworld import ToyClip, ToyObject, clip_to_video
 from hiar.video import read_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -262,6 +263,35 @@ def test_toy_fidelity_of_the_codec_ceiling_passes_every_clip(tmp_path):
         assert fixed["moving"] == (1.0 if speed else 0.0)
     with pytest.raises(ValueError, match="for the codec sampler only"):
         toy_fidelity.main(["--checkpoint", str(path), "--sampler", "teacher", "--speed", "1"])
+
+
+def test_toy_fidelity_continues_held_out_clips_with_the_teacher(tmp_path, monkeypatch):
+    """--context N: the teacher draws each held-out clip from its own first N latent frames (rendered and
+    encoded), which it is given exactly; refused for other samplers and for N that leaves nothing to draw."""
+    from eval import toy_fidelity
+    from hiar import toyteacher
+    from hiar.checkpoints import save_model
+    from hiar.codecs import ToyDCTCodec
+    from hiar.config import load_config
+    from hiar.toyfidelity import held_out_clips
+
+    from conftest import random_model
+
+    cfg = load_config("tiny", ["video.codec=toy_dct", "video.vae_stride=[1,8,8]", "video.height=64",
+                               "video.width=64", "video.num_latent_frames=6", "train.sample_steps=2"])
+    path = save_model(random_model(cfg), cfg, tmp_path / "m.safetensors")
+    given = []
+    samples = toyteacher.teacher_samples
+    monkeypatch.setattr(toyteacher, "teacher_samples", lambda *a, **k: given.append(k["context"]) or samples(*a, **k))
+    monkeypatch.setattr("hiar.toyfidelity.teacher_samples", toyteacher.teacher_samples)
+    common = ["--checkpoint", str(path), "--sampler", "teacher", "--num_clips", "2", "--out", str(tmp_path / "f")]
+    result = toy_fidelity.main([*common, "--context", "1"])
+    assert result["context"] == 1 and result["clips"] == 2
+    first = ToyDCTCodec().encode(torch.stack([torch.from_numpy(clip_to_video(c.render(6))) for c in held_out_clips(2)]))
+    assert len(given) == 1 and torch.equal(given[0], first[:, :1])
+    for bad in (["--context", "6"], ["--context", "1", "--sampler", "codec"]):
+        with pytest.raises(ValueError, match="--context"):
+            toy_fidelity.main([*common, *bad])
 
 
 def eval_imports(path: Path) -> list[str]:

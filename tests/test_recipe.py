@@ -278,3 +278,29 @@ def test_generator_starts_from_self_forcing_ode_init_that_the_script_downloads()
     for path in (cfg.distill.critic, cfg.runtime.base_model, load_config("ode_pairs").ode.teacher):
         assert got[path] == "Wan-AI/Wan2.1-T2V-1.3B"
     assert got["ckpts/hiar.pt"] == "jackyhate/HiAR hiar.pt"
+
+
+def test_the_teacher_ode_continues_given_frames():
+    """teacher_ode with context: the denoiser sees the given frames exactly, at their own timestep, at every
+    step, and the other frames at the ODE's; without context it is the plain ODE of all frames."""
+    flow = FlowMatching(8.0)
+    grid = flow.sampling_timesteps(6)
+    g = torch.Generator().manual_seed(0)
+    noise, given = torch.randn(2, 4, 3, 2, 2, generator=g), torch.randn(2, 1, 3, 2, 2, generator=g)
+    seen = []
+
+    def denoiser(x, t):
+        seen.append((x.clone(), t))
+        return 0.5 * x  # any flow: the test checks what the denoiser is given
+
+    final, _ = teacher_ode(denoiser, grid, noise, flow, context=(given, 50.0))
+    assert len(seen) == 6 and final.shape == noise.shape
+    for (x, t), level in zip(seen, grid[:-1].tolist()):
+        assert torch.equal(x[:, :1], given) and t.shape == (2, 4)
+        assert (t[:, 0] == 50.0).all() and torch.allclose(t[:, 1:], torch.tensor(level))
+    assert torch.equal(seen[0][0][:, 1:], noise[:, 1:])
+    seen.clear()
+    plain, _ = teacher_ode(denoiser, grid, noise, flow)
+    assert torch.equal(seen[0][0], noise) and not torch.is_tensor(seen[0][1])
+    # a frame-wise denoiser: the other frames are the plain ODE's, per-frame timesteps or not
+    assert torch.allclose(plain[:, 1:], final[:, 1:], atol=1e-6)

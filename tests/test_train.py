@@ -92,6 +92,35 @@ def test_frame_noise_draws_a_level_per_frame_for_its_share_of_samples(tmp_path, 
     assert len(levels) == 2 and all((s != s[:, :1]).any(dim=1).all() for s in levels)
 
 
+def test_context_noise_gives_its_share_of_samples_a_nearly_clean_first_frame(tmp_path, monkeypatch):
+    """train.context_noise: that share of samples has its first latent frame at a level of at most
+    CONTEXT_TRAINING_LEVEL and every other frame at one level, the case in which only the caption says
+    where the objects go next; without it the levels are drawn exactly as before; shares above 1 in all are refused."""
+    from hiar import toyteacher
+    from hiar.flow import FlowMatching
+    from hiar.toyteacher import CONTEXT_TRAINING_LEVEL, noise_levels
+
+    flow = FlowMatching(3.0)
+    torch.manual_seed(0)
+    sigma = noise_levels(flow, 600, 5, frame_noise=0.2, context_noise=0.5)
+    rest_shared = torch.all(sigma[:, 1:] == sigma[:, 1:2], dim=1)
+    context = rest_shared & (sigma[:, 0] != sigma[:, 1])
+    per_frame = ~rest_shared
+    assert 0.42 < context.float().mean() < 0.58 and 0.14 < per_frame.float().mean() < 0.26
+    assert sigma[context, 0].max() <= CONTEXT_TRAINING_LEVEL and sigma[context, 1:].mean() > 0.5
+    torch.manual_seed(1)
+    before = noise_levels(flow, 64, 5, frame_noise=0.3)
+    torch.manual_seed(1)
+    assert torch.equal(before, noise_levels(flow, 64, 5, frame_noise=0.3, context_noise=0.0))
+    with pytest.raises(ConfigError, match="train.context_noise=0.6 must lie in"):
+        load_config("toy", ["train.frame_noise=0.5", "train.context_noise=0.6"])
+    levels, errors = [], toyteacher.flow_errors  # the option reaches the training loop
+    monkeypatch.setattr(toyteacher, "flow_errors", lambda *a, **k: levels.append(a[4]) or errors(*a, **k))
+    teacher.main([*TINY_TEACHER, "train.steps=2", "train.context_noise=1", f"train.output_dir={tmp_path}"])
+    assert len(levels) == 2
+    assert all((s[:, 0] <= CONTEXT_TRAINING_LEVEL).all() and (s[:, 1:] == s[:, 1:2]).all() for s in levels)
+
+
 def test_non_finite_losses_abort_with_a_message(tmp_path, monkeypatch):
     monkeypatch.setattr(teacher, "flow_matching_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(SystemExit) as exit_info:

@@ -47,7 +47,8 @@ def main(argv=None) -> None:
     def micro_loss(step: int, micro: int):
         x0, captions = toy_batch(cfg, codec, clips.draw(step * trainer.accumulation + micro, t.batch_size))
         text = bank(drop_captions(captions, t.caption_dropout, t.negative_prompt))
-        return flow_matching_loss(trainer.engine, x0.to(world.device), text, flow, frame_noise=t.frame_noise)
+        return flow_matching_loss(trainer.engine, x0.to(world.device), text, flow, frame_noise=t.frame_noise,
+                                  context_noise=t.context_noise)
 
     def step_fn(step):
         metrics = trainer.update(lambda micro: micro_loss(step, micro))
