@@ -46,6 +46,7 @@ COUNT_CORE = 3  # px of core (hiar.toyworld.core_area) from which an object colo
 # rims a blurred border leaves in a blended colour have none (measured on codec round trips), so they are
 # not counted
 DIRECTION_FRAMES = 24  # the direction is read from the start of the video, where the caption says it
+MIN_TRACK = 3  # frames an object must be seen in for its motion to be read
 
 
 # -- motion --------------------------------------------------------------------------------------------------
@@ -80,11 +81,11 @@ def fit_motion(times: np.ndarray, positions: np.ndarray, lo: float, hi: float,
 
 def object_motion(track: list[tuple[float, float] | None], half_extent: float, shape: str | None,
                   height: int, width: int, wrap: bool = False) -> dict:
-    """Direction ('left', ... or None: seen in fewer than 3 frames), signed speeds and residual of one
+    """Direction ('left', ... or None: seen in fewer than MIN_TRACK frames), signed speeds and residual of one
     track (centroid a frame, None where unseen) of an object of this half-extent and shape, in the world
     that bounces or (`wrap`) in the one that wraps."""
     seen = [(t, c) for t, c in enumerate(track) if c is not None]
-    if len(seen) < 3:
+    if len(seen) < MIN_TRACK:
         return {"direction": None, "vx": math.nan, "vy": math.nan, "residual": math.nan}
     times = np.array([t for t, _ in seen], np.float32)
     xy = np.array([c for _, c in seen], np.float32)
@@ -140,8 +141,8 @@ def object_fidelity(wanted: dict, seen: list[MeasuredObject | None], parts: list
     SPEED_RANGE); axis_ok_by_segment: each part's motion lies along the prompted axis at the world's
     speeds (after a bounce the sense reverses, the axis does not); direction_ok_by_segment: each part's
     motion is the prompted direction at the world's speeds (what a caption promises for the whole video
-    in the world that wraps, and only until the first bounce in the one that bounces). `wrap`: the world
-    that wraps.
+    in the world that wraps, and only until the first bounce in the one that bounces); both None for a
+    part of fewer than MIN_TRACK frames. `wrap`: the world that wraps.
     """
     found = [m for m in seen if m is not None]
     present = np.array([m is not None for m in seen])
@@ -156,6 +157,10 @@ def object_fidelity(wanted: dict, seen: list[MeasuredObject | None], parts: list
     horizontal = wanted["direction"] in ("left", "right")
     axes, senses = [], []
     for part in parts:
+        if len(part) < MIN_TRACK:  # too short a part to read a motion from: not judged (None)
+            axes.append(None)
+            senses.append(None)
+            continue
         m = object_motion([track[t] for t in part], half, shape, height, width, wrap)
         at_speed = SPEED_RANGE[0] <= max(abs(m["vx"]), abs(m["vy"])) <= SPEED_RANGE[1]
         axes.append(bool(m["direction"] is not None and (abs(m["vx"]) >= abs(m["vy"])) == horizontal and at_speed))
@@ -175,8 +180,9 @@ def _rate(flags: list[bool]) -> float:
 
 
 def _by_segment(objects: list[dict], key: str) -> list[float]:
-    """The mean over objects of a per-part measure, part by part."""
-    return [_rate([o[key][i] for o in objects]) for i in range(len(objects[0][key]))] if objects else []
+    """The mean over objects of a per-part measure, part by part (NaN for a part none was judged in)."""
+    return [_rate([o[key][i] for o in objects if o[key][i] is not None])
+            for i in range(len(objects[0][key]))] if objects else []
 
 
 def summarise(clips: list[dict]) -> dict:
