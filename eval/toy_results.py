@@ -153,9 +153,10 @@ def summary(fidelity: dict, scores: dict) -> dict:
 
 
 def prompt_measures(s: dict) -> dict:
-    """The prompt table's numbers from one caption set's eval.toy_fidelity summary."""
-    return {**{m: s[m] for m in PROMPT_MEASURES if m in s}, "presence_last_fifth": s["presence_by_segment"][-1],
-            "direction_last_fifth": s["direction_by_segment"][-1]}
+    """The prompt table's numbers from one caption set's eval.toy_fidelity summary (X_last_fifth: the last
+    part of its X_by_segment)."""
+    last = "_last_fifth"
+    return {m: s[m.removesuffix(last) + "_by_segment"][-1] if m.endswith(last) else s[m] for m in PROMPT_MEASURES}
 
 
 def table(present: dict, rows: dict, args: argparse.Namespace, assets: Path) -> str:

@@ -87,13 +87,12 @@ def teacher_samples(model: WanModel, cfg: Config, text: torch.Tensor, negative: 
     noise = torch.randn(text.shape[0], geo.num_latent_frames, cfg.model.in_channels, geo.latent_height,
                         geo.latent_width, generator=generator).to(text.device)
     flow = FlowMatching(t.sample_shift)
+    given = None
     if context is not None:
-        level = torch.tensor(CONTEXT_LEVEL)
-        context = flow.add_noise(context, torch.randn(context.shape, generator=generator).to(context.device),
-                                 flow.timestep(level))
-        context = (context, float(flow.timestep(level)))
+        t_c = float(flow.timestep(torch.tensor(CONTEXT_LEVEL)))
+        given = (flow.add_noise(context, torch.randn(context.shape, generator=generator).to(context.device), t_c), t_c)
     x0, _ = teacher_ode(guided(model, text, negative, t.guidance_scale), flow.sampling_timesteps(t.sample_steps),
-                        noise, flow, context=context)
+                        noise, flow, context=given)
     return x0
 
 
