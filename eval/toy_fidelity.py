@@ -29,7 +29,7 @@ from pathlib import Path
 
 from hiar.checkpoints import CheckpointError
 from hiar.config import ConfigError
-from hiar.toyfidelity import CAPTION_SETS, SAMPLERS, evaluate, write_fidelity
+from hiar.toyfidelity import CAPTION_SETS, SAMPLERS, evaluate, percent, write_fidelity
 
 
 def main(argv=None) -> dict:
@@ -65,11 +65,12 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     write_fidelity(out, result, videos)
     for name, s in result["by_captions"].items():
-        print(f"{name}: colour {s['colour']:.0%}, shape {s['shape']:.0%}, direction {s['direction']:.0%} "
-              f"({s['direction_of_moving']:.0%} of moving; last fifth {s['direction_by_segment'][-1]:.0%}), "
-              f"count {s['count']:.0%}, presence {s['presence']:.0%} "
-              f"(last fifth {s['presence_by_segment'][-1]:.0%}) of {s['objects']} objects in {s['clips']} clips; "
-              f"colour fidelity {s['colour_fidelity']:.0%}, moving {s['moving']:.0%}")
+        print(f"{name}: colour {percent(s['colour'])}, shape {percent(s['shape'])}, direction "
+              f"{percent(s['direction'])} ({percent(s['direction_of_moving'])} of moving; last fifth "
+              f"{percent(s['direction_by_segment'][-1])}), count {percent(s['count'])}, presence "
+              f"{percent(s['presence'])} (last fifth {percent(s['presence_by_segment'][-1])}) of {s['objects']} "
+              f"objects in {s['clips']} clips; colour fidelity {percent(s['colour_fidelity'])}, "
+              f"moving {percent(s['moving'])}")
     psnr = f"PSNR {result['psnr']:.2f} dB; " if "psnr" in result else ""
     print(f"{psnr}wrote {out / 'results.json'} and {out / 'contact_sheet.png'}")
     return result

@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 
 from hiar.atomic import atomic_path
+from hiar.toyfidelity import percent
 from hiar.toyworld import sample_clip
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository, which holds the eval programs
@@ -195,7 +196,7 @@ def prompt_table(present: dict, rows: dict, args: argparse.Namespace) -> str:
         for length, by_captions in rows[name]["prompts"].items():
             for captions, m in by_captions.items():
                 lines.append(f"| {name} | {length} | {captions} | "
-                             + " | ".join(f"{m[k]:.0%}" for k in PROMPT_MEASURES) + " |")
+                             + " | ".join(percent(m[k]) for k in PROMPT_MEASURES) + " |")
     return "\n".join(lines)
 
 

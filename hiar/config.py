@@ -37,6 +37,7 @@ import yaml
 
 from hiar.atomic import atomic_path
 from hiar.flow import NUM_TRAIN_TIMESTEPS, FlowMatching
+from hiar.toyworld import Motion
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: relative config paths start here
 PRESET_DIR = ROOT / "configs"
@@ -117,7 +118,7 @@ class VideoConfig:
     # The toy world's rule at a border (hiar.toyworld): "bounce" (every toy checkpoint before the wrap
     # world) or "wrap" (objects leave one border and re-enter at the opposite one, so they move the way
     # the caption says for the whole video). Toy training and evaluation only.
-    toy_motion: Literal["bounce", "wrap"] = "bounce"
+    toy_motion: Motion = "bounce"
 
 
 @dataclass(frozen=True)

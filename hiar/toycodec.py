@@ -26,7 +26,7 @@ import yaml
 
 from hiar.atomic import atomic_path
 from hiar.config import ConfigError, build_dataclass, parse_override, yaml_message
-from hiar.toyworld import clip_to_video, sample_clip
+from hiar.toyworld import Motion, clip_to_video, sample_clip
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class ToyCodecConfig:
     threads: int = 1  # torch CPU threads (the toy's machines have two cores for everything)
     output_dir: str = "runs/toy/codec"
     init_from: str = ""  # a state.pt, or a folder with an exported vae/, whose weights a fresh run starts from
-    motion: typing.Literal["bounce", "wrap"] = "bounce"  # the toy world's rule at a border (hiar.toyworld.MOTIONS)
+    motion: Motion = "bounce"  # the toy world's rule at a border
 
 
 def load_codec_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> ToyCodecConfig:

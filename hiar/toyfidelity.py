@@ -34,7 +34,7 @@ from hiar.config import Config, with_overrides
 from hiar.sampling import block_noise, sample_video
 from hiar.text import build_text_encoder
 from hiar.toyteacher import encode_clips, teacher_samples
-from hiar.toyworld import (DIRECTIONS, SPEED_RANGE, UNIT_AREA, MeasuredObject, ToyClip, caption_fidelity,
+from hiar.toyworld import (DIRECTIONS, SPEED_RANGE, UNIT_AREA, MeasuredObject, Motion, ToyClip, caption_fidelity,
                            fidelity_verdict, measure_frame, sample_clip, speed_census, torus_offset)
 from hiar.video import to_uint8
 
@@ -185,6 +185,11 @@ def _by_segment(objects: list[dict], key: str) -> list[float]:
             for i in range(len(objects[0][key]))] if objects else []
 
 
+def percent(share: float) -> str:
+    """A share as a percentage for a table or a log line; "n/a" where nothing was judged (NaN)."""
+    return "n/a" if math.isnan(share) else f"{share:.0%}"
+
+
 def summarise(clips: list[dict]) -> dict:
     """The fractions a table reports, over the prompted objects (colour, shape, direction, presence) or
     the clips (background, count, and `fidelity_verdict`'s colour_fidelity and moving)."""
@@ -220,7 +225,7 @@ def psnr(reference: np.ndarray, video: np.ndarray) -> float:
 
 
 def held_out_clips(num_clips: int, height: int = 64, width: int = 64, speed: float | None = None,
-                   motion: str = "bounce") -> list[ToyClip]:
+                   motion: Motion = "bounce") -> list[ToyClip]:
     """The evaluation's clips in the world with this `motion` rule; with `speed`, every object moves at
     that many px a frame instead of its own (a codec's round trip at one speed: how much motion within a
     latent frame costs it)."""

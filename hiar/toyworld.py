@@ -19,6 +19,7 @@ import dataclasses
 import math
 import random
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -37,7 +38,8 @@ SHAPES = ("circle", "square", "triangle")
 UNIT_AREA = {"circle": math.pi, "square": 4.0, "triangle": 2.0}  # area of a shape of half-extent 1
 # Unit direction vectors (x right, y down) and their names in captions.
 DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
-MOTIONS = ("bounce", "wrap")  # what an object does at a border (video.toy_motion)
+Motion = Literal["bounce", "wrap"]  # what an object does at a border (video.toy_motion, the codec's motion)
+MOTIONS = get_args(Motion)
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ class ToyObject:
     def area(self) -> float:
         return UNIT_AREA[self.shape] * self.size ** 2
 
-    def centre(self, frame: float, height: int, width: int, motion: str = "bounce") -> tuple[float, float]:
+    def centre(self, frame: float, height: int, width: int, motion: Motion = "bounce") -> tuple[float, float]:
         """Bounding-box centre at `frame`: bouncing off the borders (a triangle wave in each axis) or, with
         motion "wrap", modulo the frame (a sawtooth: the frame is a torus)."""
         dx, dy = DIRECTIONS[self.direction]
@@ -63,7 +65,7 @@ class ToyObject:
             return x % width, y % height
         return _bounce(x, self.size, width), _bounce(y, self.size, height)
 
-    def centroid(self, frame: float, height: int, width: int, motion: str = "bounce") -> tuple[float, float]:
+    def centroid(self, frame: float, height: int, width: int, motion: Motion = "bounce") -> tuple[float, float]:
         """Centre of mass (the triangle's lies a third of its height below the box centre; on the torus,
         modulo the height)."""
         x, y = self.centre(frame, height, width, motion)
@@ -88,7 +90,7 @@ class ToyClip:
     objects: tuple[ToyObject, ...]
     height: int = 64
     width: int = 64
-    motion: str = "bounce"  # one of MOTIONS
+    motion: Motion = "bounce"
 
     @property
     def caption(self) -> str:
@@ -134,7 +136,7 @@ def _inside(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
 
 
 def sample_clip(seed: int, index: int, height: int = 64, width: int = 64, max_objects: int = 2,
-                motion: str = "bounce") -> ToyClip:
+                motion: Motion = "bounce") -> ToyClip:
     """Clip `index` of the world with this seed: a pure function of its arguments. The motion rule changes
     nothing else: the same (seed, index) has the same scene and start in both worlds."""
     if motion not in MOTIONS:

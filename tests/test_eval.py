@@ -265,7 +265,7 @@ def test_toy_fidelity_of_the_codec_ceiling_passes_every_clip(tmp_path):
         toy_fidelity.main(["--checkpoint", str(path), "--sampler", "teacher", "--speed", "1"])
 
 
-def test_toy_fidelity_continues_held_out_clips_with_the_teacher(tmp_path, monkeypatch):
+def test_toy_fidelity_continues_held_out_clips_with_the_teacher(tmp_path, monkeypatch, capsys):
     """--context N: the teacher draws each held-out clip from its own first N latent frames (rendered and
     encoded), which it is given exactly; refused for other samplers and for N that leaves nothing to draw."""
     from eval import toy_fidelity
@@ -287,6 +287,7 @@ def test_toy_fidelity_continues_held_out_clips_with_the_teacher(tmp_path, monkey
     common = ["--checkpoint", str(path), "--sampler", "teacher", "--num_clips", "2", "--out", str(tmp_path / "f")]
     result = toy_fidelity.main([*common, "--context", "1"])
     assert result["context"] == 1 and result["clips"] == 2
+    assert "last fifth n/a" in capsys.readouterr().out  # 6-frame clips: too short to judge by fifth
     first = ToyDCTCodec().encode(torch.stack([torch.from_numpy(clip_to_video(c.render(6))) for c in held_out_clips(2)]))
     assert len(given) == 1 and torch.equal(given[0], first[:, :1])
     for bad in (["--context", "6"], ["--context", "1", "--sampler", "codec"]):

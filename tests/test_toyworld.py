@@ -293,7 +293,7 @@ def test_prompt_fidelity_in_the_wrap_world_holds_the_direction_throughout():
 def test_parts_too_short_to_read_a_motion_from_are_not_judged():
     """A 6-frame clip's fifths are one or two frames: no motion can be read from them, so the by-part
     direction and axis are None per object and NaN in the summary, not a failure."""
-    from hiar.toyfidelity import prompt_fidelity, summarise
+    from hiar.toyfidelity import percent, prompt_fidelity, summarise
 
     clip = sample_clip(0, 3, motion="wrap")
     r = prompt_fidelity(clip.render(6), clip.caption, wrap=True)
@@ -302,3 +302,5 @@ def test_parts_too_short_to_read_a_motion_from_are_not_judged():
     s = summarise([r])
     assert all(np.isnan(x) for x in s["direction_by_segment"] + s["axis_by_segment"]) and s["direction"] == 1.0
     assert summarise([prompt_fidelity(clip.render(15), clip.caption, wrap=True)])["direction_by_segment"] == [1.0] * 5
+    # and tables and log lines say so rather than print "nan%"
+    assert [percent(x) for x in (s["direction_by_segment"][-1], s["direction"], 0.456)] == ["n/a", "100%", "46%"]
