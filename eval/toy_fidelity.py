@@ -29,7 +29,8 @@ from pathlib import Path
 
 from hiar.checkpoints import CheckpointError
 from hiar.config import ConfigError
-from hiar.toyfidelity import CAPTION_SETS, SAMPLERS, evaluate, percent, write_fidelity
+from hiar.report import percent
+from hiar.toyfidelity import CAPTION_SETS, SAMPLERS, evaluate, write_fidelity
 
 
 def main(argv=None) -> dict:

@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 from hiar.atomic import atomic_path
-from hiar.toyfidelity import percent
+from hiar.report import percent
 from hiar.toyworld import sample_clip
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository, which holds the eval programs

@@ -20,10 +20,20 @@ SHEET_LABEL_WIDTH = 200  # pixels of the method-name column
 SHEET_MIN_HEIGHT = 128  # smaller frames (the toy world's 64 px) are enlarged, nearest neighbour, to be seen
 
 
+def _missing(x: float | None) -> bool:
+    """Nothing measured: None, or NaN (a share over no judged objects, a score of no video)."""
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
 def fmt(x: float | None, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
+    if _missing(x):
         return "n/a"
     return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:.0f}"
+
+
+def percent(share: float | None) -> str:
+    """A share as a percentage for a table or a log line; "n/a" where nothing was judged."""
+    return "n/a" if _missing(share) else f"{share:.0%}"
 
 
 def markdown(scores: dict, vbench: dict | None) -> str:

@@ -185,11 +185,6 @@ def _by_segment(objects: list[dict], key: str) -> list[float]:
             for i in range(len(objects[0][key]))] if objects else []
 
 
-def percent(share: float) -> str:
-    """A share as a percentage for a table or a log line; "n/a" where nothing was judged (NaN)."""
-    return "n/a" if math.isnan(share) else f"{share:.0%}"
-
-
 def summarise(clips: list[dict]) -> dict:
     """The fractions a table reports, over the prompted objects (colour, shape, direction, presence) or
     the clips (background, count, and `fidelity_verdict`'s colour_fidelity and moving)."""

@@ -58,7 +58,7 @@ done
 $py - "$runs/fidelity" "${names[@]}" <<'PY'
 import json, sys
 from eval.toy_results import PROMPT_MEASURES, prompt_measures
-from hiar.toyfidelity import percent
+from hiar.report import percent
 folder, names = sys.argv[1], sys.argv[2:]
 summary = {}
 print("| model | captions | " + " | ".join(PROMPT_MEASURES) + " | moving |")

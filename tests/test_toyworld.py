@@ -293,7 +293,8 @@ def test_prompt_fidelity_in_the_wrap_world_holds_the_direction_throughout():
 def test_parts_too_short_to_read_a_motion_from_are_not_judged():
     """A 6-frame clip's fifths are one or two frames: no motion can be read from them, so the by-part
     direction and axis are None per object and NaN in the summary, not a failure."""
-    from hiar.toyfidelity import percent, prompt_fidelity, summarise
+    from hiar.report import percent
+    from hiar.toyfidelity import prompt_fidelity, summarise
 
     clip = sample_clip(0, 3, motion="wrap")
     r = prompt_fidelity(clip.render(6), clip.caption, wrap=True)
