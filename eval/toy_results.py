@@ -4,8 +4,9 @@ docs/results.md between its `generated` markers (the reading around them is writ
     python -m eval.toy_results --runs runs/toy --out runs/toy/results --doc docs/results.md --label 1x
     python -m eval.toy_results --runs runs/toy/x10 --out runs/toy/x10/results --label 10x
 
-Each --label (a training length) has its own section and assets (docs/results/<label>/); a second
-generated section compares every label evaluated so far (from their summary.json files).
+Each --label (a training length) has its own section and assets (results/<label>/ beside
+docs/results.md); a second generated section compares every label evaluated so far (from their
+summary.json files).
 
 Per variant (a checkpoint under --runs and the order it is sampled in): toy-world fidelity of short
 clips of held-out captions (`eval.toy_fidelity`: prompted colours recovered, objects moving at the
@@ -130,7 +131,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
     # 3. the table, the plots and the raw results next to the doc
     doc = Path(args.doc)
-    assets = doc.with_suffix("") / args.label  # docs/results/<label>/
+    assets = doc.with_suffix("") / args.label  # beside the doc: results/<label>/ for docs/results.md
     assets.mkdir(parents=True, exist_ok=True)
     for src in ("long/plots/metrics.png", "long/plots/contact_sheet.png", "long/report.md", "long/scores.json"):
         shutil.copy(out / src, assets / Path(src).name)
@@ -143,7 +144,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def summary(fidelity: dict, scores: dict) -> dict:
-    """variant -> the tables' numbers (what docs/results/<label>/summary.json keeps). `prompts`: per video
+    """variant -> the tables' numbers (what <assets>/summary.json keeps). `prompts`: per video
     length and caption set, the PROMPT_MEASURES of eval.toy_fidelity's summary."""
     return {name: {"colour_fidelity": f["short"]["colour_fidelity"], "moving": f["short"]["moving"],
                    "drift_score": scores["methods"][name]["summary"]["drift_score"],

@@ -68,7 +68,8 @@ _VERBS_3RD = ("moves", "goes", "slides")  # after "that" / "which"
 _ADJECTIVES = ("small", "little", "solid", "flat", "single")
 _ADVERBS = ("steadily", "slowly", "smoothly")
 _LEAD_INS = ("a video of", "an animation of", "a clip of", "footage of")
-_TAILS = ("bouncing off the edges", "in a simple animation", "2d animation")
+# Nothing about what happens at a border: the world may bounce or wrap (hiar.toyworld.Motion).
+_TAILS = ("in flat colours", "in a simple animation", "2d animation")
 _JOINS = (" and ", ", and ", " while ", "; ")
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from hiar.toyworld import BACKGROUNDS, OBJECT_COLOURS, measure_frame, parse_caption
+from hiar.toyworld import BACKGROUNDS, OBJECT_COLOURS, measure_frame, parse_caption, torus_offset
 
 DEFAULT_SEGMENTS = 5
 
@@ -140,7 +140,9 @@ def toy_frame(frame: np.ndarray, wanted: dict) -> dict:
     distance = np.linalg.norm(frame.reshape(-1, 1, 3).astype(np.float32) - ref[None], axis=-1)  # [H*W, 1 + K]
     label = distance.argmin(axis=1)
     errors = [float(distance[label == k, k].mean()) if (label == k).any() else math.nan for k in range(len(ref))]
-    measured = {o.colour: o for o in measure_frame(frame).objects}
+    # Measured on the torus: in the world that wraps an object crossing a border is rejoined, and in the
+    # one that bounces no object spans two opposite borders, so nothing changes there (toyworld.torus_roll).
+    measured = {o.colour: o for o in measure_frame(frame, wrap=True).objects}
     found = [measured.get(o["colour"]) for o in wanted["objects"]]
     return {"background_error": errors[0], "object_error": _mean(np.array(errors[1:])),
             "areas": [o.area if o else None for o in found], "centroids": [o.centroid if o else None for o in found]}
@@ -150,8 +152,10 @@ def _toy_series(frames: np.ndarray, caption: str) -> dict[str, np.ndarray]:
     wanted = parse_caption(caption)
     per = [toy_frame(f, wanted) for f in frames]
     area = [_mean(np.array([a for a in p["areas"] if a is not None], np.float64)) for p in per]
-    speed = [_mean(np.array([math.dist(p, q) for p, q in zip(a["centroids"], b["centroids"])
-                             if p is not None and q is not None])) for a, b in zip(per, per[1:])]
+    height, width = frames.shape[1:3]
+    speed = [_mean(np.array([math.hypot(torus_offset(q[0] - p[0], width), torus_offset(q[1] - p[1], height))
+                             for p, q in zip(a["centroids"], b["centroids"]) if p is not None and q is not None]))
+             for a, b in zip(per, per[1:])]  # the shortest way round: a step is a few px, never half the frame
     return {"toy_background_error": np.array([p["background_error"] for p in per]),
             "toy_object_error": np.array([p["object_error"] for p in per]),
             "toy_presence": np.array([np.mean([a is not None for a in p["areas"]]) for p in per]),

@@ -14,7 +14,7 @@
 # N variants at once with nproc/N threads each (default: one a core, at most one a variant; each logs to
 # its own file): the toy model is too small to keep many threads busy, and on the 2-core VM two
 # variants side by side on one thread each train 1.4x faster than one after the other on two
-# (docs/results.md, "The whole recipe in one go").
+# (docs/results_v1.md, "The whole recipe in one go").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/env.sh

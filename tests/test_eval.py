@@ -80,6 +80,16 @@ def test_toy_clip_scores_perfect_fidelity_and_its_true_speed():
     assert np.ptp(d["per_segment"]["toy_area"]) <= 0.1 * math.pi * 36  # the disc's pixel count barely moves
 
 
+def test_toy_speed_and_presence_hold_across_a_border_of_the_world_that_wraps():
+    # A square leaving the right border re-enters at the left, cut in two for a few frames: one object
+    # moving 2 px a frame throughout, never a jump of half the frame.
+    clip = ToyClip("black", (ToyObject("square", "yellow", 6.0, 50.0, 20.0, "right", 2.0),), motion="wrap")
+    frames = clip.render(24)
+    series = frame_series(frames, clip.caption)
+    assert series["toy_presence"].min() == 1
+    assert np.abs(series["toy_speed"] - 2.0).max() <= 0.5, series["toy_speed"]
+
+
 def test_drift_score_is_the_published_weighted_mean():
     rel = {"saturation": -0.2, "sharpness": 0.1, "frame_l1": 0.4, "toy_speed": 9.0}  # toy metrics carry no weight
     assert drift_score(rel) == pytest.approx((0.2 + 0.1 + 0.5 * 0.4) / 2.5)
