@@ -31,7 +31,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from hiar.toyworld import BACKGROUNDS, OBJECT_COLOURS, measure_frame, parse_caption, torus_offset
+from hiar.toyworld import BACKGROUNDS, OBJECT_COLOURS, measure_frame, parse_caption, torus_distance
 
 DEFAULT_SEGMENTS = 5
 
@@ -153,9 +153,8 @@ def _toy_series(frames: np.ndarray, caption: str) -> dict[str, np.ndarray]:
     per = [toy_frame(f, wanted) for f in frames]
     area = [_mean(np.array([a for a in p["areas"] if a is not None], np.float64)) for p in per]
     height, width = frames.shape[1:3]
-    speed = [_mean(np.array([math.hypot(torus_offset(q[0] - p[0], width), torus_offset(q[1] - p[1], height))
-                             for p, q in zip(a["centroids"], b["centroids"]) if p is not None and q is not None]))
-             for a, b in zip(per, per[1:])]  # the shortest way round: a step is a few px, never half the frame
+    speed = [_mean(np.array([torus_distance(p, q, height, width) for p, q in zip(a["centroids"], b["centroids"])
+                             if p is not None and q is not None])) for a, b in zip(per, per[1:])]
     return {"toy_background_error": np.array([p["background_error"] for p in per]),
             "toy_object_error": np.array([p["object_error"] for p in per]),
             "toy_presence": np.array([np.mean([a is not None for a in p["areas"]]) for p in per]),

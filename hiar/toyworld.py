@@ -84,6 +84,12 @@ def torus_offset(d: np.ndarray | float, extent: float) -> np.ndarray | float:
     return (d + extent / 2) % extent - extent / 2
 
 
+def torus_distance(a: tuple[float, float], b: tuple[float, float], height: int, width: int) -> float:
+    """How far apart two (x, y) points of a frame are the shortest way round the torus (the world that
+    wraps); in the one that bounces, where a step is never half the frame, the plain distance."""
+    return math.hypot(torus_offset(b[0] - a[0], width), torus_offset(b[1] - a[1], height))
+
+
 @dataclass(frozen=True)
 class ToyClip:
     background: str
@@ -286,8 +292,7 @@ def caption_fidelity(frames: np.ndarray, caption: str, measured: list[FrameMeasu
     height, width = frames.shape[1:3]
 
     def step(a: tuple[float, float], b: tuple[float, float]) -> float:
-        dx, dy = b[0] - a[0], b[1] - a[1]
-        return math.hypot(torus_offset(dx, width), torus_offset(dy, height)) if wrap else math.hypot(dx, dy)
+        return torus_distance(a, b, height, width) if wrap else math.dist(a, b)
 
     speeds = {}
     for c, track in tracks.items():
