@@ -136,8 +136,10 @@ def evaluate(args: argparse.Namespace) -> int:
     doc = Path(args.doc)
     assets = doc.with_suffix("") / args.label  # beside the doc: results/<label>/ for docs/results.md
     assets.mkdir(parents=True, exist_ok=True)
-    for src in ("long/plots/metrics.png", "long/plots/contact_sheet.png", "long/report.md", "long/scores.json"):
+    for src in ("long/plots/metrics.png", "long/plots/contact_sheet.png", "long/scores.json"):
         shutil.copy(out / src, assets / Path(src).name)
+    # the report's plots sit beside it here, not in plots/: its image links follow them
+    (assets / "report.md").write_text((out / "long/report.md").read_text().replace("](plots/", "]("))
     rows = summary(fidelity, scores)
     (assets / "summary.json").write_text(json.dumps(rows, indent=1))
     write_doc(doc, args.label, table(present, rows, args, assets.relative_to(doc.parent)))

@@ -225,8 +225,9 @@ def test_results_report_what_the_prompts_say_per_length_and_phrasing(tmp_path, m
             (tmp_path / "res" / "long" / "plots").mkdir(parents=True)
         elif program == "report":
             long = tmp_path / "res" / "long"
-            for name in ("plots/metrics.png", "plots/contact_sheet.png", "report.md"):
+            for name in ("plots/metrics.png", "plots/contact_sheet.png"):
                 (long / name).write_bytes(b"")
+            (long / "report.md").write_text("# Drift report\n\n![metrics against time](plots/metrics.png)\n")
             (long / "scores.json").write_text(json.dumps(
                 {"methods": {"hiar": {"summary": {"drift_score": 0.1, "slope": {}}}}}))
         return 0
@@ -246,6 +247,8 @@ def test_results_report_what_the_prompts_say_per_length_and_phrasing(tmp_path, m
     assert sum(line.startswith("| hiar | ") and " s | " in line for line in lines) == 4
     summary = json.loads((tmp_path / "doc" / "1x" / "summary.json").read_text())["hiar"]
     assert summary["colour_fidelity"] == 1.0 and summary["prompts"]["60 s"]["held_out"]["colour"] == 0.125
+    report = (tmp_path / "doc" / "1x" / "report.md").read_text()  # copied beside its plots: links that resolve
+    assert "](metrics.png)" in report and (tmp_path / "doc" / "1x" / "metrics.png").exists()
 
 
 def test_toy_fidelity_of_the_codec_ceiling_passes_every_clip(tmp_path):
