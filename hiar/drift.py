@@ -142,7 +142,7 @@ def toy_frame(frame: np.ndarray, wanted: dict) -> dict:
     errors = [float(distance[label == k, k].mean()) if (label == k).any() else math.nan for k in range(len(ref))]
     # Measured on the torus: in the world that wraps an object crossing a border is rejoined, and in the
     # one that bounces no object spans two opposite borders, so nothing changes there (toyworld.torus_roll).
-    measured = {o.colour: o for o in measure_frame(frame, wrap=True).objects}
+    measured = {o.colour: o for o in measure_frame(frame, motion="wrap").objects}
     found = [measured.get(o["colour"]) for o in wanted["objects"]]
     return {"background_error": errors[0], "object_error": _mean(np.array(errors[1:])),
             "areas": [o.area if o else None for o in found], "centroids": [o.centroid if o else None for o in found]}

@@ -60,9 +60,9 @@ def _bounced(p: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 def fit_motion(times: np.ndarray, positions: np.ndarray, lo: float, hi: float,
-               wrap: bool = False) -> tuple[float, float]:
+               motion: Motion = "bounce") -> tuple[float, float]:
     """(signed speed px/frame, mean absolute residual px) of the world's motion along one axis,
-    p(t) = bounce(p0 + v t) between lo and hi, or with `wrap` p(t) = p0 + v t modulo hi - lo (distances
+    p(t) = bounce(p0 + v t) between lo and hi, or with `motion` "wrap" p(t) = p0 + v t modulo hi - lo (distances
     on the circle), that fits a centroid track best (least absolute error, on a grid of p0 every half
     pixel and v every 0.05 px a frame up to 3, so a jittery track's outliers do not decide). Bounces and
     wraps are part of the model: an object that meets the border and comes back, or comes in on the other
@@ -71,7 +71,7 @@ def fit_motion(times: np.ndarray, positions: np.ndarray, lo: float, hi: float,
     v = np.arange(-3.0, 3.0001, 0.05, dtype=np.float32)[None, :, None]  # [1, V, 1]
     t = (times - times[0]).astype(np.float32)[None, None]  # [1, 1, T]
     positions = positions.astype(np.float32)[None, None]
-    if wrap:
+    if motion == "wrap":
         cost = np.abs(torus_offset(p0 + v * t - positions, hi - lo)).mean(-1)  # [P, V]
     else:
         cost = np.abs(_bounced(p0 + v * t, lo, hi) - positions).mean(-1)
@@ -80,19 +80,19 @@ def fit_motion(times: np.ndarray, positions: np.ndarray, lo: float, hi: float,
 
 
 def object_motion(track: list[tuple[float, float] | None], half_extent: float, shape: str | None,
-                  height: int, width: int, wrap: bool = False) -> dict:
+                  height: int, width: int, motion: Motion = "bounce") -> dict:
     """Direction ('left', ... or None: seen in fewer than MIN_TRACK frames), signed speeds and residual of one
     track (centroid a frame, None where unseen) of an object of this half-extent and shape, in the world
-    that bounces or (`wrap`) in the one that wraps."""
+    of this `motion`."""
     seen = [(t, c) for t, c in enumerate(track) if c is not None]
     if len(seen) < MIN_TRACK:
         return {"direction": None, "vx": math.nan, "vy": math.nan, "residual": math.nan}
     times = np.array([t for t, _ in seen], np.float32)
     xy = np.array([c for _, c in seen], np.float32)
     dy = half_extent / 3 if shape == "triangle" else 0.0  # the triangle's centroid sits below its box centre
-    if wrap:  # no margins: the centroid goes all the way round
-        vx, rx = fit_motion(times, xy[:, 0], 0, width, wrap=True)
-        vy, ry = fit_motion(times, xy[:, 1], 0, height, wrap=True)
+    if motion == "wrap":  # no margins: the centroid goes all the way round
+        vx, rx = fit_motion(times, xy[:, 0], 0, width, motion)
+        vy, ry = fit_motion(times, xy[:, 1], 0, height, motion)
     else:
         vx, rx = fit_motion(times, xy[:, 0], half_extent, width - half_extent)
         vy, ry = fit_motion(times, xy[:, 1], half_extent + dy, height - half_extent + dy)
@@ -109,28 +109,29 @@ def _segments(n: int, segments: int) -> list[range]:
 # -- one video against its caption ---------------------------------------------------------------------------
 
 
-def prompt_fidelity(frames: np.ndarray, caption: str, segments: int = SEGMENTS, wrap: bool = False) -> dict:
-    """What a video (uint8 [F, H, W, 3]) of the world that bounces or (`wrap`) wraps shows of each object
+def prompt_fidelity(frames: np.ndarray, caption: str, segments: int = SEGMENTS,
+                    motion: Motion = "bounce") -> dict:
+    """What a video (uint8 [F, H, W, 3]) of the world with this `motion` rule shows of each object
     its caption prompts (`object_fidelity` under "prompted"). Per clip: background_ok, count (the median
     over frames of objects with a core of at least COUNT_CORE px) and count_ok, and `caption_fidelity`'s
     measures and verdict (the columns of eval.toy_results)."""
     wanted = parse_caption(caption)
     if wanted is None:
         raise ValueError(f"not a toy-world caption: {caption!r}")
-    measured = [measure_frame(f, shapes=True, wrap=wrap) for f in frames]
+    measured = [measure_frame(f, shapes=True, motion=motion) for f in frames]
     parts = _segments(len(frames), segments)
     objects = []
     for o in wanted["objects"]:
         seen = [next((m for m in frame.objects if m.colour == o["colour"]), None) for frame in measured]
-        objects.append(object_fidelity(o, seen, parts, frames.shape[1], frames.shape[2], wrap))
+        objects.append(object_fidelity(o, seen, parts, frames.shape[1], frames.shape[2], motion))
     count = int(np.median([sum(m.core >= COUNT_CORE for m in frame.objects) for frame in measured]))
-    legacy = caption_fidelity(frames, caption, measured, wrap)
+    legacy = caption_fidelity(frames, caption, measured, motion)
     return {"caption": caption, "background_ok": legacy["background"] >= 0.5, "count": count,
             "count_ok": count == len(wanted["objects"]), "prompted": objects, **legacy, **fidelity_verdict(legacy)}
 
 
 def object_fidelity(wanted: dict, seen: list[MeasuredObject | None], parts: list[range], height: int,
-                    width: int, wrap: bool = False) -> dict:
+                    width: int, motion: Motion = "bounce") -> dict:
     """One prompted object ({colour, shape, direction}) against its measurements, frame by frame (None
     where its colour is not seen).
 
@@ -142,7 +143,7 @@ def object_fidelity(wanted: dict, seen: list[MeasuredObject | None], parts: list
     speeds (after a bounce the sense reverses, the axis does not); direction_ok_by_segment: each part's
     motion is the prompted direction at the world's speeds (what a caption promises for the whole video
     in the world that wraps, and only until the first bounce in the one that bounces); both None for a
-    part of fewer than MIN_TRACK frames. `wrap`: the world that wraps.
+    part of fewer than MIN_TRACK frames. `motion`: the world's rule at a border.
     """
     found = [m for m in seen if m is not None]
     present = np.array([m is not None for m in seen])
@@ -152,7 +153,7 @@ def object_fidelity(wanted: dict, seen: list[MeasuredObject | None], parts: list
     area = float(np.median([m.area for m in found])) if found else 0.0
     half = math.sqrt(area / UNIT_AREA[shape or wanted["shape"]])
     track = [m.centroid if m is not None else None for m in seen]
-    start = object_motion(track[:DIRECTION_FRAMES], half, shape, height, width, wrap)
+    start = object_motion(track[:DIRECTION_FRAMES], half, shape, height, width, motion)
     speed = math.hypot(start["vx"], start["vy"])
     horizontal = wanted["direction"] in ("left", "right")
     axes, senses = [], []
@@ -161,7 +162,7 @@ def object_fidelity(wanted: dict, seen: list[MeasuredObject | None], parts: list
             axes.append(None)
             senses.append(None)
             continue
-        m = object_motion([track[t] for t in part], half, shape, height, width, wrap)
+        m = object_motion([track[t] for t in part], half, shape, height, width, motion)
         at_speed = SPEED_RANGE[0] <= max(abs(m["vx"]), abs(m["vy"])) <= SPEED_RANGE[1]
         axes.append(bool(m["direction"] is not None and (abs(m["vx"]) >= abs(m["vy"])) == horizontal and at_speed))
         senses.append(bool(m["direction"] == wanted["direction"] and at_speed))
@@ -282,7 +283,7 @@ def round_trip(codec: Codec, clips: list[ToyClip], frames: int, caption_set: str
     """Rendered clips of `frames` frames through any codec and back, measured against their captions: the
     ceiling of a model on that codec (`summarise` and the mean PSNR)."""
     back = [to_uint8(v) for v in codec.decode(encode_clips(codec, clips, frames))]
-    per_clip = [prompt_fidelity(v, c, wrap=clip.motion == "wrap")
+    per_clip = [prompt_fidelity(v, c, motion=clip.motion)
                 for v, c, clip in zip(back, captions_of(clips, caption_set), clips)]
     return {**summarise(per_clip), "psnr": float(np.mean([psnr(c.render(frames), v) for c, v in zip(clips, back)]))}
 
@@ -314,7 +315,7 @@ def evaluate(checkpoint: str, overrides: list[str], sampler: str, num_clips: int
         captions = captions_of(clips, caption_set)
         videos = first if sampler == "codec" and first is not None else model.videos(clips, captions, batch_size)
         first = first if first is not None else videos
-        per_clip = [prompt_fidelity(video, c, wrap=v.toy_motion == "wrap") for video, c in zip(videos, captions)]
+        per_clip = [prompt_fidelity(video, c, motion=v.toy_motion) for video, c in zip(videos, captions)]
         result["by_captions"][caption_set] = {**summarise(per_clip), "per_clip": per_clip}
     if sampler == "codec":
         frames = rendered_frames(model.cfg)

@@ -188,13 +188,13 @@ class FrameMeasurement:
 
 
 def measure_frame(frame: np.ndarray, min_area: int = 6, max_distance: float = 90.0,
-                  shapes: bool = False, wrap: bool = False) -> FrameMeasurement:
+                  shapes: bool = False, motion: Motion = "bounce") -> FrameMeasurement:
     """Segment an RGB frame (uint8 [H, W, 3]) by nearest palette colour.
 
     The background is the background colour covering most pixels; every object colour covering at least
     `min_area` pixels is an object, with its area, centroid and, with `shapes`, its `classify_shape`.
     Pixels farther than `max_distance` from every palette colour count as neither (generated frames are
-    not exactly flat). With `wrap` the frame is a torus (the "wrap" world): an object cut by a border is
+    not exactly flat). In the world that wraps (`motion` "wrap") the frame is a torus: an object cut by a border is
     measured whole, as `torus_roll` rejoins it, and its centroid is taken modulo the frame.
     """
     pixels = frame.reshape(-1, 3).astype(np.float32)
@@ -211,7 +211,7 @@ def measure_frame(frame: np.ndarray, min_area: int = 6, max_distance: float = 90
     for p in range(nb, len(_PALETTE)):
         if counts[p] >= min_area:
             mask = (label == p).reshape(frame.shape[:2])
-            roll = torus_roll(mask) if wrap else (0, 0)
+            roll = torus_roll(mask) if motion == "wrap" else (0, 0)
             mask = np.roll(mask, (-roll[0], -roll[1]), (0, 1))
             my, mx = np.nonzero(mask)
             centroid = (float(mx.mean() + 0.5), float(my.mean() + 0.5))
@@ -275,9 +275,9 @@ def classify_shape(mask: np.ndarray, centroid: tuple[float, float]) -> tuple[str
 
 
 def caption_fidelity(frames: np.ndarray, caption: str, measured: list[FrameMeasurement] | None = None,
-                     wrap: bool = False) -> dict:
+                     motion: Motion = "bounce") -> dict:
     """How well a video (uint8 [F, H, W, 3]) shows its toy caption, frame by frame (`measured`: the
-    frames' `measure_frame`, when the caller has it; `wrap`: the frame is a torus).
+    frames' `measure_frame`, when the caller has it; `motion`: the world's rule at a border).
 
     background: fraction of frames whose measured background is the prompted one; objects: fraction of
     frames showing every prompted object colour; speed: median centroid displacement per frame (pixels)
@@ -287,12 +287,12 @@ def caption_fidelity(frames: np.ndarray, caption: str, measured: list[FrameMeasu
     if wanted is None:
         raise ValueError(f"not a toy-world caption: {caption!r}")
     colours = [o["colour"] for o in wanted["objects"]]
-    measured = measured or [measure_frame(f, wrap=wrap) for f in frames]
+    measured = measured or [measure_frame(f, motion=motion) for f in frames]
     tracks = {c: [next((o.centroid for o in m.objects if o.colour == c), None) for m in measured] for c in colours}
     height, width = frames.shape[1:3]
 
     def step(a: tuple[float, float], b: tuple[float, float]) -> float:
-        return torus_distance(a, b, height, width) if wrap else math.dist(a, b)
+        return torus_distance(a, b, height, width) if motion == "wrap" else math.dist(a, b)
 
     speeds = {}
     for c, track in tracks.items():

@@ -246,7 +246,7 @@ def test_measuring_an_object_cut_by_the_borders_of_the_torus():
     for shape in SHAPES:
         obj = ToyObject(shape, "yellow", 8.0, 1.0, 62.0, "left", 1.0)  # its box centre near the bottom-left corner
         frame = ToyClip("dark blue", (obj,), motion="wrap").render(1)[0]
-        whole = measure_frame(frame, shapes=True, wrap=True).objects[0]
+        whole = measure_frame(frame, shapes=True, motion="wrap").objects[0]
         cx, cy = obj.centroid(0, 64, 64, "wrap")
         assert abs(torus_offset(whole.centroid[0] - cx, 64)) < 0.6
         assert abs(torus_offset(whole.centroid[1] - cy, 64)) < 0.6
@@ -265,9 +265,9 @@ def test_motion_fit_on_the_torus():
     obj = ToyObject("circle", "red", 6.0, 3.0, 30.0, "left", 2.0)  # crosses the left border at once
     track = [obj.centroid(t, 64, 64, "wrap") for t in range(24)]
     times = np.arange(24, dtype=np.float32)
-    v, residual = fit_motion(times, np.array([x for x, _ in track]), 0, 64, wrap=True)
+    v, residual = fit_motion(times, np.array([x for x, _ in track]), 0, 64, motion="wrap")
     assert abs(v + 2.0) < 0.051 and residual < 0.3
-    assert object_motion(track, 6.0, "circle", 64, 64, wrap=True)["direction"] == "left"
+    assert object_motion(track, 6.0, "circle", 64, 64, motion="wrap")["direction"] == "left"
     assert object_motion(track, 6.0, "circle", 64, 64)["direction"] != "left"  # a bounce model misreads the jump
 
 
@@ -276,15 +276,15 @@ def test_prompt_fidelity_in_the_wrap_world_holds_the_direction_throughout():
     from hiar.toyfidelity import held_out_clips, prompt_fidelity, summarise
 
     clips = held_out_clips(24, motion="wrap")
-    right = summarise([prompt_fidelity(c.render(21), phrase(c.spec(), "held_out", i), wrap=True)
+    right = summarise([prompt_fidelity(c.render(21), phrase(c.spec(), "held_out", i), motion="wrap")
                        for i, c in enumerate(clips)])
     assert min(right["colour"], right["shape"], right["direction"], right["count"]) >= 0.95, right
     flip = {"left": "right", "right": "left", "up": "down", "down": "up"}
-    wrong = summarise([prompt_fidelity(c.render(21), template_caption(
-        {**c.spec(), "objects": [{**o, "direction": flip[o["direction"]]} for o in c.spec()["objects"]]}), wrap=True)
-        for c in clips])
+    flipped = [template_caption({**c.spec(), "objects": [{**o, "direction": flip[o["direction"]]}
+                                                          for o in c.spec()["objects"]]}) for c in clips]
+    wrong = summarise([prompt_fidelity(c.render(21), caption, motion="wrap") for c, caption in zip(clips, flipped)])
     assert wrong["direction"] <= 0.05
-    minute = summarise([prompt_fidelity(c.render(480), c.caption, wrap=True) for c in clips[:4]])  # 60 s at 8 fps
+    minute = summarise([prompt_fidelity(c.render(480), c.caption, motion="wrap") for c in clips[:4]])  # 60 s at 8 fps
     assert minute["direction_by_segment"] == [1.0] * 5 and minute["presence"] == 1.0, minute
     bounced = summarise([prompt_fidelity(c.render(480), c.caption) for c in held_out_clips(4)])
     assert min(bounced["direction_by_segment"]) < 1.0  # the world that bounces reverses its objects
@@ -297,11 +297,12 @@ def test_parts_too_short_to_read_a_motion_from_are_not_judged():
     from hiar.toyfidelity import prompt_fidelity, summarise
 
     clip = sample_clip(0, 3, motion="wrap")
-    r = prompt_fidelity(clip.render(6), clip.caption, wrap=True)
+    r = prompt_fidelity(clip.render(6), clip.caption, motion="wrap")
     assert all(o["direction_ok_by_segment"] == [None] * 5 and o["axis_ok_by_segment"] == [None] * 5
                for o in r["prompted"])
     s = summarise([r])
     assert all(np.isnan(x) for x in s["direction_by_segment"] + s["axis_by_segment"]) and s["direction"] == 1.0
-    assert summarise([prompt_fidelity(clip.render(15), clip.caption, wrap=True)])["direction_by_segment"] == [1.0] * 5
+    whole = prompt_fidelity(clip.render(15), clip.caption, motion="wrap")
+    assert summarise([whole])["direction_by_segment"] == [1.0] * 5
     # and tables and log lines say so rather than print "nan%"
     assert [percent(x) for x in (s["direction_by_segment"][-1], s["direction"], 0.456)] == ["n/a", "100%", "46%"]
