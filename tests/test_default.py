@@ -1,32 +1,30 @@
 """The embedded default student (configs/toy/hiar.yaml's runtime.checkpoint): small, loadable, and its
-clips show their prompts, so a broken default can never land."""
+clips show their prompts in any phrasing, so a broken default can never land."""
 
 from pathlib import Path
 
-import torch
-
-from hiar.checkpoints import load_generator
-from hiar.codecs import build_codec
 from hiar.config import load_config
-from hiar.sampling import block_noise, sample_video
-from hiar.text import build_text_encoder
-from hiar.toyfidelity import HELD_OUT_SEED
-from hiar.toyworld import caption_fidelity, fidelity_verdict, sample_clip
-from hiar.video import read_video, to_uint8
+from hiar.toyfidelity import evaluate
+from hiar.video import read_video
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_embedded_default_draws_its_prompts():
+def test_embedded_default_draws_its_prompts_in_any_phrasing():
+    """24 held-out clips, captioned in the template and in phrasings no stage trained on, from the same
+    noise. Measured (README, "Generate"; docs/results.md at 10x has the 40-clip figures): colour 83% of
+    template objects and 92% held-out, present in 83% / 89% of frames, every background right. The bars
+    leave room for another machine's arithmetic; the held-out one is the issue's target (within 10 points
+    of the template), which the first recipe's default, trained on the template alone, missed (82% against
+    30%). Shape and direction are not drawn yet (shape 3-8%, direction at chance), so not checked."""
     cfg = load_config(ROOT / "configs/toy/hiar.yaml")
     path = ROOT / cfg.runtime.checkpoint
     assert path.is_file() and path.stat().st_size < 8 * 2**20  # a few MB: the repository stays small
-    model, _ = load_generator(path, cfg)
-    captions = [sample_clip(HELD_OUT_SEED, i).caption for i in range(8)]
-    with torch.no_grad():
-        x0 = sample_video(model.eval(), build_text_encoder(cfg)(captions), cfg, block_noise(cfg, 0, range(8)), 7)
-    verdicts = [fidelity_verdict(caption_fidelity(to_uint8(v), c)) for v, c in zip(build_codec(cfg).decode(x0), captions)]
-    assert sum(v["colours_ok"] for v in verdicts) >= 5, verdicts  # measured: see docs/results.md
+    result, _ = evaluate(str(path), [], "student", 24, 24, ["template", "held_out"])
+    template, held_out = (result["by_captions"][c] for c in ("template", "held_out"))
+    assert template["colour"] >= 0.75 and held_out["colour"] >= template["colour"] - 0.10, result["by_captions"]
+    assert min(template["presence"], held_out["presence"]) >= 0.75
+    assert min(template["background"], held_out["background"]) >= 0.95
 
 
 def test_inference_without_arguments_uses_the_default(tmp_path, capsys):

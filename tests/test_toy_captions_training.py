@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from hiar.captions import HELD_OUT_VERBS, parse_caption, phrase
+from hiar.checkpoints import checkpoint_config
 from hiar.codecs import build_codec
 from hiar.config import ROOT, ConfigError, load_config
 from hiar.data import TRAINING_CAPTIONS, PromptSource, toy_caption, toy_samples
@@ -48,13 +49,16 @@ def test_the_template_is_unchanged_byte_for_byte_on_every_training_path():
         assert captions[stage] == [clip.caption for _, _, clip in clips]
 
 
-def test_the_recipe_trains_on_varied_captions_and_the_default_tuning_on_its_own():
-    # the toy recipe's stages train on the varied phrasings; the LoRA tuning of the embedded student keeps
-    # the template the student was trained on (configs/toy/hiar_lora_long.yaml)
+def test_the_recipe_trains_on_varied_captions_and_the_default_tuning_in_the_default_s_world():
+    # every toy stage trains on the varied phrasings, and the LoRA tuning of the embedded student
+    # (configs/toy/hiar_lora_long.yaml) in the world, phrasings and guidance the student was trained with
     presets = {p.stem: load_config(p).train.captions for p in sorted((ROOT / "configs/toy").glob("*.yaml"))
                if not p.name.startswith("codec")}
-    assert len(presets) >= 8 and presets.pop("hiar_lora_long") == "template"
-    assert set(presets.values()) == {"varied"} and load_config("toy").train.captions == "varied"
+    assert len(presets) >= 8 and set(presets.values()) == {"varied"} and load_config("toy").train.captions == "varied"
+    tuning = load_config(ROOT / "configs/toy/hiar_lora_long.yaml")
+    default = checkpoint_config(ROOT / tuning.distill.generator)
+    assert [(c.video.toy_motion, c.train.captions, c.distill.guidance_scale) for c in (tuning, default)] == \
+        [("wrap", "varied", 6.0)] * 2
 
 
 def test_varied_captions_phrase_the_same_scene_from_seed_and_index():
