@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from hiar.video import read_video
-from test_serve import towards  # the toy measurement of a switch
+from test_serve import switched_background  # the toy measurement of a switch
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -157,7 +157,7 @@ def test_stream_switch_and_download_in_a_browser(server, tmp_path):
     assert [h["segment"] for h in headers] == [int(h["index"] >= block) for h in headers]
     before = np.concatenate([px for h, px in received.blocks if 0 < h["index"] < block])
     after = np.concatenate([px for h, px in received.blocks if h["index"] >= block + 2])
-    assert towards(before, "black", "dark green") < 0.15 < 0.3 < towards(after, "black", "dark green")
+    assert switched_background(before, after)
     sent = np.concatenate([px for _, px in received.blocks])
     video = read_video(tmp_path / "demo.mp4")
     assert video.shape == sent.shape == (ended["frames"], 64, 64, 3)
