@@ -76,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=60.0, help="length of the long videos")
     p.add_argument("--config_path", default="configs/toy/hiar.yaml", help="the long rollouts' config")
     p.add_argument("--label", default="1x", help="the training length these runs had (names the doc section)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides for every variant, as the runs were trained (launch/reproduce_toy.sh's "
+                        "OVERRIDES, e.g. model.patch_size=[1,1,1])")
     return p.parse_args(argv)
 
 
@@ -112,7 +115,8 @@ def evaluate(args: argparse.Namespace) -> int:
     fidelity = {name: {} for name in present}
     lengths = [("short", args.num_clips, [])] + [(f"{s:g} s", args.fidelity_clips, ["--seconds", f"{s:g}"])
                                                  for s in args.fidelity_seconds]
-    for name, (run, overrides, _) in present.items():
+    for name, (run, own, _) in present.items():
+        overrides = [*args.overrides, *own]
         for length, clips, seconds in lengths:
             folder = out / "fidelity" / length.replace(" ", "") / name
             if run_program("toy_fidelity", "--checkpoint", str(runs / run / "model.safetensors"), "--num_clips",
@@ -123,8 +127,8 @@ def evaluate(args: argparse.Namespace) -> int:
     # 2. long rollouts of the same captions and seeds, scored and reported
     prompts = out / "long_prompts.txt"
     prompts.write_text("".join(sample_clip(HELD_OUT_SEED, i).caption + "\n" for i in range(args.num_long)))
-    methods = [f"--method={name}={runs / run / 'model.safetensors'}" + "".join(f":{o}" for o in overrides)
-               for name, (run, overrides, _) in present.items()]
+    methods = [f"--method={name}={runs / run / 'model.safetensors'}" + "".join(f":{o}" for o in [*args.overrides, *own])
+               for name, (run, own, _) in present.items()]
     if run_program("rollout", "--out", str(out / "long"), "--config_path", args.config_path, "--data_path",
                    str(prompts), "--seconds", str(args.seconds), "--overwrite", *methods) != 0:
         return 2
@@ -169,7 +173,8 @@ def prompt_measures(s: dict) -> dict:
 def table(present: dict, rows: dict, args: argparse.Namespace, assets: Path) -> str:
     head = ("| variant | what | colour fidelity | moving | Drift Score | "
             + " | ".join(f"{m} slope" for m in METRICS) + " |")
-    lines = [f"Training length {args.label}, runs under `{args.runs}`. Short clips: {args.num_clips} held-out "
+    trained = f" with {' '.join(args.overrides)}" if args.overrides else ""
+    lines = [f"Training length {args.label}, runs under `{args.runs}`{trained}. Short clips: {args.num_clips} held-out "
              f"captions, 21 latent frames each. Long videos: {args.num_long} captions x {args.seconds:.0f} s, same "
              "seeds for every variant. Slopes: change from the start of the video to its end (hiar/drift.py).", "",
              head, "| --- " * (5 + len(METRICS)) + "|"]

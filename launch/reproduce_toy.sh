@@ -5,31 +5,36 @@
 #   VARIANTS="hiar self_forcing" bash launch/reproduce_toy.sh
 #   SCALE=10 bash launch/reproduce_toy.sh   # variants trained 10x longer
 # A stage whose output exists is skipped (training stages resume from their checkpoints), and each
-# stage's wall-clock is appended to runs/toy/timings.tsv. EVALUATE=0 skips the evaluation; DOC=FILE
+# stage's wall-clock is appended to runs/toy/timings.tsv (ROOT below). EVALUATE=0 skips the evaluation; DOC=FILE
 # writes it into FILE (assets beside it) instead of docs/results.md, e.g. for a replicate run.
 # SCALE=N multiplies the variants' training length (train.steps of configs/toy/<variant>.yaml) and puts
-# them and their evaluation under runs/toy/x<N>/ and in docs/results.md's "<N>x" section; the teacher,
+# them and their evaluation under runs/toy/x<N>/ (ROOT/x<N>/) and in docs/results.md's "<N>x" section; the teacher,
 # ODE pairs and ODE initialisation are shared by every length, and a variant continues from the end of
 # its longest finished shorter run (the same run, less compute: continue_shorter below). JOBS=N trains
 # N variants at once with nproc/N threads each (default: one a core, at most one a variant; each logs to
 # its own file): the toy model is too small to keep many threads busy, and on the 2-core VM two
 # variants side by side on one thread each train 1.4x faster than one after the other on two
 # (docs/results_v1.md, "The whole recipe in one go").
+# ROOT=DIR puts every stage under DIR instead of runs/toy (the configs' own paths), and OVERRIDES="K=V ..."
+# passes config overrides to every stage and to the evaluation: another recipe from the same presets,
+#   ROOT=runs/toy_p1 OVERRIDES="model.patch_size=[1,1,1]" EVALUATE=0 bash launch/reproduce_toy.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/env.sh
 py=.venv/bin/python
 variants=${VARIANTS:-"hiar self_forcing hiar_no_fkl hiar_ctx_current hiar_ctx_clean"}
 scale=${SCALE:-1}
+root=${ROOT:-runs/toy}
+read -ra overrides <<< "${OVERRIDES:-}"
 cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # the machine's, whatever threads the caller set
 variant_count=$(wc -w <<< "$variants")
 jobs=${JOBS:-$((cores < variant_count ? cores : variant_count))}
-runs=runs/toy
-[ "$scale" = 1 ] || runs=runs/toy/x$scale
+runs=$root
+[ "$scale" = 1 ] || runs=$root/x$scale
 mkdir -p "$runs"
 
-timed() {  # timed NAME SECONDS: one line of runs/toy/timings.tsv
-  printf '%s\t%s\t%d s\t%s\n' "$(date -u +%FT%TZ)" "$1" "$2" "$cores cores, ${OMP_NUM_THREADS:-$cores} threads" >> runs/toy/timings.tsv
+timed() {  # timed NAME SECONDS: one line of $root/timings.tsv
+  printf '%s\t%s\t%d s\t%s\n' "$(date -u +%FT%TZ)" "$1" "$2" "$cores cores, ${OMP_NUM_THREADS:-$cores} threads" >> "$root/timings.tsv"
 }
 
 stage() {  # stage NAME OUTPUT COMMAND...
@@ -49,9 +54,14 @@ stage() {  # stage NAME OUTPUT COMMAND...
   timed "$name" $((SECONDS - start))
 }
 
-stage teacher runs/toy/teacher/model.safetensors $py train/teacher.py --config_path configs/toy/teacher.yaml --resume
-stage ode_pairs runs/toy/ode_pairs/manifest.json $py train/ode_pairs.py --config_path configs/toy/ode_pairs.yaml
-stage ode_init runs/toy/ode_init/model.safetensors $py train/ode_init.py --config_path configs/toy/ode_init.yaml --resume
+teacher=$root/teacher/model.safetensors
+pairs=("ode.teacher=$teacher" "ode.output_dir=$root/ode_pairs")  # where the ODE stages read and write
+stage teacher "$teacher" $py train/teacher.py --config_path configs/toy/teacher.yaml --resume \
+  "train.output_dir=$root/teacher" "${overrides[@]}"
+stage ode_pairs "$root/ode_pairs/manifest.json" $py train/ode_pairs.py --config_path configs/toy/ode_pairs.yaml \
+  "${pairs[@]}" "${overrides[@]}"
+stage ode_init "$root/ode_init/model.safetensors" $py train/ode_init.py --config_path configs/toy/ode_init.yaml --resume \
+  "${pairs[@]}" "train.output_dir=$root/ode_init" "${overrides[@]}"
 
 continue_shorter() {  # continue_shorter VARIANT: a longer run starts from the end of the longest finished
   # shorter run of the variant, not from scratch. At a constant learning rate every step draws from (seed,
@@ -59,9 +69,9 @@ continue_shorter() {  # continue_shorter VARIANT: a longer run starts from the e
   # train.decay_steps the rate depends on the length and the run starts over.
   local length dir
   [ ! -e "$runs/$1/checkpoints/latest" ] && [ "$decay" = 0 ] || return 0
-  for length in $( (echo 1; ls -d runs/toy/x*/ 2>/dev/null | sed 's|runs/toy/x\([0-9]*\)/|\1|') | sort -rn); do
+  for length in $( (echo 1; ls -d "$root"/x*/ 2>/dev/null | sed 's|.*/x\([0-9]*\)/$|\1|') | sort -rn); do
     [ "$length" -lt "$scale" ] || continue
-    dir=runs/toy; [ "$length" = 1 ] || dir=runs/toy/x$length
+    dir=$root; [ "$length" = 1 ] || dir=$root/x$length
     [ -e "$dir/$1/model.safetensors" ] || continue
     echo "== $1 (${scale}x): continues $dir/$1 ($(cat "$dir/$1/checkpoints/latest"))"
     mkdir -p "$runs/$1/checkpoints"
@@ -78,7 +88,8 @@ print(t.steps, t.decay_steps)" "$config")
   read -r steps decay <<< "$params"
   [ -e "$runs/$1/model.safetensors" ] || continue_shorter "$1"
   local run=(stage "$1 (${scale}x)" "$runs/$1/model.safetensors" $py train/distill.py --config_path "$config" --resume
-             "train.output_dir=$runs/$1" "train.steps=$((steps * scale))")
+             "train.output_dir=$runs/$1" "train.steps=$((steps * scale))" "distill.generator=$root/ode_init/model.safetensors"
+             "distill.teacher=$teacher" "distill.critic=$teacher" "ode.output_dir=$root/ode_pairs" "${overrides[@]}")
   if [ "$jobs" = 1 ] || [ -e "$runs/$1/model.safetensors" ]; then
     "${run[@]}"
     return
@@ -101,7 +112,8 @@ for pid in "${pids[@]}"; do wait "$pid"; done
 unset OMP_NUM_THREADS
 if [ "${EVALUATE:-1}" = 1 ]; then
   start=$SECONDS
-  $py -m eval.toy_results --runs "$runs" --out "$runs/results" --doc "${DOC:-docs/results.md}" --label "${scale}x"
+  $py -m eval.toy_results --runs "$runs" --out "$runs/results" --doc "${DOC:-docs/results.md}" --label "${scale}x" \
+    "${overrides[@]}"
   timed "evaluation (${scale}x)" $((SECONDS - start))
 fi
 # The whole invocation, setup included: the figure docs/results.md quotes for a run from a fresh clone.

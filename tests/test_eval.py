@@ -236,12 +236,18 @@ def test_results_report_what_the_prompts_say_per_length_and_phrasing(tmp_path, m
     common = ["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "res"), "--doc", str(tmp_path / "doc.md")]
     assert toy_results.main([*common, "--fidelity_seconds", "60", "0"]) == 2
     assert "give a clip or more and positive lengths" in capsys.readouterr().err and not calls
-    assert toy_results.main([*common, "--fidelity_seconds", "60", "300", "--fidelity_clips", "3"]) == 0
+    trained = "model.patch_size=[1,1,1]"  # how the runs were trained: every program samples them so
+    assert toy_results.main([*common, "--fidelity_seconds", "60", "300", "--fidelity_clips", "3", trained]) == 0
     fidelity = [args for program, args in calls if program == "toy_fidelity"]
     assert len(fidelity) == 3 and all(a[a.index("--captions") + 1:][:2] == ("template", "held_out") for a in fidelity)
+    assert all(trained in a for a in fidelity)
+    (rollout,) = [args for program, args in calls if program == "rollout"]
+    methods = [a for a in rollout if a.startswith("--method=")]
+    assert methods == [f"--method=hiar={tmp_path / 'runs' / 'hiar' / 'model.safetensors'}:{trained}"]
     assert [a[a.index("--num_clips") + 1] for a in fidelity] == ["40", "3", "3"]
     assert [a[a.index("--seconds") + 1] for a in fidelity[1:]] == ["60", "300"] and "--seconds" not in fidelity[0]
     lines = (tmp_path / "doc.md").read_text().splitlines()
+    assert any(f"with {trained}." in line for line in lines)
     assert "| hiar | short | held_out | 50% | 50% | 75% | 62% | 100% | 88% | 25% |" in lines
     assert "| hiar | 300 s | template | 25% | 50% | 75% | 62% | 100% | 88% | 25% |" in lines
     assert sum(line.startswith("| hiar | ") and " s | " in line for line in lines) == 4
