@@ -1,0 +1,101 @@
+"""launch/reproduce_toy.sh's plumbing, run in a copy of the repository's layout whose .venv/bin/python is a
+stand-in: it records each command and writes the file the stage is checked by, so the test sees which
+stages run, with which paths and overrides, in seconds. What the stages compute is tested elsewhere."""
+
+import hashlib
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+from hiar.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Records its arguments; answers the script's config query (train.steps, train.decay_steps); a training
+# stage writes its model, checkpoint and metrics under train.output_dir, the ODE pairs their manifest.
+STAND_IN = r"""#!/usr/bin/env bash
+case $1 in -c) echo "400 0"; exit;; esac
+echo "$*" >> "$COMMANDS"
+[ "$1" = -m ] && exit
+for a in "$@"; do case $a in train.output_dir=*) out=${a#*=};; ode.output_dir=*) pairs=${a#*=};; esac; done
+if [ "$1" = train/ode_pairs.py ]; then mkdir -p "$pairs" && touch "$pairs/manifest.json"; exit; fi
+mkdir -p "$out/checkpoints/step-00000001" && touch "$out/model.safetensors" "$out/metrics.jsonl"
+echo step-00000001 > "$out/checkpoints/latest"
+"""
+
+
+def layout(tmp_path: Path) -> Path:
+    """The script, launch/env.sh and what env.sh hashes, with a stand-in .venv it takes as up to date."""
+    repo = tmp_path / "repo"
+    (repo / "launch").mkdir(parents=True)
+    for name in ("launch/reproduce_toy.sh", "launch/env.sh", "requirements.txt", "pyproject.toml"):
+        (repo / name).write_bytes((ROOT / name).read_bytes())
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    (repo / ".venv" / "bin" / "python").write_text(STAND_IN)
+    (repo / ".venv" / "bin" / "python").chmod(0o755)
+    digest = hashlib.sha256((ROOT / "requirements.txt").read_bytes() + (ROOT / "pyproject.toml").read_bytes())
+    (repo / ".venv" / ".requirements.sha256").write_text(digest.hexdigest() + "\n")
+    return repo
+
+
+def reproduce(repo: Path, **env: str) -> list[list[str]]:
+    """One run of the script: the commands it gave python, each split into words."""
+    log = repo / "commands.txt"
+    log.unlink(missing_ok=True)
+    proc = subprocess.run(["bash", "launch/reproduce_toy.sh"], cwd=repo, capture_output=True, text=True, timeout=60,
+                          env={"PATH": os.environ["PATH"], "COMMANDS": str(log), "VARIANTS": "hiar self_forcing",
+                               "JOBS": "1", **env})
+    assert proc.returncode == 0, proc.stderr
+    return [shlex.split(line) for line in log.read_text().splitlines()]
+
+
+def stage(commands: list[list[str]], program: str) -> list[list[str]]:
+    return [c for c in commands if c[0] == program]
+
+
+def settings(words: list[str]) -> dict[str, str]:
+    return dict(w.split("=", 1) for w in words if "=" in w and not w.startswith("--"))
+
+
+def test_every_stage_reads_and_writes_under_root_with_the_overrides(tmp_path):
+    repo = layout(tmp_path)
+    extra = ["model.patch_size=[1,1,1]", "train.seed=7"]
+    commands = reproduce(repo, ROOT="runs/p1", OVERRIDES=" ".join(extra))
+    trained = [c for c in commands if c[0].startswith("train/")]
+    assert [c[0] for c in trained] == ["train/teacher.py", "train/ode_pairs.py", "train/ode_init.py",
+                                       "train/distill.py", "train/distill.py"]
+    for command in trained:
+        assert command[-len(extra):] == extra, command
+        paths = [v for k, v in settings(command).items()
+                 if k.endswith(("output_dir", "teacher", "critic", "generator"))]
+        assert paths and all(p.startswith("runs/p1/") for p in paths), command
+    hiar = settings(stage(commands, "train/distill.py")[0])
+    assert hiar == {**hiar, "train.output_dir": "runs/p1/hiar", "ode.output_dir": "runs/p1/ode_pairs",
+                    "distill.generator": "runs/p1/ode_init/model.safetensors",
+                    "distill.teacher": "runs/p1/teacher/model.safetensors",
+                    "distill.critic": "runs/p1/teacher/model.safetensors"}
+    (evaluation,) = [c for c in commands if c[:2] == ["-m", "eval.toy_results"]]
+    assert evaluation[evaluation.index("--runs") + 1] == "runs/p1" and evaluation[-len(extra):] == extra
+    timings = (repo / "runs/p1/timings.tsv").read_text()
+    assert [line.split("\t")[1] for line in timings.splitlines()] == [
+        "teacher", "ode_pairs", "ode_init", "hiar (1x)", "self_forcing (1x)", "evaluation (1x)", "whole script (1x)"]
+    assert not (repo / "runs/toy").exists()
+
+    # 10x continues each variant from its 1x run under the same root; nothing before it runs again
+    commands = reproduce(repo, ROOT="runs/p1", OVERRIDES=" ".join(extra), SCALE="10")
+    assert [c[0] for c in commands if c[0].startswith("train/")] == ["train/distill.py"] * 2
+    assert (repo / "runs/p1/x10/hiar/checkpoints/step-00000001").is_dir()
+    assert settings(stage(commands, "train/distill.py")[0])["train.output_dir"] == "runs/p1/x10/hiar"
+
+
+def test_without_root_every_stage_gets_its_configs_own_paths(tmp_path):
+    """ROOT and OVERRIDES unset: the paths the script passes are those its presets already name."""
+    commands = reproduce(layout(tmp_path))
+    for command in (c for c in commands if c[0].startswith("train/")):
+        config = load_config(ROOT / command[command.index("--config_path") + 1])
+        for key, value in settings(command).items():
+            if key != "train.steps":
+                section, name = key.split(".")
+                assert str(getattr(getattr(config, section), name)) == value, (command[0], key)
+    assert (tmp_path / "repo/runs/toy/timings.tsv").is_file()
