@@ -106,7 +106,9 @@ def evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"--fidelity_clips={args.fidelity_clips}, --fidelity_seconds={given}: give a clip or more "
                          "and positive lengths")
     runs, out = Path(args.runs), Path(args.out)
-    present = {name: v for name, v in VARIANTS.items() if (runs / v[0] / "model.safetensors").is_file()}
+    # each variant's overrides after those of the whole recipe (--overrides: how every run was trained)
+    present = {name: (run, [*args.overrides, *own], what) for name, (run, own, what) in VARIANTS.items()
+               if (runs / run / "model.safetensors").is_file()}
     if not present:
         print(f"error: no trained variant under {runs} (run launch/reproduce_toy.sh)", file=sys.stderr)
         return 2
@@ -116,8 +118,7 @@ def evaluate(args: argparse.Namespace) -> int:
     fidelity = {name: {} for name in present}
     lengths = [("short", args.num_clips, [])] + [(f"{s:g} s", args.fidelity_clips, ["--seconds", f"{s:g}"])
                                                  for s in args.fidelity_seconds]
-    for name, (run, own, _) in present.items():
-        overrides = [*args.overrides, *own]
+    for name, (run, overrides, _) in present.items():
         for length, clips, seconds in lengths:
             folder = out / "fidelity" / length.replace(" ", "") / name
             if run_program("toy_fidelity", "--checkpoint", str(runs / run / "model.safetensors"), "--num_clips",
@@ -128,8 +129,8 @@ def evaluate(args: argparse.Namespace) -> int:
     # 2. long rollouts of the same captions and seeds, scored and reported
     prompts = out / "long_prompts.txt"
     prompts.write_text("".join(sample_clip(HELD_OUT_SEED, i).caption + "\n" for i in range(args.num_long)))
-    methods = [f"--method={name}={runs / run / 'model.safetensors'}" + "".join(f":{o}" for o in [*args.overrides, *own])
-               for name, (run, own, _) in present.items()]
+    methods = [f"--method={name}={runs / run / 'model.safetensors'}" + "".join(f":{o}" for o in overrides)
+               for name, (run, overrides, _) in present.items()]
     if run_program("rollout", "--out", str(out / "long"), "--config_path", args.config_path, "--data_path",
                    str(prompts), "--seconds", str(args.seconds), "--overwrite", *methods) != 0:
         return 2
@@ -175,9 +176,9 @@ def table(present: dict, rows: dict, args: argparse.Namespace, assets: Path) -> 
     head = ("| variant | what | colour fidelity | moving | Drift Score | "
             + " | ".join(f"{m} slope" for m in METRICS) + " |")
     trained = f" with {' '.join(args.overrides)}" if args.overrides else ""
-    lines = [f"Training length {args.label}, runs under `{args.runs}`{trained}. Short clips: {args.num_clips} held-out "
-             f"captions, 21 latent frames each. Long videos: {args.num_long} captions x {args.seconds:.0f} s, same "
-             "seeds for every variant. Slopes: change from the start of the video to its end (hiar/drift.py).", "",
+    lines = [f"Training length {args.label}, runs under `{args.runs}`{trained}. Short clips: {args.num_clips} "
+             f"held-out captions, 21 latent frames each. Long videos: {args.num_long} captions x {args.seconds:.0f} s, "
+             "same seeds for every variant. Slopes: change from the start of the video to its end (hiar/drift.py).", "",
              head, "| --- " * (5 + len(METRICS)) + "|"]
     for name, (_, _, what) in present.items():
         r = rows[name]
