@@ -33,8 +33,8 @@ if [[ "$what" != all && "$what" != inference ]]; then
     exit 2
 fi
 # The Hugging Face CLI: `hf` (huggingface_hub >= 0.34; `hf download REPO [FILE] --local-dir DIR`), from
-# PATH or from .venv (transformers and diffusers of requirements.txt bring huggingface_hub); else the older `huggingface-cli`, whose
-# `download` takes the same arguments.
+# PATH or from .venv (transformers and diffusers of requirements.txt bring huggingface_hub); else the
+# older `huggingface-cli`, whose `download` takes the same arguments.
 if ! command -v hf >/dev/null 2>&1; then
     if [[ -x .venv/bin/hf ]]; then
         hf() { .venv/bin/hf "$@"; }

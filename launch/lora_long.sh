@@ -4,9 +4,11 @@
 # (lora.rank=0, train.lr=$FULL_LR); then rollouts of $LENGTHS seconds of the two and of the untuned
 # student from the same noise, their drift (eval.rollout, eval.report), and a table of drift, toy
 # presence, peak training memory and the size of what each run ships (eval.lora_long).
-#   bash launch/lora_long.sh          # needs runs/toy/teacher and runs/toy/ode_pairs: launch/reproduce_toy.sh's first stages
+#   bash launch/lora_long.sh          # needs runs/toy/teacher and runs/toy/ode_pairs,
+#                                     # launch/reproduce_toy.sh's first stages
 #   STEPS=40 LENGTHS=60 PROMPTS=data/toy_prompts.txt OUT=runs/lora_small bash launch/lora_long.sh \
-#       distill.teacher=runs/lora_small/teacher/model.safetensors distill.critic=runs/lora_small/teacher/model.safetensors \
+#       distill.teacher=runs/lora_small/teacher/model.safetensors \
+#       distill.critic=runs/lora_small/teacher/model.safetensors \
 #       distill.fkl_weight=0          # the small run of docs/lora.md
 # Trailing section.key=value arguments go to both training runs. A finished stage is skipped, a
 # training stage resumes, so rerunning continues. JOBS=2 (the default with two cores or more) trains the

@@ -17,6 +17,7 @@ config=${CONFIG:-configs/hiar.yaml}
 steps=${STEPS:-6}
 out=${OUT:-runs/rehearsal}
 gpus=$("$py" -c "import torch; print(torch.cuda.device_count())")
-exec "$py" -m torch.distributed.run --standalone --nproc_per_node="$(( gpus > 0 ? gpus : 1 ))" train/distill.py --rehearse \
+exec "$py" -m torch.distributed.run --standalone --nproc_per_node="$(( gpus > 0 ? gpus : 1 ))" \
+  train/distill.py --rehearse \
   --config_path "$config" --max_steps "$steps" "train.output_dir=$out" train.sample_every=0 train.save_every=0 \
   train.log_every=1 "train.total_batch_size=${TOTAL:-0}" "$@"

@@ -34,7 +34,8 @@ runs=$root
 mkdir -p "$runs"
 
 timed() {  # timed NAME SECONDS: one line of $root/timings.tsv
-  printf '%s\t%s\t%d s\t%s\n' "$(date -u +%FT%TZ)" "$1" "$2" "$cores cores, ${OMP_NUM_THREADS:-$cores} threads" >> "$root/timings.tsv"
+  printf '%s\t%s\t%d s\t%s\n' "$(date -u +%FT%TZ)" "$1" "$2" "$cores cores, ${OMP_NUM_THREADS:-$cores} threads" \
+    >> "$root/timings.tsv"
 }
 
 stage() {  # stage NAME OUTPUT COMMAND...
@@ -60,7 +61,8 @@ stage teacher "$teacher" $py train/teacher.py --config_path configs/toy/teacher.
   "train.output_dir=$root/teacher" "${overrides[@]}"
 stage ode_pairs "$root/ode_pairs/manifest.json" $py train/ode_pairs.py --config_path configs/toy/ode_pairs.yaml \
   "${pairs[@]}" "${overrides[@]}"
-stage ode_init "$root/ode_init/model.safetensors" $py train/ode_init.py --config_path configs/toy/ode_init.yaml --resume \
+stage ode_init "$root/ode_init/model.safetensors" \
+  $py train/ode_init.py --config_path configs/toy/ode_init.yaml --resume \
   "${pairs[@]}" "train.output_dir=$root/ode_init" "${overrides[@]}"
 
 continue_shorter() {  # continue_shorter VARIANT: a longer run starts from the end of the longest finished
@@ -88,7 +90,8 @@ print(t.steps, t.decay_steps)" "$config")
   read -r steps decay <<< "$params"
   [ -e "$runs/$1/model.safetensors" ] || continue_shorter "$1"
   local run=(stage "$1 (${scale}x)" "$runs/$1/model.safetensors" $py train/distill.py --config_path "$config" --resume
-             "train.output_dir=$runs/$1" "train.steps=$((steps * scale))" "distill.generator=$root/ode_init/model.safetensors"
+             "train.output_dir=$runs/$1" "train.steps=$((steps * scale))"
+             "distill.generator=$root/ode_init/model.safetensors"
              "distill.teacher=$teacher" "distill.critic=$teacher" "ode.output_dir=$root/ode_pairs" "${overrides[@]}")
   if [ "$jobs" = 1 ] || [ -e "$runs/$1/model.safetensors" ]; then
     "${run[@]}"

@@ -9,4 +9,5 @@ source launch/env.sh
 args=()
 [ -n "${HOSTFILE:-}" ] && args+=(--hostfile "$HOSTFILE")
 [ -n "${NUM_GPUS:-}" ] && args+=(--num_gpus "$NUM_GPUS")
-exec .venv/bin/deepspeed "${args[@]}" --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" "$@"
+exec .venv/bin/deepspeed "${args[@]}" \
+  --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" "$@"

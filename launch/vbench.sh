@@ -47,7 +47,8 @@ fi
 [ "${VBENCH_DOWNLOAD:-0}" != 1 ] || extra+=(--download)
 "$python" -m eval.vbench clips --videos "$videos" --out "$out/clips" --dimensions "${dims[@]}" \
   --cache_dir "$VBENCH_CACHE_DIR" --full_info "$("$vbench_python" launch/vbench_worker.py full_info)" "${extra[@]}"
-if [ "$("$python" -c 'import json, sys; print(len(json.load(open(sys.argv[1]))["run"]))' "$out/clips/plan.json")" = 0 ]; then
+runnable=$("$python" -c 'import json, sys; print(len(json.load(open(sys.argv[1]))["run"]))' "$out/clips/plan.json")
+if [ "$runnable" = 0 ]; then
   echo "error: none of the dimensions ${dims[*]} can run here (reasons above)" >&2
   exit 1
 fi

@@ -10,7 +10,9 @@
 vbench_venv=${VBENCH_VENV:-.venv-vbench}
 vbench_python=$vbench_venv/bin/python
 vbench_base=${PYTHON:-$(command -v python3.11 || command -v python3)}
-vbench_want=$( { cat requirements-vbench.txt; "$vbench_base" -c 'import sys; print(sys.version)'; } | sha256sum | cut -d' ' -f1)
+# The environment is rebuilt when its requirements or its Python change.
+vbench_want=$( { cat requirements-vbench.txt; "$vbench_base" -c 'import sys; print(sys.version)'; } \
+  | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$vbench_venv/.vbench-ready" 2>/dev/null)" != "$vbench_want" ]; then
   echo "building $vbench_venv from requirements-vbench.txt (about 2 minutes and 6 GB the first time)" >&2
   [ -x "$vbench_python" ] || "$vbench_base" -m venv "$vbench_venv"
