@@ -215,6 +215,14 @@ class TrainConfig:
     seed: int = 0
     deepspeed: str = "configs/deepspeed/zero0.json"  # ZeRO stage, offload; batch, clip and precision come from here
     bf16: bool = False
+    # The forwards of training in bfloat16 autocast, weights and optimizer in float32: the mixed precision
+    # of CPU cores with AVX512-BF16 (DeepSpeed's bf16, above, is the GPUs'); the toy teacher's step 1.18x
+    # faster on the 2-core VM (docs/training.md, "Training on CPU cores").
+    autocast: bool = False
+    # torch.compile the transformer blocks of each model training runs (hiar.models.wan.compile_blocks; the
+    # first steps of each shape compile, about 30 s): the toy teacher's step 1.13x faster on the VM, 1.39x
+    # with train.autocast.
+    compile_blocks: bool = False
     gradient_checkpointing: bool = False
     log_every: int = 10
     save_every: int = 500

@@ -32,7 +32,8 @@ from tqdm import tqdm
 from hiar import distributed, lora, runs
 from hiar.atomic import atomic_path
 from hiar.checkpoints import CheckpointError, empty_model, load_weights, save_adapter, save_model
-from hiar.config import Config, ConfigError, config_to_dict, repo_path, save_config
+from hiar.config import Config, ConfigError, TrainConfig, config_to_dict, repo_path, save_config
+from hiar.models.wan import compile_blocks
 
 
 def seed_step(seed: int, step: int, rank: int) -> None:
@@ -156,6 +157,7 @@ class Trainer:
             model, lr = entry if isinstance(entry, tuple) else (entry, t.lr)
             if t.gradient_checkpointing:
                 enable_activation_checkpointing(model)
+            apply_cpu_speedups(model, t)
             # a model with LoRA adapters (hiar/lora.py) trains them alone: its base weights are frozen, and
             # DeepSpeed keeps no gradients, master weights or AdamW states for parameters it is not given
             params = [p for p in model.parameters() if p.requires_grad]
@@ -426,6 +428,7 @@ def frozen(model: torch.nn.Module, cfg: Config, world: distributed.World, placem
     import deepspeed
 
     model.requires_grad_(False).eval()
+    apply_cpu_speedups(model, cfg.train)
     dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
     if placement == "replicated":
         return model.to(world.device, dtype)
@@ -444,6 +447,23 @@ def gathered(module: torch.nn.Module):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+
+
+def apply_cpu_speedups(model: torch.nn.Module, t: TrainConfig) -> None:
+    """train.compile_blocks and train.autocast on a model that training runs, in place. Autocast wraps the
+    model's forward alone, so data and prompts are made in float32 as before (the toy codec's encode
+    and the sentence encoder are matmuls that autocast would round)."""
+    if t.compile_blocks:
+        compile_blocks(model)
+    if t.autocast:
+        forward = model.forward
+
+        @functools.wraps(forward)
+        def autocast_forward(*args, **kwargs):
+            with torch.autocast(next(model.parameters()).device.type, torch.bfloat16):
+                return forward(*args, **kwargs)
+
+        model.forward = autocast_forward  # an instance attribute: the weights and their names are untouched
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:

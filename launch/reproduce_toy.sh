@@ -18,6 +18,8 @@
 # ROOT=DIR puts every stage under DIR instead of runs/toy (the configs' own paths), and OVERRIDES="K=V ..."
 # passes config overrides to every stage and to the evaluation: another recipe from the same presets,
 #   ROOT=runs/toy_p1 OVERRIDES="model.patch_size=[1,1,1]" EVALUATE=0 bash launch/reproduce_toy.sh
+# TEACHER=FILE starts from a trained teacher instead of training one (its stage is then skipped), e.g. the
+# shipped 1x1-latent-token teacher, checkpoints/toy_teacher.safetensors, with that OVERRIDES.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/env.sh
@@ -55,7 +57,11 @@ stage() {  # stage NAME OUTPUT COMMAND...
   timed "$name" $((SECONDS - start))
 }
 
-teacher=$root/teacher/model.safetensors
+teacher=${TEACHER:-$root/teacher/model.safetensors}
+if [ ! -e "$teacher" ] && [ -n "${TEACHER:-}" ]; then
+  echo "TEACHER=$TEACHER: no such file" >&2
+  exit 2
+fi
 pairs=("ode.teacher=$teacher" "ode.output_dir=$root/ode_pairs")  # where the ODE stages read and write
 stage teacher "$teacher" $py train/teacher.py --config_path configs/toy/teacher.yaml --resume \
   "train.output_dir=$root/teacher" "${overrides[@]}"

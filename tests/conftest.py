@@ -17,6 +17,15 @@ def random_model(cfg, seed: int = 0) -> WanModel:
     return model
 
 
+def compile_unavailable() -> str | None:
+    """Why torch.compile (inductor) cannot run on this machine, or None when it can."""
+    try:
+        torch.compile(lambda x: x * 2)(torch.ones(2))
+    except Exception as err:  # a missing C++ compiler, an unsupported platform: the machine, not HiAR
+        return f"torch.compile cannot run here: {type(err).__name__}: {err}"
+    return None
+
+
 def random_inputs(cfg, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Random latents [B, F, C, h, w] of the config's geometry and prompt states [B, Lt, D]."""
     g = torch.Generator().manual_seed(seed)

@@ -99,3 +99,21 @@ def test_without_root_every_stage_gets_its_configs_own_paths(tmp_path):
                 section, name = key.split(".")
                 assert str(getattr(getattr(config, section), name)) == value, (command[0], key)
     assert (tmp_path / "repo/runs/toy/timings.tsv").is_file()
+
+
+def test_a_given_teacher_replaces_the_teacher_stage(tmp_path):
+    """TEACHER=FILE (the shipped teacher): no teacher is trained, and every later stage reads FILE; a FILE
+    that does not exist stops the script before any stage."""
+    repo = layout(tmp_path)
+    (repo / "shipped.safetensors").touch()
+    commands = reproduce(repo, TEACHER="shipped.safetensors")
+    trained = [c for c in commands if c[0].startswith("train/")]
+    assert [c[0] for c in trained] == ["train/ode_pairs.py", "train/ode_init.py", "train/distill.py",
+                                       "train/distill.py"]
+    assert settings(trained[0])["ode.teacher"] == "shipped.safetensors"
+    assert {settings(trained[2])[k] for k in ("distill.teacher", "distill.critic")} == {"shipped.safetensors"}
+    assert not (repo / "runs/toy/teacher").exists()
+    proc = subprocess.run(["bash", "launch/reproduce_toy.sh"], cwd=repo, capture_output=True, text=True, timeout=60,
+                          env={"PATH": os.environ["PATH"], "COMMANDS": str(repo / "none.txt"), "TEACHER": "missing"})
+    assert proc.returncode == 2 and "TEACHER=missing: no such file" in proc.stderr
+    assert not (repo / "none.txt").exists()

@@ -9,7 +9,7 @@ from hiar.sampling import CellNoise, CellRunner, SamplerStats, generate, run_ord
 
 from hiar.models.wan import compile_blocks
 
-from conftest import random_model, rollout_inputs as setup
+from conftest import compile_unavailable, random_model, rollout_inputs as setup
 
 S = 4  # denoising steps of every preset
 
@@ -104,20 +104,11 @@ def test_cells_with_grad_keep_the_dict_cache(model):
     assert isinstance(CellRunner(model, text, cfg, noise, grad_cells=lambda n, j: True).new_context().kv, KVCache)
 
 
-def _compile_unavailable() -> str | None:
-    """Why torch.compile (inductor) cannot run on this machine, or None when it can."""
-    try:
-        torch.compile(lambda x: x * 2)(torch.ones(2))
-    except Exception as err:  # a missing C++ compiler, an unsupported platform: the machine, not HiAR
-        return f"torch.compile cannot run here: {type(err).__name__}: {err}"
-    return None
-
-
 def test_compiled_blocks_equal_eager():
     """runtime.compile_blocks: the blocks' compiled halves give the eager video to float rounding
     (inductor fuses and reorders float32 arithmetic: 7e-7 seen on values of ~5; tolerance 1e-4). Two
     3-frame blocks: one graph a half, ~25 s cold on 2 busy CPU cores (fused 6-frame calls add two more)."""
-    reason = _compile_unavailable()
+    reason = compile_unavailable()
     if reason:
         pytest.skip(reason)
     from torch._dynamo.utils import counters

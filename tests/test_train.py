@@ -194,6 +194,51 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny, tiny_inputs):
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7)
 
 
+def test_autocast_runs_the_forward_in_bfloat16_and_keeps_float32_weights(tiny, tiny_inputs):
+    """train.autocast: the wrapped forward computes in bfloat16 (its output rounded, within bfloat16's
+    precision of float32's), the weights, their names and their gradients stay float32."""
+    from conftest import random_model
+
+    from hiar.config import TrainConfig
+    from hiar.training import apply_cpu_speedups
+
+    x, t, text = tiny_inputs
+    model = random_model(tiny).train()
+    names = [n for n, _ in model.named_parameters()]
+    full = model(x, t, text)
+    apply_cpu_speedups(model, TrainConfig(autocast=True))
+    mixed = model(x, t, text)
+    assert full.dtype == torch.float32 and mixed.dtype == torch.bfloat16
+    assert not torch.equal(mixed.float(), full)
+    torch.testing.assert_close(mixed.float(), full, rtol=0, atol=0.05 * full.abs().max().item())
+    mixed.float().square().mean().backward()
+    assert [n for n, _ in model.named_parameters()] == names
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_compiled_blocks_train_to_the_eager_gradients(tiny, tiny_inputs):
+    """train.compile_blocks: gradients through the compiled blocks equal the eager ones to float rounding
+    (inductor reorders float32 arithmetic)."""
+    from conftest import compile_unavailable, random_model
+
+    from hiar.config import TrainConfig
+    from hiar.training import apply_cpu_speedups
+
+    reason = compile_unavailable()
+    if reason:
+        pytest.skip(reason)
+    x, t, text = tiny_inputs
+    grads = []
+    for compiled in (False, True):
+        model = random_model(tiny).train()
+        apply_cpu_speedups(model, TrainConfig(compile_blocks=compiled))
+        assert ("self_attention_input" in vars(model.blocks[0])) == compiled
+        model(x, t, text).square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6)
+
+
 def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
     """A run killed while DeepSpeed loaded its CPU comm op left torch's build lock, and the next run hung
     at start-up; hiar.distributed.init now removes a lock older than any build."""
