@@ -3,8 +3,16 @@ clips show their prompts in any phrasing, so a broken default can never land."""
 
 from pathlib import Path
 
+import torch
+
+from hiar.checkpoints import load_generator
+from hiar.codecs import build_codec
 from hiar.config import load_config
+from hiar.flow import FlowMatching
+from hiar.models import WanModel
+from hiar.text import PromptBank
 from hiar.toyfidelity import evaluate
+from hiar.toyteacher import flow_errors, toy_batch
 from hiar.video import read_video
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,15 +49,6 @@ def test_shipped_teacher_denoises_the_toy_world():
     teacher, shipped"): a few MB, the 1x1-latent-token architecture its metadata names, and trained: its
     flow-matching error on 8 fresh toy clips at the middle noise levels is a fraction of an untrained
     model's (measured: 0.05; the bar leaves room for another machine's arithmetic)."""
-    import torch
-
-    from hiar.checkpoints import load_generator
-    from hiar.codecs import build_codec
-    from hiar.flow import FlowMatching
-    from hiar.models import WanModel
-    from hiar.text import PromptBank
-    from hiar.toyteacher import flow_errors, toy_batch
-
     path = ROOT / "checkpoints/toy_teacher.safetensors"
     assert path.stat().st_size < 8 * 2**20
     teacher, cfg = load_generator(path)
