@@ -13,6 +13,9 @@ the checkpoint's config); with `--context N` it is given each held-out clip's fi
 and draws the rest (does it continue the clip the way the caption says?). `--sampler student`
 (default): the causal student in its config's order (trailing section.key=value overrides change it),
 one video of the config's length or of `--seconds`.
+`--trajectories DIR`: no model either, a set of teacher ODE trajectories (train/ode_pairs.py's folder)
+decoded with the checkpoint's codec and measured against their own captions, the first `--num_clips`:
+what the ODE initialisation is taught to draw, reported under `trajectories`.
 `--captions`: how the held-out clips are phrased, the training template and/or the held-out
 phrasings (hiar/captions.py), each reported on its own. Per prompted object: colour, shape, direction,
 speed, presence over time; per clip: background and count (hiar/toyfidelity.py). Writes results.json
@@ -30,7 +33,7 @@ from pathlib import Path
 from hiar.checkpoints import CheckpointError
 from hiar.config import ConfigError
 from hiar.report import percent
-from hiar.toyfidelity import CAPTION_SETS, SAMPLERS, evaluate, write_fidelity
+from hiar.toyfidelity import CAPTION_SETS, SAMPLERS, evaluate, evaluation_config, trajectory_fidelity, write_fidelity
 
 
 def main(argv=None) -> dict:
@@ -47,6 +50,8 @@ def main(argv=None) -> dict:
     p.add_argument("--context", type=int, default=0, help="teacher sampler: give it the first N latent frames "
                    "of each held-out clip and let it draw the rest (where objects start is given, where they "
                    "go is the model's)")
+    p.add_argument("--trajectories", help="measure the clean ends of this set of ODE pairs against their own "
+                   "captions instead of sampling held-out clips")
     p.add_argument("--out", default="runs/toy/fidelity")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (student sampler)")
     args = p.parse_args(argv)
@@ -59,10 +64,19 @@ def main(argv=None) -> dict:
         raise ValueError(f"--seconds={args.seconds}: give a positive length")
     if len(set(args.captions)) != len(args.captions):
         raise ValueError(f"--captions {' '.join(args.captions)}: name each set once")
-    result, videos = evaluate(args.checkpoint, args.overrides, args.sampler, args.num_clips, args.batch_size,
-                              args.captions, args.seconds, args.speed, args.context)
-    result = {"checkpoint": args.checkpoint, "sampler": args.sampler, "overrides": args.overrides,
-              "seconds": args.seconds, "speed": args.speed, "context": args.context, **result}
+    if args.trajectories:
+        if args.sampler != "student" or args.seconds or args.speed is not None or args.context:
+            raise ValueError("--trajectories measures a set of ODE pairs: no --sampler, --seconds, --speed or "
+                             "--context")
+        cfg = evaluation_config(args.checkpoint, args.overrides, None)
+        summary, videos = trajectory_fidelity(args.trajectories, cfg, args.num_clips)
+        result = {"by_captions": {"trajectories": summary}, "clips": summary["clips"]}
+    else:
+        result, videos = evaluate(args.checkpoint, args.overrides, args.sampler, args.num_clips, args.batch_size,
+                                  args.captions, args.seconds, args.speed, args.context)
+    result = {"checkpoint": args.checkpoint, "sampler": args.sampler, "trajectories": args.trajectories,
+              "overrides": args.overrides, "seconds": args.seconds, "speed": args.speed, "context": args.context,
+              **result}
     out = Path(args.out)
     write_fidelity(out, result, videos)
     for name, s in result["by_captions"].items():

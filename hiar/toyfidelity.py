@@ -12,7 +12,8 @@ same held-out clips are captioned in two sets, the template and the held-out phr
 Samplers: "codec", no model, the held-out clips themselves through the checkpoint's codec (the ceiling
 every model is measured against, with its PSNR); "teacher", the bidirectional teacher's ODE with CFG
 (`hiar.toyteacher`); "student", the causal student in its config's order, one video of the config's
-length or of `seconds`.
+length or of `seconds`. And without a model, a set of teacher ODE trajectories' clean ends against
+their own captions (`trajectory_fidelity`): what the ODE initialisation is taught to draw.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from hiar.config import Config, with_overrides
 from hiar.sampling import block_noise, sample_video
 from hiar.text import build_text_encoder
 from hiar.toyteacher import encode_clips, teacher_samples
+from hiar.trajectories import TrajectoryStore
 from hiar.toyworld import (DIRECTIONS, SPEED_RANGE, UNIT_AREA, MeasuredObject, Motion, ToyClip, caption_fidelity,
                            fidelity_verdict, measure_frame, sample_clip, speed_census, torus_offset)
 from hiar.video import to_uint8
@@ -324,6 +326,21 @@ def evaluate(checkpoint: str, overrides: list[str], sampler: str, num_clips: int
     result |= {"clips": top["clips"], "colour_fidelity": top["colour_fidelity"], "moving": top["moving"],
                "object_speeds": top["object_speeds"]}
     return result, first
+
+
+def trajectory_fidelity(folder: str | Path, cfg: Config, limit: int) -> tuple[dict, list[np.ndarray]]:
+    """The first `limit` trajectories of a set (train/ode_pairs.py's folder) decoded with `cfg`'s codec and
+    measured against their own captions, the training captions: the data the ODE initialisation regresses,
+    so a student that draws less than these lost it in the regression or in its sampling, not in its data.
+    `summarise` with the per-clip measures, and the videos."""
+    store, codec = TrajectoryStore(folder), build_codec(cfg)
+    per_clip, videos = [], []
+    for i in range(min(limit, len(store))):
+        trajectory = store[i]
+        video = to_uint8(codec.decode(trajectory["final"][None])[0])
+        per_clip.append(prompt_fidelity(video, trajectory["caption"], motion=cfg.video.toy_motion))
+        videos += [video] if len(videos) < 8 else []  # the contact sheet's
+    return {**summarise(per_clip), "per_clip": per_clip}, videos
 
 
 def write_fidelity(out: Path, result: dict, videos: list[np.ndarray]) -> None:

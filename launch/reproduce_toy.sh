@@ -17,9 +17,9 @@
 # (docs/results_v1.md, "The whole recipe in one go").
 # ROOT=DIR puts every stage under DIR instead of runs/toy (the configs' own paths), and OVERRIDES="K=V ..."
 # passes config overrides to every stage and to the evaluation: another recipe from the same presets,
-#   ROOT=runs/toy_p1 OVERRIDES="model.patch_size=[1,1,1]" EVALUATE=0 bash launch/reproduce_toy.sh
-# TEACHER=FILE starts from a trained teacher instead of training one (its stage is then skipped), e.g. the
-# shipped 1x1-latent-token teacher, checkpoints/toy_teacher.safetensors, with that OVERRIDES.
+#   ROOT=runs/toy_2x2 OVERRIDES="model.patch_size=[1,2,2] sampling.stepping=sde" EVALUATE=0 bash launch/reproduce_toy.sh
+# (the previous recipe, whose tables docs/results.md still holds). TEACHER=FILE starts from a trained teacher
+# instead of training one (its stage is then skipped), e.g. the shipped one, checkpoints/toy_teacher.safetensors.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/env.sh

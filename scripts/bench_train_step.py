@@ -1,8 +1,8 @@
 """Time one training step of the toy teacher (flow matching, batch and geometry of its config) with and
 without train.autocast and train.compile_blocks, on this machine's CPU cores; prints seconds a step.
 
-    python scripts/bench_train_step.py                                  # the recipe's teacher
-    python scripts/bench_train_step.py "model.patch_size=[1,1,1]"       # 1x1-latent tokens
+    python scripts/bench_train_step.py                                  # the recipe's teacher (1x1-latent tokens)
+    python scripts/bench_train_step.py "model.patch_size=[1,2,2]"       # the previous recipe's 2x2-latent tokens
 
 One fixed batch (data and prompts are made once: the step alone is timed), two warm-up steps a setting
 (compilation happens there), then the mean of --repeats. The settings run in one process, one after the

@@ -314,6 +314,40 @@ def test_toy_fidelity_continues_held_out_clips_with_the_teacher(tmp_path, monkey
             toy_fidelity.main([*common, *bad])
 
 
+def test_toy_fidelity_measures_a_set_of_ode_pairs_against_its_own_captions(tmp_path):
+    """--trajectories: clean ends that are rendered clips encoded pass as the codec's round trip does; ends
+    of zeros (no objects) fail every object; and the sampling options do not apply to it."""
+    from eval import toy_fidelity
+    from hiar.checkpoints import save_model
+    from hiar.codecs import build_codec, rendered_frames
+    from hiar.config import load_config
+    from hiar.toyfidelity import captions_of, held_out_clips
+    from hiar.toyteacher import encode_clips
+    from hiar.trajectories import shard_path, write_manifest, write_shard
+
+    from conftest import random_model
+
+    cfg = load_config("tiny", ["video.codec=toy_dct", "video.vae_stride=[1,8,8]", "video.height=64",
+                               "video.width=64", "video.num_latent_frames=6"])
+    path = save_model(random_model(cfg), cfg, tmp_path / "m.safetensors")
+    clips = held_out_clips(4, motion=cfg.video.toy_motion)
+    ends = encode_clips(build_codec(cfg), clips, rendered_frames(cfg))
+    for name, finals in (("rendered", ends), ("blank", torch.zeros_like(ends))):
+        folder = tmp_path / name
+        folder.mkdir()
+        records = [{"key": f"{i:04d}", "caption": caption, "points": final[None], "timesteps": [1000.0],
+                    "final": final} for i, (final, caption) in enumerate(zip(finals, captions_of(clips, "template")))]
+        write_shard(shard_path(folder, 0), records, torch.float32)
+        write_manifest(folder, 1, 4, 4, {}, "")
+    common = ["--checkpoint", str(path), "--num_clips", "3", "--out", str(tmp_path / "f")]
+    rendered = toy_fidelity.main([*common, "--trajectories", str(tmp_path / "rendered")])["by_captions"]["trajectories"]
+    assert rendered["clips"] == 3 and rendered["colour"] == 1.0 and rendered["background"] == 1.0
+    blank = toy_fidelity.main([*common, "--trajectories", str(tmp_path / "blank")])["by_captions"]["trajectories"]
+    assert blank["colour"] == 0.0 and blank["presence"] == 0.0
+    with pytest.raises(ValueError, match="--trajectories"):
+        toy_fidelity.main([*common, "--trajectories", str(tmp_path / "blank"), "--sampler", "teacher"])
+
+
 def eval_imports(path: Path) -> list[str]:
     """What the Python file `path` imports from the eval package: `import eval...`, `from eval... import`,
     and relative imports (which, in eval/, name the package too)."""
