@@ -35,9 +35,9 @@ from hiar.config import Config, with_overrides
 from hiar.sampling import block_noise, sample_video
 from hiar.text import build_text_encoder
 from hiar.toyteacher import encode_clips, teacher_samples
-from hiar.trajectories import TrajectoryStore
 from hiar.toyworld import (DIRECTIONS, SPEED_RANGE, UNIT_AREA, MeasuredObject, Motion, ToyClip, caption_fidelity,
                            fidelity_verdict, measure_frame, sample_clip, speed_census, torus_offset)
+from hiar.trajectories import TrajectoryStore
 from hiar.video import to_uint8
 
 HELD_OUT_SEED = 424242  # captions of clips the teacher never trained on
