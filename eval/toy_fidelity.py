@@ -12,7 +12,9 @@ bidirectional teacher's ODE with CFG (train.sample_steps, train.sample_shift, tr
 the checkpoint's config); with `--context N` it is given each held-out clip's first N latent frames
 and draws the rest (does it continue the clip the way the caption says?). `--sampler student`
 (default): the causal student in its config's order (trailing section.key=value overrides change it),
-one video of the config's length or of `--seconds`.
+one video of the config's length or of `--seconds`. `--checkpoint` may be a training checkpoint's model.pt
+(checkpoints/step-N/ of train/distill.py; keep them all with train.keep_checkpoints=0): its generator at
+that step, or with `--use_ema` its EMA.
 `--trajectories DIR`: no model either, a set of teacher ODE trajectories (train/ode_pairs.py's folder)
 decoded with the checkpoint's codec and measured against their own captions, the first `--num_clips`:
 what the ODE initialisation is taught to draw, reported under `trajectories`.
@@ -52,6 +54,8 @@ def main(argv=None) -> dict:
                    "go is the model's)")
     p.add_argument("--trajectories", help="measure the clean ends of this set of ODE pairs against their own "
                    "captions instead of sampling held-out clips")
+    p.add_argument("--use_ema", action="store_true", help="a training checkpoint's model.pt as --checkpoint: its "
+                   "generator's EMA instead of the generator")
     p.add_argument("--out", default="runs/toy/fidelity")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (student sampler)")
     args = p.parse_args(argv)
@@ -73,8 +77,9 @@ def main(argv=None) -> dict:
         result = {"by_captions": {"trajectories": summary}, "clips": summary["clips"]}
     else:
         result, videos = evaluate(args.checkpoint, args.overrides, args.sampler, args.num_clips, args.batch_size,
-                                  args.captions, args.seconds, args.speed, args.context)
-    result = {"checkpoint": args.checkpoint, "sampler": args.sampler, "trajectories": args.trajectories,
+                                  args.captions, args.seconds, args.speed, args.context, args.use_ema)
+    result = {"checkpoint": args.checkpoint, "use_ema": args.use_ema, "sampler": args.sampler,
+              "trajectories": args.trajectories,
               "overrides": args.overrides, "seconds": args.seconds, "speed": args.speed, "context": args.context,
               **result}
     out = Path(args.out)

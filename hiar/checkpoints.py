@@ -48,7 +48,10 @@ def save_model(model: WanModel, cfg: Config, path: str | os.PathLike, extra: dic
 
 
 def checkpoint_config(path: str | os.PathLike) -> Config:
-    """The resolved config stored in one of our checkpoints."""
+    """The resolved config stored in one of our checkpoints: a model.safetensors, or a training checkpoint's
+    model.pt (train/distill.py stores its config beside the weights)."""
+    if Path(path).suffix in (".pt", ".pth"):
+        return _training_checkpoint_config(Path(path))
     try:
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
@@ -65,6 +68,20 @@ def checkpoint_config(path: str | os.PathLike) -> Config:
         return config_from_dict(yaml.safe_load(metadata["hiar_config"]))
     except ConfigError as err:
         raise CheckpointError(f"{path}: its embedded config is invalid: {err}") from None
+
+
+def _training_checkpoint_config(path: Path) -> Config:
+    stored = _read_training_checkpoint(path, use_ema=False)[1]
+    if stored is None:
+        raise CheckpointError(f"{path}: a state dict without the config train/distill.py stores in model.pt")
+    return _stored_config(path, stored)
+
+
+def _stored_config(path: Path, stored: dict) -> Config:
+    try:
+        return config_from_dict(stored)
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: its stored config is invalid: {err}") from None
 
 
 def describe(model: WanModel) -> str:
@@ -331,10 +348,7 @@ def load_generator(path: str | os.PathLike, cfg: Config | None = None, use_ema: 
     if path.is_file() and path.suffix in (".pt", ".pth", ".bin"):
         state, stored = _read_training_checkpoint(path, use_ema)
         if cfg is None and stored is not None:  # ours (train/distill.py) carry their config
-            try:
-                cfg = config_from_dict(stored)
-            except ConfigError as err:
-                raise CheckpointError(f"{path}: its stored config is invalid: {err}") from None
+            cfg = _stored_config(path, stored)
     if cfg is None:
         raise CheckpointError(f"{path}: this layout carries no HiAR config; pass one (e.g. configs/hiar.yaml)")
     if path.is_dir():

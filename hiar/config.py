@@ -226,6 +226,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     log_every: int = 10
     save_every: int = 500
+    # Checkpoints kept under checkpoints/ (the newest; 0 keeps every one, e.g. to evaluate a run's generator
+    # step by step with eval.toy_fidelity --checkpoint .../model.pt)
+    keep_checkpoints: int = 2
     sample_every: int = 0  # 0: no sample videos during training
     max_nonfinite: int = 10  # skipped steps with a non-finite loss before the run aborts
     # Prompt states kept by caption (toy captions repeat; full-scale prompts mostly do not), per rank.
@@ -510,7 +513,7 @@ def check_sampling(p: SamplingConfig) -> None:
 
 def check_train(t: TrainConfig) -> None:
     for name, low in (("steps", 1), ("batch_size", 1), ("log_every", 1), ("total_batch_size", 0), ("save_every", 0),
-                      ("sample_every", 0), ("max_nonfinite", 0), ("prompt_cache_mb", 0)):
+                      ("keep_checkpoints", 0), ("sample_every", 0), ("max_nonfinite", 0), ("prompt_cache_mb", 0)):
         if getattr(t, name) < low:
             raise ConfigError(f"train.{name}={getattr(t, name)} must be at least {low}")
     if t.warmup_steps < 0 or t.decay_steps < 0:

@@ -66,10 +66,10 @@ def clean_partials(root: Path) -> list[Path]:
 
 
 def prune(root: Path, keep: int = 2) -> None:
-    """Delete all but the `keep` newest checkpoints, never the one `latest` names."""
+    """Delete all but the `keep` newest checkpoints (0: none), never the one `latest` names."""
     latest = root / "latest"
     named = root / latest.read_text().strip() if latest.is_file() else None
-    for old in sorted(root.glob(CHECKPOINT_GLOB))[:-keep]:
+    for old in (sorted(root.glob(CHECKPOINT_GLOB))[:-keep] if keep else []):
         if old != named:
             shutil.rmtree(old, ignore_errors=True)
 

@@ -253,8 +253,8 @@ def evaluation_config(checkpoint: str, overrides: list[str], seconds: float | No
 class Sampler:
     """A checkpoint's model, codec and text encoder, sampling videos (uint8 [F, H, W, 3]) of captions."""
 
-    def __init__(self, checkpoint: str, cfg: Config, sampler: str, context: int = 0):
-        self.model, self.cfg = load_generator(checkpoint, cfg)
+    def __init__(self, checkpoint: str, cfg: Config, sampler: str, context: int = 0, use_ema: bool = False):
+        self.model, self.cfg = load_generator(checkpoint, cfg, use_ema)
         self.model.eval()
         self.sampler, self.codec, self.encoder = sampler, build_codec(self.cfg), build_text_encoder(self.cfg)
         self.context = context  # teacher: latent frames of each clip given, the rest drawn
@@ -292,13 +292,14 @@ def round_trip(codec: Codec, clips: list[ToyClip], frames: int, caption_set: str
 
 def evaluate(checkpoint: str, overrides: list[str], sampler: str, num_clips: int, batch_size: int,
              caption_sets: list[str], seconds: float | None = None, speed: float | None = None,
-             context: int = 0) -> tuple[dict, list[np.ndarray]]:
+             context: int = 0, use_ema: bool = False) -> tuple[dict, list[np.ndarray]]:
     """Every caption set's per-clip measures and summary (`by_captions`); the first set's summary at the
     top level, as eval.toy_results reads it; the codec's PSNR against the rendered clips; and the first
     set's videos. The codec sampler's videos do not depend on the caption, so it samples once; it alone
     takes a `speed` for every object (`held_out_clips`), since a model draws from the caption only. With
     `context` the teacher is given each held-out clip's first `context` latent frames, rendered and
-    encoded, and draws the rest: where the objects start is the clip's, where they go is the model's."""
+    encoded, and draws the rest: where the objects start is the clip's, where they go is the model's.
+    `checkpoint` may be a training checkpoint's model.pt: its generator, or with `use_ema` its EMA."""
     if sampler == "teacher" and seconds is not None:
         raise ValueError("--seconds: the teacher is bidirectional and samples clips of its training length only")
     if speed is not None and (sampler != "codec" or speed < 0):
@@ -308,7 +309,7 @@ def evaluate(checkpoint: str, overrides: list[str], sampler: str, num_clips: int
     if context and not (sampler == "teacher" and 0 < context < cfg.video.num_latent_frames):
         raise ValueError(f"--context {context}: the teacher sampler only, and fewer latent frames than its clips' "
                          f"{cfg.video.num_latent_frames}")
-    model = Sampler(checkpoint, cfg, sampler, context)
+    model = Sampler(checkpoint, cfg, sampler, context, use_ema)
     v = model.cfg.video
     clips = held_out_clips(num_clips, v.height, v.width, speed, v.toy_motion)
     result: dict = {"frames": rendered_frames(model.cfg), "fps": model.cfg.video.fps, "by_captions": {}}
@@ -353,3 +354,39 @@ def write_fidelity(out: Path, result: dict, videos: list[np.ndarray]) -> None:
     sheet = np.concatenate([np.concatenate(list(v[:: max(1, len(v) // 6)][:6]), axis=1) for v in videos[:8]], axis=0)
     with atomic_path(out / "contact_sheet.png") as tmp:
         iio.imwrite(tmp, sheet, extension=".png")
+
+
+# -- comparing two models on the same clips --------------------------------------------------------------------
+
+COMPARED = {  # what `paired_difference` compares, read from a `summarise` of the clips
+    "colour": lambda s: s["colour"], "shape": lambda s: s["shape"],
+    "direction_of_moving": lambda s: s["direction_of_moving"], "count": lambda s: s["count"],
+    "presence": lambda s: s["presence"], "presence_last_fifth": lambda s: s["presence_by_segment"][-1],
+}
+
+
+def paired_difference(a: list[dict], b: list[dict], resamples: int = 2000, seed: int = 0) -> dict:
+    """B - A on each `COMPARED` measure of two evaluations' `per_clip` over the same held-out clips, with
+    a 95% interval from resampling the clips (the same draw for both: clips differ far more from one
+    another than two models do on one clip, so pairing them narrows the interval several times over
+    two independent samples). Objects within a clip are not independent (one bad clip loses both), so
+    the clip is what is resampled. {measure: {a, b, difference, low, high}}."""
+    if [c["caption"] for c in a] != [c["caption"] for c in b]:
+        raise ValueError("the two evaluations are not of the same clips (their captions differ): compare "
+                         "runs of eval.toy_fidelity with the same --num_clips and --captions")
+    whole_a, whole_b = summarise(a), summarise(b)
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {name: [] for name in COMPARED}
+    for _ in range(resamples):
+        pick = rng.integers(len(a), size=len(a))
+        s_a, s_b = summarise([a[i] for i in pick]), summarise([b[i] for i in pick])
+        for name, read in COMPARED.items():
+            draws[name].append(read(s_b) - read(s_a))
+    out = {}
+    for name, read in COMPARED.items():
+        d = np.asarray(draws[name])
+        d = d[~np.isnan(d)]  # a resample with no moving object in one of them
+        low, high = np.quantile(d, [0.025, 0.975]) if len(d) else (math.nan, math.nan)
+        out[name] = {"a": read(whole_a), "b": read(whole_b), "difference": read(whole_b) - read(whole_a),
+                     "low": float(low), "high": float(high)}
+    return out

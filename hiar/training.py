@@ -335,7 +335,7 @@ class Trainer:
             os.replace(tmp, final)
             with atomic_path(self.ckpt_root / "latest") as f:
                 f.write_text(tag)
-            runs.prune(self.ckpt_root)
+            runs.prune(self.ckpt_root, self.cfg.train.keep_checkpoints)
         torch.distributed.barrier()
         return final
 

@@ -376,3 +376,66 @@ def test_evaluation_programs_share_code_only_through_the_library(tmp_path):
         assert eval_imports(probe), line
     probe.write_text("import evaluate\nfrom hiar.outputs import exit_code\nimport importlib\n")
     assert eval_imports(probe) == []
+
+
+def test_toy_compare_tells_a_difference_from_the_draw_of_clips(tmp_path, capsys):
+    """eval.toy_compare on the same clips drawn truly (every object), blank (background only) and, in a third
+    run, truly but for one clip: truth against itself differs by exactly 0; truth against blank by -100% on
+    colour and presence, an interval far from 0; one lost clip of 8 by -1/8 of the objects, an interval
+    that holds 0 (the draw of clips could give it). Runs of other clips are refused."""
+    import dataclasses
+
+    from eval import toy_compare
+    from hiar.toyfidelity import held_out_clips, prompt_fidelity
+
+    clips = held_out_clips(8)
+    truth = [prompt_fidelity(c.render(12), c.caption) for c in clips]
+    blank = [prompt_fidelity(dataclasses.replace(c, objects=()).render(12), c.caption) for c in clips]
+    one_lost = blank[:1] + truth[1:]
+    for name, per_clip in (("truth", truth), ("blank", blank), ("one_lost", one_lost)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"by_captions": {"template": {"per_clip": per_clip}}}))
+    same = toy_compare.main([str(tmp_path / "truth"), str(tmp_path / "truth"), "--resamples", "200"])["template"]
+    assert all(m["difference"] == m["low"] == m["high"] == 0 for m in same.values() if not math.isnan(m["a"]))
+    gone = toy_compare.main([str(tmp_path / "truth"), str(tmp_path / "blank"), "--resamples", "200",
+                             "--out", str(tmp_path / "c.json")])["template"]
+    assert gone["colour"]["difference"] == gone["presence"]["difference"] == -1.0
+    assert gone["colour"]["high"] == -1.0 and gone["presence"]["high"] < -0.9
+    assert json.loads((tmp_path / "c.json").read_text())["by_captions"]["template"]["colour"]["a"] == 1.0
+    assert "| template | colour | 100% | 0% | **-100** (-100, -100) |" in capsys.readouterr().out
+    lost = toy_compare.main([str(tmp_path / "truth"), str(tmp_path / "one_lost"), "--resamples", "200"])["template"]
+    objects = sum(len(c["prompted"]) for c in truth)
+    assert lost["colour"]["difference"] == pytest.approx(-len(truth[0]["prompted"]) / objects)
+    assert lost["colour"]["low"] < lost["colour"]["difference"] and lost["colour"]["high"] == 0.0
+    (tmp_path / "other").mkdir()
+    reordered = {"by_captions": {"template": {"per_clip": truth[::-1]}}}
+    (tmp_path / "other" / "results.json").write_text(json.dumps(reordered))
+    assert toy_compare.cli([str(tmp_path / "truth"), str(tmp_path / "other")]) == 2
+    assert toy_compare.cli([str(tmp_path / "truth"), str(tmp_path / "missing")]) == 2
+    assert "no results.json" in capsys.readouterr().err
+
+
+def test_toy_fidelity_reads_a_training_checkpoint_generator_or_its_ema(tmp_path):
+    """--checkpoint .../model.pt (train/distill.py's layout: generator, generator_ema, config) measures the
+    generator, or with --use_ema the EMA, exactly as the same weights saved as a model.safetensors."""
+    from eval import toy_fidelity
+    from hiar.checkpoints import save_model
+    from hiar.config import config_to_dict, load_config
+
+    from conftest import random_model
+
+    cfg = load_config("tiny", ["video.codec=toy_dct", "video.vae_stride=[1,8,8]", "video.height=64",
+                               "video.width=64", "video.num_latent_frames=6"])
+    generator, ema = random_model(cfg, seed=1), random_model(cfg, seed=2)
+    torch.save({"generator": generator.state_dict(), "generator_ema": ema.state_dict(), "step": 5,
+                "config": config_to_dict(cfg)}, tmp_path / "model.pt")
+
+    def measured(checkpoint, *flags):
+        result = toy_fidelity.main(["--checkpoint", str(checkpoint), "--num_clips", "2", *flags,
+                                    "--out", str(tmp_path / "f")])
+        return json.dumps(result["by_captions"]["template"]["per_clip"])  # text: NaN speeds compare equal
+
+    for weights, flags in ((generator, []), (ema, ["--use_ema"])):
+        saved = save_model(weights, cfg, tmp_path / "m.safetensors")
+        assert measured(tmp_path / "model.pt", *flags) == measured(saved)
+    assert measured(tmp_path / "model.pt") != measured(tmp_path / "model.pt", "--use_ema")

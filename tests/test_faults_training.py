@@ -121,6 +121,9 @@ def test_pruning_never_deletes_what_latest_names(tmp_path):
     (root / "latest").write_text("step-00000001")
     runs.prune(root)
     assert sorted(p.name for p in root.glob("step-*")) == ["step-00000001", "step-00000003", "step-00000004"]
+    (root / "step-00000005").mkdir()
+    runs.prune(root, keep=0)  # train.keep_checkpoints=0: every checkpoint stays
+    assert len(list(root.glob("step-*"))) == 4
 
 
 @pytest.mark.parametrize("setting", ["train.steps=-5", "train.steps=0", "train.log_every=0", "train.batch_size=0"])
