@@ -79,9 +79,8 @@ def main(argv=None) -> dict:
         result, videos = evaluate(args.checkpoint, args.overrides, args.sampler, args.num_clips, args.batch_size,
                                   args.captions, args.seconds, args.speed, args.context, args.use_ema)
     result = {"checkpoint": args.checkpoint, "use_ema": args.use_ema, "sampler": args.sampler,
-              "trajectories": args.trajectories,
-              "overrides": args.overrides, "seconds": args.seconds, "speed": args.speed, "context": args.context,
-              **result}
+              "trajectories": args.trajectories, "overrides": args.overrides, "seconds": args.seconds,
+              "speed": args.speed, "context": args.context, **result}
     out = Path(args.out)
     write_fidelity(out, result, videos)
     for name, s in result["by_captions"].items():
