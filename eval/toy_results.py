@@ -18,8 +18,12 @@ of the same captions and seeds for every variant (`eval.rollout`, wavefront, fla
 drift (`eval.drift`) and reported (`eval.report`: report.md and plots). Each of those programs runs as
 its own process, as it would from the command line, and this one reads the files it writes; the first
 that fails ends the run with exit code 2. The table, the plots and the raw JSON are copied next to the
-doc. --out is this program's own working folder: every run regenerates it (launch/reproduce_toy.sh
-reruns it), its long rollouts included.
+doc. --out is this program's own working folder: every run regenerates it, its long rollouts included,
+except that with --resume a fidelity measurement already there is kept when it is of the same checkpoint,
+written after it, with the same overrides, video length, caption sets and clip count. Those measurements
+are most of the work (hours on a 2-core CPU at 1x1-latent tokens), so an evaluation stopped by a crash
+or the end of a session continues where it stopped (launch/reproduce_toy.sh passes --resume; delete
+--out to measure afresh, e.g. after changing hiar/toyfidelity.py).
 """
 
 from __future__ import annotations
@@ -76,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=60.0, help="length of the long videos")
     p.add_argument("--config_path", default="configs/toy/hiar.yaml", help="the long rollouts' config")
     p.add_argument("--label", default="1x", help="the training length these runs had (names the doc section)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the fidelity measurements in --out that this run would repeat (see above)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides for every variant, as the runs were trained (launch/reproduce_toy.sh's "
                         "OVERRIDES, e.g. model.patch_size=[1,1,1])")
@@ -119,9 +125,11 @@ def evaluate(args: argparse.Namespace) -> int:
                                                  for s in args.fidelity_seconds]
     for name, (run, overrides, _) in present.items():
         for length, clips, seconds in lengths:
-            folder = out / "fidelity" / length.replace(" ", "") / name
-            if run_program("toy_fidelity", "--checkpoint", str(runs / run / "model.safetensors"), "--num_clips",
-                           str(clips), "--captions", *CAPTION_SETS, *seconds, "--out", str(folder), *overrides) != 0:
+            folder, checkpoint = out / "fidelity" / length.replace(" ", "") / name, runs / run / "model.safetensors"
+            if args.resume and measured(folder / "results.json", checkpoint, overrides, clips, seconds):
+                print(f"== {name}, {length}: kept {folder} (--resume)")
+            elif run_program("toy_fidelity", "--checkpoint", str(checkpoint), "--num_clips", str(clips),
+                             "--captions", *CAPTION_SETS, *seconds, "--out", str(folder), *overrides) != 0:
                 return 2
             fidelity[name][length] = json.loads((folder / "results.json").read_text())
 
@@ -151,6 +159,20 @@ def evaluate(args: argparse.Namespace) -> int:
     write_doc(doc, "lengths", by_length(doc.with_suffix("")))
     print(f"wrote {doc} and {assets}/")
     return 0
+
+
+def measured(results: Path, checkpoint: Path, overrides: list[str], clips: int, seconds: list[str]) -> bool:
+    """Whether an eval.toy_fidelity results.json (written atomically, so whole or absent) is what this run
+    would measure: the same checkpoint, not retrained since, and the same question of it."""
+    if not results.is_file() or results.stat().st_mtime < checkpoint.stat().st_mtime:
+        return False
+    r = json.loads(results.read_text())
+    length = float(seconds[1]) if seconds else None
+    return (r.get("checkpoint") == str(checkpoint) and r.get("overrides") == overrides and r.get("seconds") == length
+            and r.get("sampler") == "student" and not r.get("use_ema") and not r.get("context")
+            and r.get("speed") is None
+            and list(r.get("by_captions", {})) == CAPTION_SETS
+            and all(s.get("clips") == clips for s in r["by_captions"].values()))
 
 
 def summary(fidelity: dict, scores: dict) -> dict:

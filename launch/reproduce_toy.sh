@@ -4,8 +4,10 @@
 #   bash launch/reproduce_toy.sh            # every stage; rerun after a crash to continue
 #   VARIANTS="hiar self_forcing" bash launch/reproduce_toy.sh
 #   SCALE=10 bash launch/reproduce_toy.sh   # variants trained 10x longer
-# A stage whose output exists is skipped (training stages resume from their checkpoints), and each
-# stage's wall-clock is appended to runs/toy/timings.tsv (ROOT below). EVALUATE=0 skips the evaluation; DOC=FILE
+# A stage whose output exists is skipped (training stages resume from their checkpoints, and the
+# evaluation keeps the fidelity measurements it finished: eval.toy_results --resume; delete ROOT/results,
+# or ROOT/x<N>/results, to measure afresh), and each stage's wall-clock is appended to
+# runs/toy/timings.tsv (ROOT below). EVALUATE=0 skips the evaluation; DOC=FILE
 # writes it into FILE (assets beside it) instead of docs/results.md, e.g. for a replicate run.
 # SCALE=N multiplies the variants' training length (train.steps of configs/toy/<variant>.yaml) and puts
 # them and their evaluation under runs/toy/x<N>/ (ROOT/x<N>/) and in docs/results.md's "<N>x" section; the teacher,
@@ -121,7 +123,7 @@ for pid in "${pids[@]}"; do wait "$pid"; done
 unset OMP_NUM_THREADS
 if [ "${EVALUATE:-1}" = 1 ]; then
   start=$SECONDS
-  $py -m eval.toy_results --runs "$runs" --out "$runs/results" --doc "${DOC:-docs/results.md}" --label "${scale}x" \
+  $py -m eval.toy_results --runs "$runs" --out "$runs/results" --doc "${DOC:-docs/results.md}" --label "${scale}x" --resume \
     "${overrides[@]}"
   timed "evaluation (${scale}x)" $((SECONDS - start))
 fi

@@ -301,6 +301,60 @@ def test_toy_results_stops_when_the_report_fails_and_reruns_its_rollouts(tmp_pat
     assert not (tmp_path / "doc.md").exists()
 
 
+def test_toy_results_resume_keeps_only_the_measurements_it_would_repeat(tmp_path, monkeypatch):
+    """An evaluation stopped after its fidelity measurements (here: by a failing report) continues with
+    --resume without measuring them again; a retrained checkpoint, another clip count or no --resume
+    measures again. The measurements are written by eval.toy_fidelity's own main, sampling stubbed."""
+    import numpy as np
+
+    checkpoint = tmp_path / "runs" / "hiar" / "model.safetensors"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"")
+    per_set = {"colour": 1.0, "shape": 0.5, "direction": 0.5, "direction_of_moving": 0.5, "count": 1.0,
+               "presence": 1.0, "presence_by_segment": [1.0], "direction_by_segment": [0.5], "objects": 2,
+               "colour_fidelity": 1.0, "moving": 0.5}
+
+    def sample(checkpoint, overrides, sampler, num_clips, *rest):
+        sets = {name: {**per_set, "clips": num_clips} for name in toy_results.CAPTION_SETS}
+        return {**sets["template"], "by_captions": sets}, [np.zeros((6, 8, 8, 3), np.uint8)]
+
+    monkeypatch.setattr(toy_fidelity, "evaluate", sample)
+    measured, report_fails = [], True
+
+    def run_program(program: str, *args: str) -> int:
+        if program == "toy_fidelity":
+            measured.append(args[args.index("--out") + 1])
+            toy_fidelity.main(list(args))
+        elif program == "rollout":
+            (tmp_path / "res" / "long" / "plots").mkdir(parents=True, exist_ok=True)
+        elif program == "report":
+            if report_fails:
+                return 2
+            long = tmp_path / "res" / "long"
+            for name in ("plots/metrics.png", "plots/contact_sheet.png"):
+                (long / name).write_bytes(b"")
+            (long / "report.md").write_text("# Drift report\n")
+            scores = {"methods": {"hiar": {"summary": {"drift_score": 0.1, "slope": {}}}}}
+            (long / "scores.json").write_text(json.dumps(scores))
+        return 0
+
+    monkeypatch.setattr(toy_results, "run_program", run_program)
+    common = ["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "res"), "--doc", str(tmp_path / "doc.md"),
+              "--fidelity_seconds", "60", "300", "--label", "1x", "model.patch_size=[1,1,1]"]
+    assert toy_results.main(common) == 2 and len(measured) == 3  # short clips, 60 s, 300 s; then the report fails
+    report_fails = False
+    measured.clear()
+    assert toy_results.main([*common, "--resume"]) == 0 and measured == []
+    assert "| hiar | 300 s | held_out |" in (tmp_path / "doc.md").read_text()
+    assert toy_results.main([*common, "--resume", "--fidelity_clips", "2"]) == 0
+    assert [Path(m).parent.name for m in measured] == ["60s", "300s"]  # the short clips' count did not change
+    measured.clear()
+    os.utime(checkpoint, (time.time() + 10, time.time() + 10))  # retrained after the measurements
+    assert toy_results.main([*common, "--resume", "--fidelity_clips", "2"]) == 0 and len(measured) == 3
+    measured.clear()
+    assert toy_results.main([*common, "--fidelity_clips", "2"]) == 0 and len(measured) == 3  # no --resume
+
+
 def test_toy_results_runs_each_program_as_its_own_process(tmp_path, capfd, monkeypatch):
     monkeypatch.chdir(tmp_path)  # found from any folder
     assert toy_results.run_program("report", str(tmp_path / "missing")) == 2  # python -m eval.report's exit code
