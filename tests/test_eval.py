@@ -439,3 +439,55 @@ def test_toy_fidelity_reads_a_training_checkpoint_generator_or_its_ema(tmp_path)
         saved = save_model(weights, cfg, tmp_path / "m.safetensors")
         assert measured(tmp_path / "model.pt", *flags) == measured(saved)
     assert measured(tmp_path / "model.pt") != measured(tmp_path / "model.pt", "--use_ema")
+
+
+def test_weight_moves_measures_how_far_and_which_way_checkpoints_moved(tmp_path, capsys):
+    """scripts/weight_moves.py: moves d, 2d (a training checkpoint's generator) and -d (its EMA) from a
+    reference measure 1 : 2 : 1 in norm, with cosines +1 and -1; --out writes half of the 2d move (= d)
+    and a random move as far as 2d; another architecture or an incomplete --out is one error line."""
+    import importlib.util
+
+    from hiar.checkpoints import save_model
+    from hiar.config import config_to_dict, load_config
+
+    from conftest import random_model
+
+    script = Path(__file__).parent.parent / "scripts" / "weight_moves.py"
+    spec = importlib.util.spec_from_file_location("weight_moves", script)
+    weight_moves = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(weight_moves)
+    cfg = load_config("tiny")
+    reference, step = random_model(cfg, seed=1), random_model(cfg, seed=2).state_dict()
+    moved = {k: {k2: v + scale * (step[k2] - v) for k2, v in reference.state_dict().items()} for k, scale in
+             (("once", 0.01), ("twice", 0.02), ("back", -0.01))}
+    save_model(reference, cfg, tmp_path / "reference.safetensors")
+    once = random_model(cfg)
+    once.load_state_dict(moved["once"])
+    save_model(once, cfg, tmp_path / "once.safetensors")
+    torch.save({"generator": moved["twice"], "generator_ema": moved["back"], "config": config_to_dict(cfg)},
+               tmp_path / "model.pt")
+    relative, cosines = weight_moves.moves(
+        weight_moves.flat_weights(str(tmp_path / "reference.safetensors"), cfg, False),
+        [weight_moves.flat_weights(str(tmp_path / p), cfg, ema) for p, ema in
+         (("once.safetensors", False), ("model.pt", False), ("model.pt", True))])
+    assert relative[1] == pytest.approx(2 * relative[0], rel=1e-6) and relative[2] == pytest.approx(relative[0])
+    assert cosines[0][1] == pytest.approx(1.0) and cosines[0][2] == pytest.approx(-1.0)
+    assert weight_moves.main([str(tmp_path / "reference.safetensors"), str(tmp_path / "model.pt"), "--use_ema"]) == 0
+    assert "| 1 | " in capsys.readouterr().out
+    ref = str(tmp_path / "reference.safetensors")
+    for move, out in ((["--along", "0.5"], "half.safetensors"), (["--random", "3"], "random.safetensors")):
+        assert weight_moves.main([ref, str(tmp_path / "model.pt"), *move, "--out", str(tmp_path / out)]) == 0
+    relative, cosines = weight_moves.moves(weight_moves.flat_weights(ref, cfg, False), [
+        weight_moves.flat_weights(str(tmp_path / p), cfg, False) for p in ("once.safetensors", "half.safetensors",
+                                                                          "random.safetensors", "model.pt")])
+    assert relative[1] == pytest.approx(relative[0], rel=1e-5) and cosines[0][1] == pytest.approx(1.0)
+    assert relative[2] == pytest.approx(relative[3], rel=1e-5) and abs(cosines[2][3]) < 0.1  # as far, another way
+    capsys.readouterr()
+    assert weight_moves.main([ref, str(tmp_path / "model.pt"), "--along", "0.5"]) == 2  # a move, but nowhere to write
+    assert weight_moves.main([ref, str(tmp_path / "model.pt"), "--along", "1", "--random", "1", "--out", "x"]) == 2
+    assert "give --out with either --along or --random" in capsys.readouterr().err
+    wider = load_config("tiny", ["model.ffn_dim=128"])
+    save_model(random_model(wider), wider, tmp_path / "wider.safetensors")
+    assert weight_moves.main([str(tmp_path / "reference.safetensors"), str(tmp_path / "wider.safetensors")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: "), err
