@@ -166,7 +166,10 @@ def measured(results: Path, checkpoint: Path, overrides: list[str], clips: int, 
     would measure: the same checkpoint, not retrained since, and the same question of it."""
     if not results.is_file() or results.stat().st_mtime < checkpoint.stat().st_mtime:
         return False
-    r = json.loads(results.read_text())
+    try:
+        r = json.loads(results.read_text())
+    except ValueError:  # not ours, or damaged: measured again
+        return False
     length = float(seconds[1]) if seconds else None
     return (r.get("checkpoint") == str(checkpoint) and r.get("overrides") == overrides and r.get("seconds") == length
             and r.get("sampler") == "student" and not r.get("use_ema") and not r.get("context")

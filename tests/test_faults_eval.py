@@ -349,6 +349,10 @@ def test_toy_results_resume_keeps_only_the_measurements_it_would_repeat(tmp_path
     assert toy_results.main([*common, "--resume", "--fidelity_clips", "2"]) == 0
     assert [Path(m).parent.name for m in measured] == ["60s", "300s"]  # the short clips' count did not change
     measured.clear()
+    (tmp_path / "res" / "fidelity" / "60s" / "hiar" / "results.json").write_text("{")  # damaged: measured again
+    assert toy_results.main([*common, "--resume", "--fidelity_clips", "2"]) == 0
+    assert [Path(m).parent.name for m in measured] == ["60s"]
+    measured.clear()
     os.utime(checkpoint, (time.time() + 10, time.time() + 10))  # retrained after the measurements
     assert toy_results.main([*common, "--resume", "--fidelity_clips", "2"]) == 0 and len(measured) == 3
     measured.clear()
