@@ -20,7 +20,7 @@
 # ROOT=DIR puts every stage under DIR instead of runs/toy (the configs' own paths), and OVERRIDES="K=V ..."
 # passes config overrides to every stage and to the evaluation: another recipe from the same presets,
 #   ROOT=runs/toy_2x2 OVERRIDES="model.patch_size=[1,2,2] sampling.stepping=sde" EVALUATE=0 bash launch/reproduce_toy.sh
-# (the previous recipe, whose tables docs/results.md still holds). TEACHER=FILE starts from a trained teacher
+# (the previous recipe, whose tables docs/results_v2.md holds). TEACHER=FILE starts from a trained teacher
 # instead of training one (its stage is then skipped), e.g. the shipped one, checkpoints/toy_teacher.safetensors.
 set -euo pipefail
 cd "$(dirname "$0")/.."
