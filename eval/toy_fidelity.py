@@ -18,6 +18,8 @@ that step, or with `--use_ema` its EMA.
 `--trajectories DIR`: no model either, a set of teacher ODE trajectories (train/ode_pairs.py's folder)
 decoded with the checkpoint's codec and measured against their own captions, the first `--num_clips`:
 what the ODE initialisation is taught to draw, reported under `trajectories`.
+`--split validation`: other clips and other noise than the test clips every result is reported on, for
+choosing a run's checkpoint (eval.toy_select) without scoring the choice on the clips that made it.
 `--captions`: how the held-out clips are phrased, the training template and/or the held-out
 phrasings (hiar/captions.py), each reported on its own. Per prompted object: colour, shape, direction,
 speed, presence over time; per clip: background and count (hiar/toyfidelity.py). Writes results.json
@@ -35,7 +37,8 @@ from pathlib import Path
 from hiar.checkpoints import CheckpointError
 from hiar.config import ConfigError
 from hiar.report import percent
-from hiar.toyfidelity import CAPTION_SETS, SAMPLERS, evaluate, evaluation_config, trajectory_fidelity, write_fidelity
+from hiar.toyfidelity import (CAPTION_SETS, CLIP_SETS, SAMPLERS, evaluate, evaluation_config, trajectory_fidelity,
+                              write_fidelity)
 
 
 def main(argv=None) -> dict:
@@ -56,6 +59,8 @@ def main(argv=None) -> dict:
                    "captions instead of sampling held-out clips")
     p.add_argument("--use_ema", action="store_true", help="a training checkpoint's model.pt as --checkpoint: its "
                    "generator's EMA instead of the generator")
+    p.add_argument("--split", choices=CLIP_SETS, default="test", help="the test clips every result is reported "
+                   "on, or the validation clips a run's checkpoint is chosen on (eval.toy_select)")
     p.add_argument("--out", default="runs/toy/fidelity")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (student sampler)")
     args = p.parse_args(argv)
@@ -69,18 +74,18 @@ def main(argv=None) -> dict:
     if len(set(args.captions)) != len(args.captions):
         raise ValueError(f"--captions {' '.join(args.captions)}: name each set once")
     if args.trajectories:
-        if args.sampler != "student" or args.seconds or args.speed is not None or args.context:
-            raise ValueError("--trajectories measures a set of ODE pairs: no --sampler, --seconds, --speed or "
-                             "--context")
+        if args.sampler != "student" or args.seconds or args.speed is not None or args.context or args.split != "test":
+            raise ValueError("--trajectories measures a set of ODE pairs: no --sampler, --seconds, --speed, --context "
+                             "or --split")
         cfg = evaluation_config(args.checkpoint, args.overrides, None)
         summary, videos = trajectory_fidelity(args.trajectories, cfg, args.num_clips)
         result = {"by_captions": {"trajectories": summary}, "clips": summary["clips"]}
     else:
         result, videos = evaluate(args.checkpoint, args.overrides, args.sampler, args.num_clips, args.batch_size,
-                                  args.captions, args.seconds, args.speed, args.context, args.use_ema)
+                                  args.captions, args.seconds, args.speed, args.context, args.use_ema, args.split)
     result = {"checkpoint": args.checkpoint, "use_ema": args.use_ema, "sampler": args.sampler,
               "trajectories": args.trajectories, "overrides": args.overrides, "seconds": args.seconds,
-              "speed": args.speed, "context": args.context, **result}
+              "speed": args.speed, "context": args.context, "split": args.split, **result}
     out = Path(args.out)
     write_fidelity(out, result, videos)
     for name, s in result["by_captions"].items():

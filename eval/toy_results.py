@@ -38,6 +38,7 @@ from pathlib import Path
 
 from hiar.atomic import atomic_path
 from hiar.report import percent
+from hiar.toyfidelity import CAPTION_SETS, measured
 from hiar.toyworld import sample_clip
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository, which holds the eval programs
@@ -56,7 +57,6 @@ VARIANTS = {
                  "the ODE-initialised student all start from"),
 }
 HELD_OUT_SEED = 515151  # captions of clips no stage trained on
-CAPTION_SETS = ["template", "held_out"]  # the training template, and phrasings no stage trained on
 METRICS = ["saturation", "toy_object_error", "toy_presence", "motion", "frame_l1"]  # the table's drift columns
 PROMPT_MEASURES = ["colour", "shape", "direction_of_moving", "direction_last_fifth", "count", "presence",
                    "presence_last_fifth"]
@@ -126,7 +126,9 @@ def evaluate(args: argparse.Namespace) -> int:
     for name, (run, overrides, _) in present.items():
         for length, clips, seconds in lengths:
             folder, checkpoint = out / "fidelity" / length.replace(" ", "") / name, runs / run / "model.safetensors"
-            if args.resume and measured(folder / "results.json", checkpoint, overrides, clips, seconds):
+            question = {"overrides": overrides, "seconds": float(seconds[1]) if seconds else None, "sampler": "student",
+                        "use_ema": False, "context": 0, "speed": None, "split": "test"}
+            if args.resume and measured(folder / "results.json", checkpoint, clips, **question):
                 print(f"== {name}, {length}: kept {folder} (--resume)")
             elif run_program("toy_fidelity", "--checkpoint", str(checkpoint), "--num_clips", str(clips),
                              "--captions", *CAPTION_SETS, *seconds, "--out", str(folder), *overrides) != 0:
@@ -159,23 +161,6 @@ def evaluate(args: argparse.Namespace) -> int:
     write_doc(doc, "lengths", by_length(doc.with_suffix("")))
     print(f"wrote {doc} and {assets}/")
     return 0
-
-
-def measured(results: Path, checkpoint: Path, overrides: list[str], clips: int, seconds: list[str]) -> bool:
-    """Whether an eval.toy_fidelity results.json (written atomically, so whole or absent) is what this run
-    would measure: the same checkpoint, not retrained since, and the same question of it."""
-    if not results.is_file() or results.stat().st_mtime < checkpoint.stat().st_mtime:
-        return False
-    try:
-        r = json.loads(results.read_text())
-    except ValueError:  # not ours, or damaged: measured again
-        return False
-    length = float(seconds[1]) if seconds else None
-    return (r.get("checkpoint") == str(checkpoint) and r.get("overrides") == overrides and r.get("seconds") == length
-            and r.get("sampler") == "student" and not r.get("use_ema") and not r.get("context")
-            and r.get("speed") is None
-            and list(r.get("by_captions", {})) == CAPTION_SETS
-            and all(s.get("clips") == clips for s in r["by_captions"].values()))
 
 
 def summary(fidelity: dict, scores: dict) -> dict:

@@ -41,6 +41,11 @@ from hiar.trajectories import TrajectoryStore
 from hiar.video import to_uint8
 
 HELD_OUT_SEED = 424242  # captions of clips the teacher never trained on
+# The evaluation's two sets of clips, each (world seed, noise seed): "test", the clips every result is
+# reported on; "validation", other clips and other noise, on which a run's checkpoint is chosen
+# (eval.toy_select), so that the choice is not scored on the clips that chose it. No stage trains on
+# either seed (training draws from train.seed, small integers).
+CLIP_SETS = {"test": (HELD_OUT_SEED, 0), "validation": (616161, 1)}
 SAMPLERS = ("student", "teacher", "codec")
 CAPTION_SETS = ("template", "held_out")
 SEGMENTS = 5  # presence and axis of motion by fifth of the video
@@ -223,20 +228,22 @@ def psnr(reference: np.ndarray, video: np.ndarray) -> float:
 
 
 def held_out_clips(num_clips: int, height: int = 64, width: int = 64, speed: float | None = None,
-                   motion: Motion = "bounce") -> list[ToyClip]:
-    """The evaluation's clips in the world with this `motion` rule; with `speed`, every object moves at
-    that many px a frame instead of its own (a codec's round trip at one speed: how much motion within a
-    latent frame costs it)."""
-    clips = [sample_clip(HELD_OUT_SEED, i, height, width, motion=motion) for i in range(num_clips)]
+                   motion: Motion = "bounce", split: str = "test") -> list[ToyClip]:
+    """The evaluation's clips (`split`: one of CLIP_SETS) in the world with this `motion` rule; with
+    `speed`, every object moves at that many px a frame instead of its own (a codec's round trip at one
+    speed: how much motion within a latent frame costs it)."""
+    seed = CLIP_SETS[split][0]
+    clips = [sample_clip(seed, i, height, width, motion=motion) for i in range(num_clips)]
     if speed is None:
         return clips
     return [dataclasses.replace(c, objects=tuple(dataclasses.replace(o, speed=speed) for o in c.objects))
             for c in clips]
 
 
-def captions_of(clips: list[ToyClip], caption_set: str) -> list[str]:
-    """The clips' captions in `caption_set` (a style of hiar.captions), keyed by their held-out index."""
-    return [phrase(clip.spec(), caption_set, f"{HELD_OUT_SEED}/{i}") for i, clip in enumerate(clips)]
+def captions_of(clips: list[ToyClip], caption_set: str, split: str = "test") -> list[str]:
+    """The clips' captions in `caption_set` (a style of hiar.captions), keyed by their index in `split`."""
+    seed = CLIP_SETS[split][0]
+    return [phrase(clip.spec(), caption_set, f"{seed}/{i}") for i, clip in enumerate(clips)]
 
 
 def evaluation_config(checkpoint: str, overrides: list[str], seconds: float | None) -> Config:
@@ -253,11 +260,13 @@ def evaluation_config(checkpoint: str, overrides: list[str], seconds: float | No
 class Sampler:
     """A checkpoint's model, codec and text encoder, sampling videos (uint8 [F, H, W, 3]) of captions."""
 
-    def __init__(self, checkpoint: str, cfg: Config, sampler: str, context: int = 0, use_ema: bool = False):
+    def __init__(self, checkpoint: str, cfg: Config, sampler: str, context: int = 0, use_ema: bool = False,
+                 noise_seed: int = 0):
         self.model, self.cfg = load_generator(checkpoint, cfg, use_ema)
         self.model.eval()
         self.sampler, self.codec, self.encoder = sampler, build_codec(self.cfg), build_text_encoder(self.cfg)
         self.context = context  # teacher: latent frames of each clip given, the rest drawn
+        self.noise_seed = noise_seed  # student: the seed of its cell noise (CLIP_SETS)
 
     def videos(self, clips: list[ToyClip], captions: list[str], batch_size: int) -> list[np.ndarray]:
         negative = self.encoder([self.cfg.train.negative_prompt])
@@ -277,7 +286,7 @@ class Sampler:
             given = encode_clips(self.codec, clips, rendered_frames(cfg))[:, :self.context] if self.context else None
             return teacher_samples(self.model, cfg, text, negative, seed=start, context=given)
         with torch.no_grad():
-            noise = block_noise(cfg, 0, range(start, start + len(text)))
+            noise = block_noise(cfg, self.noise_seed, range(start, start + len(text)))
             return sample_video(self.model, text, cfg, noise, cfg.geometry.num_blocks)
 
 
@@ -292,14 +301,18 @@ def round_trip(codec: Codec, clips: list[ToyClip], frames: int, caption_set: str
 
 def evaluate(checkpoint: str, overrides: list[str], sampler: str, num_clips: int, batch_size: int,
              caption_sets: list[str], seconds: float | None = None, speed: float | None = None,
-             context: int = 0, use_ema: bool = False) -> tuple[dict, list[np.ndarray]]:
+             context: int = 0, use_ema: bool = False, split: str = "test") -> tuple[dict, list[np.ndarray]]:
     """Every caption set's per-clip measures and summary (`by_captions`); the first set's summary at the
     top level, as eval.toy_results reads it; the codec's PSNR against the rendered clips; and the first
     set's videos. The codec sampler's videos do not depend on the caption, so it samples once; it alone
     takes a `speed` for every object (`held_out_clips`), since a model draws from the caption only. With
     `context` the teacher is given each held-out clip's first `context` latent frames, rendered and
     encoded, and draws the rest: where the objects start is the clip's, where they go is the model's.
-    `checkpoint` may be a training checkpoint's model.pt: its generator, or with `use_ema` its EMA."""
+    `checkpoint` may be a training checkpoint's model.pt: its generator, or with `use_ema` its EMA. `split`
+    (CLIP_SETS): the test clips, or the validation clips a checkpoint is chosen on (the student's and the
+    codec's only: the teacher draws its noise from the clip's index)."""
+    if split not in CLIP_SETS or (split != "test" and sampler == "teacher"):
+        raise ValueError(f"--split {split}: one of {', '.join(CLIP_SETS)}; the teacher sampler samples the test clips")
     if sampler == "teacher" and seconds is not None:
         raise ValueError("--seconds: the teacher is bidirectional and samples clips of its training length only")
     if speed is not None and (sampler != "codec" or speed < 0):
@@ -309,13 +322,13 @@ def evaluate(checkpoint: str, overrides: list[str], sampler: str, num_clips: int
     if context and not (sampler == "teacher" and 0 < context < cfg.video.num_latent_frames):
         raise ValueError(f"--context {context}: the teacher sampler only, and fewer latent frames than its clips' "
                          f"{cfg.video.num_latent_frames}")
-    model = Sampler(checkpoint, cfg, sampler, context, use_ema)
+    model = Sampler(checkpoint, cfg, sampler, context, use_ema, noise_seed=CLIP_SETS[split][1])
     v = model.cfg.video
-    clips = held_out_clips(num_clips, v.height, v.width, speed, v.toy_motion)
+    clips = held_out_clips(num_clips, v.height, v.width, speed, v.toy_motion, split)
     result: dict = {"frames": rendered_frames(model.cfg), "fps": model.cfg.video.fps, "by_captions": {}}
     first = None
     for caption_set in caption_sets:
-        captions = captions_of(clips, caption_set)
+        captions = captions_of(clips, caption_set, split)
         videos = first if sampler == "codec" and first is not None else model.videos(clips, captions, batch_size)
         first = first if first is not None else videos
         per_clip = [prompt_fidelity(video, c, motion=v.toy_motion) for video, c in zip(videos, captions)]
@@ -363,6 +376,22 @@ COMPARED = {  # what `paired_difference` compares, read from a `summarise` of th
     "direction_of_moving": lambda s: s["direction_of_moving"], "count": lambda s: s["count"],
     "presence": lambda s: s["presence"], "presence_last_fifth": lambda s: s["presence_by_segment"][-1],
 }
+
+
+def measured(results: Path, checkpoint: Path, clips: int, **question) -> bool:
+    """Whether an eval.toy_fidelity results.json (written atomically, so whole or absent) is what a rerun
+    would measure: of the same checkpoint, not retrained since, with `clips` clips in each of CAPTION_SETS,
+    and every entry of `question` (overrides, seconds, sampler, use_ema, context, speed, split) as recorded."""
+    if not results.is_file() or results.stat().st_mtime < checkpoint.stat().st_mtime:
+        return False
+    try:
+        r = json.loads(results.read_text())
+    except ValueError:  # not ours, or damaged: measured again
+        return False
+    recorded = {"split": "test", **r}  # records from before --split measured the test clips
+    return (recorded.get("checkpoint") == str(checkpoint) and all(recorded.get(k) == v for k, v in question.items())
+            and list(r.get("by_captions", {})) == list(CAPTION_SETS)
+            and all(s.get("clips") == clips for s in r["by_captions"].values()))
 
 
 def paired_difference(a: list[dict], b: list[dict], resamples: int = 2000, seed: int = 0) -> dict:

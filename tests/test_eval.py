@@ -491,3 +491,93 @@ def test_weight_moves_measures_how_far_and_which_way_checkpoints_moved(tmp_path,
     assert weight_moves.main([str(tmp_path / "reference.safetensors"), str(tmp_path / "wider.safetensors")]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("error: "), err
+
+
+def test_validation_clips_are_other_clips_and_noise_than_the_test_clips(tmp_path):
+    """--split validation draws other scenes, phrasings and student noise than the test clips; the record
+    says which split it measured, eval.toy_compare refuses to pair the two, and the teacher sampler (whose
+    noise is the clip's index) measures the test clips only."""
+    from eval import toy_compare, toy_fidelity
+    from hiar.config import config_to_dict, load_config
+    from hiar.sampling import block_noise
+    from hiar.toyfidelity import CLIP_SETS, captions_of, held_out_clips
+
+    from conftest import random_model
+
+    test, validation = held_out_clips(16), held_out_clips(16, split="validation")
+    assert not {c.caption for c in test} & {c.caption for c in validation}
+    assert captions_of(test, "held_out") != captions_of(validation, "held_out")
+    cfg = load_config("tiny", ["video.codec=toy_dct", "video.vae_stride=[1,8,8]", "video.height=64",
+                               "video.width=64", "video.num_latent_frames=6"])
+    noise = [block_noise(cfg, CLIP_SETS[split][1], range(2)) for split in ("test", "validation")]
+    assert not torch.equal(noise[0].initial(0), noise[1].initial(0))
+    torch.save({"generator": random_model(cfg, seed=1).state_dict(), "config": config_to_dict(cfg)},
+               tmp_path / "model.pt")
+    runs = {}
+    for split in CLIP_SETS:
+        runs[split] = toy_fidelity.main(["--checkpoint", str(tmp_path / "model.pt"), "--num_clips", "2",
+                                         "--split", split, "--out", str(tmp_path / split)])
+        assert json.loads((tmp_path / split / "results.json").read_text())["split"] == split
+    captions = {s: [c["caption"] for c in r["by_captions"]["template"]["per_clip"]] for s, r in runs.items()}
+    assert captions["test"] != captions["validation"]
+    assert toy_compare.cli([str(tmp_path / "test"), str(tmp_path / "validation")]) == 2
+    with pytest.raises(ValueError, match="teacher sampler samples the test clips"):
+        toy_fidelity.main(["--checkpoint", str(tmp_path / "model.pt"), "--sampler", "teacher", "--split",
+                           "validation", "--out", str(tmp_path / "t")])
+
+
+def test_toy_select_chooses_the_best_checkpoint_on_validation_clips_and_exports_it(tmp_path, monkeypatch, capsys):
+    """eval.toy_select measures every kept checkpoint (or every --every-th) on the validation clips, chooses
+    the highest mean of colour and presence over both caption sets (ties: the later), keeps what it measured
+    on a rerun and exports the chosen weights, generator or EMA, as a model.safetensors. Sampling is stubbed
+    with known shares; the export is real."""
+    import numpy as np
+
+    from eval import toy_select
+    from hiar.checkpoints import load_generator
+    from hiar.config import config_to_dict, load_config
+
+    from conftest import random_model
+
+    cfg = load_config("tiny")
+    shares = {2: (0.5, 0.5), 4: (0.75, 0.75), 6: (0.5, 1.0), 8: (0.5, 0.25)}  # step: (colour, presence)
+    models = {}
+    for step in shares:
+        models[step] = (random_model(cfg, seed=step), random_model(cfg, seed=100 + step))
+        folder = tmp_path / "run" / "checkpoints" / f"step-{step:08d}"
+        folder.mkdir(parents=True)
+        torch.save({"generator": models[step][0].state_dict(), "generator_ema": models[step][1].state_dict(),
+                    "step": step, "config": config_to_dict(cfg)}, folder / "model.pt")
+    sampled = []
+
+    def sample(checkpoint, overrides, sampler, num_clips, batch_size, caption_sets, *rest):
+        assert rest[-1] == "validation" and sampler == "student"
+        sampled.append(checkpoint)
+        colour, presence = shares[int(Path(checkpoint).parent.name.removeprefix("step-"))]
+        sets = {name: {"clips": num_clips, "colour": colour, "presence": presence, "direction_of_moving": 0.5,
+                       "shape": 0.0, "count": 1.0, "direction": 0.5, "presence_by_segment": [presence],
+                       "direction_by_segment": [0.5], "objects": 3, "colour_fidelity": colour, "moving": 0.5}
+                for name in caption_sets}
+        return {**sets["template"], "by_captions": sets}, [np.zeros((6, 8, 8, 3), np.uint8)]
+
+    monkeypatch.setattr(toy_select, "evaluate", sample)
+    export = tmp_path / "chosen.safetensors"
+    selection = toy_select.main(["--run", str(tmp_path / "run"), "--num_clips", "4", "--use_ema",
+                                 "--export", str(export)])
+    assert selection["chosen"] == 6 and len(sampled) == 4  # 4 and 6 both score 0.75: the later
+    assert [r["score"] for r in selection["candidates"]] == [0.5, 0.75, 0.75, 0.375]
+    assert "| 6 (chosen) | 75% |" in capsys.readouterr().out
+    assert (tmp_path / "run" / "selection_ema" / "selection.png").stat().st_size > 0
+    exported = load_generator(export)[0].state_dict()
+    assert all(torch.equal(exported[k], v) for k, v in models[6][1].state_dict().items())  # the EMA at 6
+    sampled.clear()
+    assert toy_select.main(["--run", str(tmp_path / "run"), "--num_clips", "4", "--use_ema"])["chosen"] == 6
+    assert sampled == []  # measured already
+    assert toy_select.main(["--run", str(tmp_path / "run"), "--num_clips", "4", "--every", "4"])["chosen"] == 4
+    assert len(sampled) == 2  # the generators at 4 and 8, in a folder of their own
+    assert (tmp_path / "run" / "selection_ema" / "step-00000004" / "results.json").is_file()
+    capsys.readouterr()
+    assert toy_select.cli(["--run", str(tmp_path / "run"), "--every", "5"]) == 2
+    assert toy_select.cli(["--run", str(tmp_path / "run"), "--export", "x.pt"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 2 and all(line.startswith("error: ") for line in err), err
