@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from hiar.atomic import atomic_path
+from hiar.outputs import exit_code
 from hiar.report import percent
 from hiar.toyfidelity import paired_difference
 
@@ -77,12 +78,7 @@ def main(argv=None) -> dict:
 
 def cli(argv=None) -> int:
     """main() as a program: bad input is one 'error: ...' line and exit code 2, not a traceback."""
-    try:
-        main(argv)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: main(argv))
 
 
 if __name__ == "__main__":

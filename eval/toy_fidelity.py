@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 
 from hiar.checkpoints import CheckpointError
-from hiar.config import ConfigError
+from hiar.outputs import exit_code
 from hiar.report import percent
 from hiar.toyfidelity import (CAPTION_SETS, CLIP_SETS, SAMPLERS, evaluate, evaluation_config, trajectory_fidelity,
                               write_fidelity)
@@ -102,12 +102,7 @@ def main(argv=None) -> dict:
 
 def cli(argv=None) -> int:
     """main() as a program: bad input is one 'error: ...' line and exit code 2, not a traceback."""
-    try:
-        main(argv)
-    except (CheckpointError, ConfigError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: main(argv), also=(CheckpointError,))
 
 
 if __name__ == "__main__":

@@ -10,10 +10,14 @@ checkpoint is one draw of that swing. The validation clips are other clips, unde
 test clips every result is reported on, so a checkpoint chosen here is then measured without the luck
 that chose it (eval.toy_fidelity on the export, eval.toy_compare against the last checkpoint).
 
-The score is the mean of colour and presence over both caption sets (the template and the held-out
-phrasings): what the prompt names, drawn, for the whole clip. Direction and shape are reported but not
-scored: about a third of the objects move, and shape is near 0 for every toy student so far, so on a few
-dozen clips either would choose by chance. Ties go to the later checkpoint.
+The score is the mean of three shares of the prompted objects over both caption sets (the template and
+the held-out phrasings): colour and presence, what the prompt names drawn for the whole clip, and the
+objects moving at the world's speeds, what distillation is for: the ODE initialisation draws its objects
+but moves most of them too fast, and DMD brings them to the teacher's speeds, so a score of colour and
+presence alone prefers the least distilled checkpoint (docs/toy_prompts.md, "Choosing the checkpoint on
+clips of its own"). Direction and shape are reported but not scored: a third of the objects move the
+prompted way at best, and shape is near 0 for every toy student so far, so on a few dozen clips either
+would choose by chance. Ties go to the later checkpoint.
 
 A run keeps every checkpoint with train.keep_checkpoints=0 (train/distill.py; a checkpoints/step-N/ folder
 every train.save_every iterations). --every N measures only the iterations that are multiples of N. A
@@ -34,12 +38,12 @@ from tqdm import tqdm
 
 from hiar.atomic import atomic_path
 from hiar.checkpoints import CheckpointError, load_generator, save_model
-from hiar.config import ConfigError
+from hiar.outputs import exit_code
 from hiar.report import percent
 from hiar.toyfidelity import CAPTION_SETS, evaluate, measured, write_fidelity
 
-SCORED = ("colour", "presence")  # averaged over CAPTION_SETS into the score
-REPORTED = ("colour", "presence", "direction_of_moving", "shape", "count")
+SCORED = ("colour", "presence", "at_speed")  # averaged over CAPTION_SETS into the score
+REPORTED = (*SCORED, "direction_of_moving", "shape", "count")
 
 
 def candidates(run: Path, every: int) -> list[tuple[int, Path]]:
@@ -53,15 +57,17 @@ def candidates(run: Path, every: int) -> list[tuple[int, Path]]:
     return chosen
 
 
-def score(result: dict) -> float:
-    """The mean of SCORED over the caption sets of an eval.toy_fidelity result."""
-    sets = [result["by_captions"][name] for name in CAPTION_SETS]
-    return sum(s[measure] for s in sets for measure in SCORED) / (len(sets) * len(SCORED))
+def measures(summary: dict) -> dict:
+    """REPORTED of one caption set's summary (hiar.toyfidelity.summarise); at_speed: the share of the
+    prompted objects moving at the world's speeds."""
+    return {m: summary["object_speeds"]["in_range"] if m == "at_speed" else summary[m] for m in REPORTED}
 
 
 def row(step: int, checkpoint: Path, result: dict) -> dict:
-    return {"step": step, "checkpoint": str(checkpoint), "score": score(result),
-            **{name: {m: result["by_captions"][name][m] for m in REPORTED} for name in CAPTION_SETS}}
+    """A candidate: its measures by caption set and its score, the mean of SCORED over the sets."""
+    by_set = {name: measures(result["by_captions"][name]) for name in CAPTION_SETS}
+    score = sum(s[m] for s in by_set.values() for m in SCORED) / (len(by_set) * len(SCORED))
+    return {"step": step, "checkpoint": str(checkpoint), "score": score, **by_set}
 
 
 def plot(rows: list[dict], chosen: dict, path: Path) -> None:
@@ -71,16 +77,17 @@ def plot(rows: list[dict], chosen: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(9, 3.5))
     for name, style in zip(CAPTION_SETS, ("-", "--")):
-        for measure, colour in zip(SCORED, ("tab:red", "tab:blue")):
+        for measure, colour in zip(SCORED, ("tab:red", "tab:blue", "tab:green")):
+            label = "at the world's speeds" if measure == "at_speed" else measure
             ax.plot(steps, [r[name][measure] for r in rows], style, color=colour, marker=".",
-                    label=f"{measure}, {name.replace('_', '-')} phrasings")
+                    label=f"{label}, {name.replace('_', '-')} phrasings")
     ax.plot(steps, [r["score"] for r in rows], color="black", lw=2, label="score")
     ax.axvline(chosen["step"], color="grey", ls=":", label=f"chosen: {chosen['step']}")
     ax.set_xlabel("iteration")
     ax.set_ylabel("share of prompted objects, validation clips")
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -120,7 +127,7 @@ def main(argv=None) -> dict:
     chosen = max(rows, key=lambda r: (r["score"], r["step"]))
 
     selection = {"run": str(run), "use_ema": args.use_ema, "num_clips": args.num_clips, "overrides": args.overrides,
-                 "score": f"mean of {' and '.join(SCORED)} over the {' and '.join(CAPTION_SETS)} captions",
+                 "score": f"mean of {', '.join(SCORED)} over the {' and '.join(CAPTION_SETS)} captions",
                  "chosen": chosen["step"], "export": args.export, "candidates": rows}
     with atomic_path(out / "selection.json") as tmp:
         tmp.write_text(json.dumps(selection, indent=1))
@@ -130,12 +137,11 @@ def main(argv=None) -> dict:
         save_model(model, cfg, args.export, extra={"hiar_selected_from": chosen["checkpoint"],
                                                    "hiar_selected_ema": str(args.use_ema)})
 
-    sets = " | ".join(f"{name}: colour, presence, direction of moving" for name in CAPTION_SETS)
-    print(f"\n| iteration | score | {sets} |\n| --- | --- |" + " --- |" * len(CAPTION_SETS))
+    shown = " | ".join(f"{name}: {', '.join(m.replace('_', ' ') for m in REPORTED[:4])}" for name in CAPTION_SETS)
+    print(f"\n| iteration | score | {shown} |\n| --- | --- |" + " --- |" * len(CAPTION_SETS))
     for r in rows:
         mark = " (chosen)" if r is chosen else ""
-        cells = " | ".join(", ".join(percent(r[name][m]) for m in ("colour", "presence", "direction_of_moving"))
-                           for name in CAPTION_SETS)
+        cells = " | ".join(", ".join(percent(r[name][m]) for m in REPORTED[:4]) for name in CAPTION_SETS)
         print(f"| {r['step']}{mark} | {percent(r['score'])} | {cells} |")
     exported = f"; exported to {args.export}" if args.export else ""
     print(f"chose iteration {chosen['step']}{exported}; wrote {out / 'selection.json'} and {out / 'selection.png'}")
@@ -144,12 +150,7 @@ def main(argv=None) -> dict:
 
 def cli(argv=None) -> int:
     """main() as a program: bad input is one 'error: ...' line and exit code 2, not a traceback."""
-    try:
-        main(argv)
-    except (CheckpointError, ConfigError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: main(argv), also=(CheckpointError,))
 
 
 if __name__ == "__main__":

@@ -19,11 +19,12 @@ from hiar import atomic
 OVERWRITE_HELP = "replace outputs that exist already (without it, an existing output stops the run before any compute)"
 
 
-def exit_code(work: Callable[[], object]) -> int:
-    """Run a program's work; bad input (ValueError, OSError) ends it with one 'error: ...' line and code 2."""
+def exit_code(work: Callable[[], object], also: tuple[type[Exception], ...] = ()) -> int:
+    """Run a program's work; bad input (ValueError, OSError, or the program's own errors `also`, e.g. a
+    checkpoint it cannot read) ends it with one 'error: ...' line and code 2."""
     try:
         work()
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, *also) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -20,10 +20,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_embedded_default_draws_its_prompts_in_any_phrasing():
     """48 held-out clips, captioned in the template and in phrasings no stage trained on, from the same
-    noise. Measured (docs/toy_prompts.md, "Stepping"; README, "Generate"): colour 80% of template objects
-    and 83% held-out, present in 80% / 83% of frames, every background right, and the prompted direction
-    for 36% / 38% of the objects that move (chance 25%; the 2x2-latent-token default it replaced draws 22%
-    of them on these clips and fails). The bars leave room for another machine's arithmetic; the held-out
+    noise. Measured (docs/toy_prompts.md, "Choosing the checkpoint on clips of its own"; README,
+    "Generate"): colour 83% of template objects and 85% held-out, present in 80% / 84% of frames, every
+    background right, and the prompted direction for 37% of the objects that move, both sets together
+    (chance 25%; the 2x2-latent-token default of two defaults ago draws 22% of them on these clips and
+    fails). The bars leave room for another machine's arithmetic; the held-out
     one is the issue's target (within 10 points of the template), which the first recipe's default,
     trained on the template alone, missed (82% against 30%). Shapes are not drawn yet (3-5%), so not
     checked."""

@@ -528,9 +528,9 @@ def test_validation_clips_are_other_clips_and_noise_than_the_test_clips(tmp_path
 
 def test_toy_select_chooses_the_best_checkpoint_on_validation_clips_and_exports_it(tmp_path, monkeypatch, capsys):
     """eval.toy_select measures every kept checkpoint (or every --every-th) on the validation clips, chooses
-    the highest mean of colour and presence over both caption sets (ties: the later), keeps what it measured
-    on a rerun and exports the chosen weights, generator or EMA, as a model.safetensors. Sampling is stubbed
-    with known shares; the export is real."""
+    the highest mean of colour, presence and objects at the world's speeds over both caption sets (ties: the
+    later), keeps what it measured on a rerun and exports the chosen weights, generator or EMA, as a
+    model.safetensors. Sampling is stubbed with known shares; the export is real."""
     import numpy as np
 
     from eval import toy_select
@@ -540,7 +540,8 @@ def test_toy_select_chooses_the_best_checkpoint_on_validation_clips_and_exports_
     from conftest import random_model
 
     cfg = load_config("tiny")
-    shares = {2: (0.5, 0.5), 4: (0.75, 0.75), 6: (0.5, 1.0), 8: (0.5, 0.25)}  # step: (colour, presence)
+    # step: (colour, presence, objects at the world's speeds)
+    shares = {2: (0.5, 0.5, 0.5), 4: (0.75, 0.75, 0.75), 6: (0.5, 1.0, 0.75), 8: (0.25, 0.5, 0.375)}
     models = {}
     for step in shares:
         models[step] = (random_model(cfg, seed=step), random_model(cfg, seed=100 + step))
@@ -553,9 +554,10 @@ def test_toy_select_chooses_the_best_checkpoint_on_validation_clips_and_exports_
     def sample(checkpoint, overrides, sampler, num_clips, batch_size, caption_sets, *rest):
         assert rest[-1] == "validation" and sampler == "student"
         sampled.append(checkpoint)
-        colour, presence = shares[int(Path(checkpoint).parent.name.removeprefix("step-"))]
+        colour, presence, at_speed = shares[int(Path(checkpoint).parent.name.removeprefix("step-"))]
+        speeds = {"in_range": at_speed, "faster": 1 - at_speed, "slower": 0.0, "unseen": 0.0}
         sets = {name: {"clips": num_clips, "colour": colour, "presence": presence, "direction_of_moving": 0.5,
-                       "shape": 0.0, "count": 1.0, "direction": 0.5, "presence_by_segment": [presence],
+                       "object_speeds": speeds, "shape": 0.0, "count": 1.0, "direction": 0.5, "presence_by_segment": [presence],
                        "direction_by_segment": [0.5], "objects": 3, "colour_fidelity": colour, "moving": 0.5}
                 for name in caption_sets}
         return {**sets["template"], "by_captions": sets}, [np.zeros((6, 8, 8, 3), np.uint8)]
