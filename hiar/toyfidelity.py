@@ -44,7 +44,8 @@ HELD_OUT_SEED = 424242  # captions of clips the teacher never trained on
 # The evaluation's two sets of clips, each (world seed, noise seed): "test", the clips every result is
 # reported on; "validation", other clips and other noise, on which a run's checkpoint is chosen
 # (eval.toy_select), so that the choice is not scored on the clips that chose it. No stage trains on
-# either seed (training draws from train.seed, small integers).
+# either world seed (training draws its clips from train.seed, small integers; eval.toy_results' long
+# videos from 515151).
 CLIP_SETS = {"test": (HELD_OUT_SEED, 0), "validation": (616161, 1)}
 SAMPLERS = ("student", "teacher", "codec")
 CAPTION_SETS = ("template", "held_out")
