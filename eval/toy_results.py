@@ -8,9 +8,9 @@ Each --label (a training length) has its own section and assets (results/<label>
 docs/results.md); a second generated section compares every label evaluated so far (from their
 summary.json files).
 
-Per variant (a checkpoint under --runs and the order it is sampled in): toy-world fidelity of short
-clips of held-out captions (`eval.toy_fidelity`: prompted colours recovered, objects moving at the
-world's speeds; and per prompted object its colour, shape, direction, count and presence), phrased both
+Per variant (a checkpoint under --runs, model.safetensors or --weights, and the order it is sampled
+in): toy-world fidelity of short clips of held-out captions (`eval.toy_fidelity`: prompted colours
+recovered, objects moving at the world's speeds; and per prompted object its colour, shape, direction, count and presence), phrased both
 in the training template and in the held-out phrasings, and the same for fewer, longer videos at each
 --fidelity_seconds (default 60 s and 5 minutes, --fidelity_clips videos each: does the video still show
 its prompt at the end? About 8 minutes a variant on a 2-core CPU at the defaults), then long rollouts
@@ -80,6 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=60.0, help="length of the long videos")
     p.add_argument("--config_path", default="configs/toy/hiar.yaml", help="the long rollouts' config")
     p.add_argument("--label", default="1x", help="the training length these runs had (names the doc section)")
+    p.add_argument("--weights", default="model.safetensors", help="the file of each run folder to measure, e.g. "
+                   "selected.safetensors: the checkpoint eval.toy_select chose (launch/reproduce_toy.sh SELECT); a "
+                   "run without it, such as the ODE initialisation, is measured at model.safetensors")
     p.add_argument("--resume", action="store_true",
                    help="keep the fidelity measurements in --out that this run would repeat (see above)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -125,7 +128,7 @@ def evaluate(args: argparse.Namespace) -> int:
                                                  for s in args.fidelity_seconds]
     for name, (run, overrides, _) in present.items():
         for length, clips, seconds in lengths:
-            folder, checkpoint = out / "fidelity" / length.replace(" ", "") / name, runs / run / "model.safetensors"
+            folder, checkpoint = out / "fidelity" / length.replace(" ", "") / name, weights(runs / run, args.weights)
             question = {"overrides": overrides, "seconds": float(seconds[1]) if seconds else None, "sampler": "student",
                         "use_ema": False, "context": 0, "speed": None, "split": "test"}
             if args.resume and measured(folder / "results.json", checkpoint, clips, **question):
@@ -138,7 +141,7 @@ def evaluate(args: argparse.Namespace) -> int:
     # 2. long rollouts of the same captions and seeds, scored and reported
     prompts = out / "long_prompts.txt"
     prompts.write_text("".join(sample_clip(HELD_OUT_SEED, i).caption + "\n" for i in range(args.num_long)))
-    methods = [f"--method={name}={runs / run / 'model.safetensors'}" + "".join(f":{o}" for o in overrides)
+    methods = [f"--method={name}={weights(runs / run, args.weights)}" + "".join(f":{o}" for o in overrides)
                for name, (run, overrides, _) in present.items()]
     if run_program("rollout", "--out", str(out / "long"), "--config_path", args.config_path, "--data_path",
                    str(prompts), "--seconds", str(args.seconds), "--overwrite", *methods) != 0:
@@ -161,6 +164,11 @@ def evaluate(args: argparse.Namespace) -> int:
     write_doc(doc, "lengths", by_length(doc.with_suffix("")))
     print(f"wrote {doc} and {assets}/")
     return 0
+
+
+def weights(run: Path, name: str) -> Path:
+    """The weights of a run folder to measure: `name` where the run has it, else its model.safetensors."""
+    return run / name if (run / name).is_file() else run / "model.safetensors"
 
 
 def summary(fidelity: dict, scores: dict) -> dict:

@@ -22,12 +22,18 @@
 #   ROOT=runs/toy_2x2 OVERRIDES="model.patch_size=[1,2,2] sampling.stepping=sde" EVALUATE=0 bash launch/reproduce_toy.sh
 # (the previous recipe, whose tables docs/results_v2.md holds). TEACHER=FILE starts from a trained teacher
 # instead of training one (its stage is then skipped), e.g. the shipped one, checkpoints/toy_teacher.safetensors.
+# SELECT=N chooses each variant's checkpoint on validation clips: its training keeps one every N iterations
+# (train.save_every=N train.keep_checkpoints=0), eval.toy_select chooses among them into
+# <variant>/selected.safetensors, and the evaluation measures the chosen weights (the ODE initialisation's
+# as they are) into <runs>/results_chosen and docs/results.md's "<N>x-chosen" section. The embedded default:
+#   TEACHER=checkpoints/toy_teacher.safetensors VARIANTS=hiar SCALE=2 SELECT=50 bash launch/reproduce_toy.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/env.sh
 py=.venv/bin/python
 variants=${VARIANTS:-"hiar self_forcing hiar_no_fkl hiar_ctx_current hiar_ctx_clean"}
 scale=${SCALE:-1}
+select_every=${SELECT:-0}
 root=${ROOT:-runs/toy}
 read -ra overrides <<< "${OVERRIDES:-}"
 cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # the machine's, whatever threads the caller set
@@ -97,10 +103,13 @@ distill() {  # distill VARIANT: its config's training length times $scale, under
 print(t.steps, t.decay_steps)" "$config")
   read -r steps decay <<< "$params"
   [ -e "$runs/$1/model.safetensors" ] || continue_shorter "$1"
+  local kept=()  # SELECT: every checkpoint eval.toy_select chooses among
+  [ "$select_every" = 0 ] || kept=("train.save_every=$select_every" "train.keep_checkpoints=0")
   local run=(stage "$1 (${scale}x)" "$runs/$1/model.safetensors" $py train/distill.py --config_path "$config" --resume
              "train.output_dir=$runs/$1" "train.steps=$((steps * scale))"
              "distill.generator=$root/ode_init/model.safetensors"
-             "distill.teacher=$teacher" "distill.critic=$teacher" "ode.output_dir=$root/ode_pairs" "${overrides[@]}")
+             "distill.teacher=$teacher" "distill.critic=$teacher" "ode.output_dir=$root/ode_pairs" "${kept[@]}"
+             "${overrides[@]}")
   if [ "$jobs" = 1 ] || [ -e "$runs/$1/model.safetensors" ]; then
     "${run[@]}"
     return
@@ -121,11 +130,20 @@ for variant in $variants; do
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
 unset OMP_NUM_THREADS
+chosen=()  # what the evaluation measures and where it writes, the chosen weights with SELECT
+label=${scale}x results=$runs/results
+if [ "$select_every" != 0 ]; then
+  for variant in $variants; do
+    stage "$variant (${scale}x): choice" "$runs/$variant/selected.safetensors" $py -m eval.toy_select \
+      --run "$runs/$variant" --every "$select_every" --export "$runs/$variant/selected.safetensors" "${overrides[@]}"
+  done
+  chosen=(--weights selected.safetensors) label=${scale}x-chosen results=$runs/results_chosen
+fi
 if [ "${EVALUATE:-1}" = 1 ]; then
   start=$SECONDS
-  $py -m eval.toy_results --runs "$runs" --out "$runs/results" --doc "${DOC:-docs/results.md}" --label "${scale}x" --resume \
-    "${overrides[@]}"
-  timed "evaluation (${scale}x)" $((SECONDS - start))
+  $py -m eval.toy_results --runs "$runs" --out "$results" --doc "${DOC:-docs/results.md}" --label "$label" --resume \
+    "${chosen[@]}" "${overrides[@]}"
+  timed "evaluation ($label)" $((SECONDS - start))
 fi
 # The whole invocation, setup included: the figure docs/results.md quotes for a run from a fresh clone.
 timed "whole script (${scale}x)" "$SECONDS"

@@ -359,6 +359,33 @@ def test_toy_results_resume_keeps_only_the_measurements_it_would_repeat(tmp_path
     assert toy_results.main([*common, "--fidelity_clips", "2"]) == 0 and len(measured) == 3  # no --resume
 
 
+def test_toy_results_measures_the_weights_it_is_given_where_a_run_has_them(tmp_path, monkeypatch):
+    """--weights selected.safetensors (launch/reproduce_toy.sh SELECT): a run with that file is measured and
+    rolled out at it, a run without it (the ODE initialisation) at its model.safetensors."""
+    for run in ("hiar", "ode_init"):
+        (tmp_path / "runs" / run).mkdir(parents=True)
+        (tmp_path / "runs" / run / "model.safetensors").write_bytes(b"")
+    (tmp_path / "runs" / "hiar" / "selected.safetensors").write_bytes(b"")
+    measured, rolled = [], []
+
+    def run_program(program: str, *args: str) -> int:
+        if program == "toy_fidelity":
+            measured.append(args[args.index("--checkpoint") + 1])
+            out = Path(args[args.index("--out") + 1])
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "results.json").write_text("{}")
+            return 0
+        rolled.extend(a.split("=", 2)[2] for a in args if a.startswith("--method="))
+        return 2  # the rollouts fail: the evaluation ends there
+
+    monkeypatch.setattr(toy_results, "run_program", run_program)
+    assert toy_results.main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "res"), "--fidelity_seconds",
+                             "--weights", "selected.safetensors"]) == 2
+    runs = tmp_path / "runs"
+    assert measured == [str(runs / "hiar" / "selected.safetensors"), str(runs / "ode_init" / "model.safetensors")]
+    assert [m.split(":")[0] for m in rolled] == measured
+
+
 def test_toy_results_runs_each_program_as_its_own_process(tmp_path, capfd, monkeypatch):
     monkeypatch.chdir(tmp_path)  # found from any folder
     assert toy_results.run_program("report", str(tmp_path / "missing")) == 2  # python -m eval.report's exit code

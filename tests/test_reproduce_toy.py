@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 STAND_IN = r"""#!/usr/bin/env bash
 case $1 in -c) echo "400 0"; exit;; esac
 echo "$*" >> "$COMMANDS"
-[ "$1" = -m ] && exit
+if [ "$1" = -m ]; then  # an evaluation program: --export writes the chosen weights
+  for a in "$@"; do [ "${prev:-}" = --export ] && touch "$a"; prev=$a; done; exit
+fi
 for a in "$@"; do case $a in train.output_dir=*) out=${a#*=};; ode.output_dir=*) pairs=${a#*=};; esac; done
 if [ "$1" = train/ode_pairs.py ]; then mkdir -p "$pairs" && touch "$pairs/manifest.json"; exit; fi
 mkdir -p "$out/checkpoints/step-00000001" && touch "$out/model.safetensors" "$out/metrics.jsonl"
@@ -117,3 +119,26 @@ def test_a_given_teacher_replaces_the_teacher_stage(tmp_path):
                           env={"PATH": os.environ["PATH"], "COMMANDS": str(repo / "none.txt"), "TEACHER": "missing"})
     assert proc.returncode == 2 and "TEACHER=missing: no such file" in proc.stderr
     assert not (repo / "none.txt").exists()
+
+
+def test_select_keeps_every_checkpoint_chooses_among_them_and_evaluates_the_choice(tmp_path):
+    """SELECT=N: each variant trains keeping a checkpoint every N iterations, eval.toy_select chooses each
+    one's into selected.safetensors (once: a rerun keeps the choice), and the evaluation measures those
+    weights into results_chosen and its own section of docs/results.md."""
+    repo = layout(tmp_path)
+    commands = reproduce(repo, SELECT="50")
+    for command in stage(commands, "train/distill.py"):
+        assert settings(command) == {**settings(command), "train.save_every": "50", "train.keep_checkpoints": "0"}
+    chosen = [c for c in commands if c[:2] == ["-m", "eval.toy_select"]]
+    assert [(c[c.index("--run") + 1], c[c.index("--every") + 1], c[c.index("--export") + 1]) for c in chosen] == [
+        ("runs/toy/hiar", "50", "runs/toy/hiar/selected.safetensors"),
+        ("runs/toy/self_forcing", "50", "runs/toy/self_forcing/selected.safetensors")]
+    (evaluation,) = [c for c in commands if c[:2] == ["-m", "eval.toy_results"]]
+    flags = {evaluation[i]: evaluation[i + 1] for i in range(2, len(evaluation) - 1) if evaluation[i].startswith("--")}
+    assert flags == {**flags, "--weights": "selected.safetensors", "--label": "1x-chosen",
+                     "--out": "runs/toy/results_chosen"}
+    rerun = reproduce(repo, SELECT="50")
+    assert not [c for c in rerun if c[:2] == ["-m", "eval.toy_select"] or c[0].startswith("train/")]
+    plain = reproduce(repo)  # without SELECT: the runs' own weights, as before
+    (evaluation,) = [c for c in plain if c[:2] == ["-m", "eval.toy_results"]]
+    assert "--weights" not in evaluation and evaluation[evaluation.index("--out") + 1] == "runs/toy/results"
