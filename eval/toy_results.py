@@ -10,8 +10,9 @@ summary.json files).
 
 Per variant (a checkpoint under --runs, model.safetensors or --weights, and the order it is sampled
 in): toy-world fidelity of short clips of held-out captions (`eval.toy_fidelity`: prompted colours
-recovered, objects moving at the world's speeds; and per prompted object its colour, shape, direction, count and presence), phrased both
-in the training template and in the held-out phrasings, and the same for fewer, longer videos at each
+recovered, objects moving at the world's speeds; and per prompted object its colour, shape, direction,
+count and presence), phrased both in the training template and in the held-out phrasings, and the same
+for fewer, longer videos at each
 --fidelity_seconds (default 60 s and 5 minutes, --fidelity_clips videos each: does the video still show
 its prompt at the end? About 8 minutes a variant on a 2-core CPU at the defaults), then long rollouts
 of the same captions and seeds for every variant (`eval.rollout`, wavefront, flat memory) scored for
