@@ -40,6 +40,7 @@ from hiar.atomic import atomic_path
 from hiar.checkpoints import CheckpointError, load_generator, save_model
 from hiar.outputs import exit_code
 from hiar.report import percent
+from hiar.runs import CHECKPOINT_GLOB
 from hiar.toyfidelity import CAPTION_SETS, evaluate, measured, write_fidelity
 
 SCORED = ("colour", "presence", "at_speed")  # averaged over CAPTION_SETS into the score
@@ -49,7 +50,7 @@ REPORTED = (*SCORED, "direction_of_moving", "shape", "count")
 def candidates(run: Path, every: int) -> list[tuple[int, Path]]:
     """(iteration, model.pt) of the run's kept checkpoints whose iteration is a multiple of `every`."""
     kept = sorted((int(d.name.removeprefix("step-")), d / "model.pt")
-                  for d in (run / "checkpoints").glob("step-*") if (d / "model.pt").is_file())
+                  for d in (run / "checkpoints").glob(CHECKPOINT_GLOB) if (d / "model.pt").is_file())
     chosen = [(step, path) for step, path in kept if step % every == 0]
     if not chosen:
         raise ValueError(f"{run}/checkpoints: no step-N/model.pt with N a multiple of {every} (keep a run's "
