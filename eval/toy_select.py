@@ -108,8 +108,10 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.every < 1 or args.num_clips < 1:
         raise ValueError("--every and --num_clips must be at least 1")
-    if args.export and Path(args.export).suffix != ".safetensors":
-        raise ValueError(f"--export {args.export}: a .safetensors file")
+    if args.export:
+        if Path(args.export).suffix != ".safetensors":
+            raise ValueError(f"--export {args.export}: a .safetensors file")
+        Path(args.export).parent.mkdir(parents=True, exist_ok=True)  # a folder it cannot make fails before sampling
     run = Path(args.run)
     out = Path(args.out) if args.out else run / ("selection_ema" if args.use_ema else "selection")
     found = candidates(run, args.every)
