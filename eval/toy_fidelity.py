@@ -37,8 +37,8 @@ from pathlib import Path
 from hiar.checkpoints import CheckpointError
 from hiar.outputs import exit_code
 from hiar.report import percent
-from hiar.toyfidelity import (CAPTION_SETS, CLIP_SETS, SAMPLERS, evaluate, evaluation_config, trajectory_fidelity,
-                              write_fidelity)
+from hiar.toyfidelity import (CAPTION_SETS, CLIP_SETS, SAMPLERS, evaluate, evaluation_config, question,
+                              trajectory_fidelity, write_fidelity)
 
 
 def main(argv=None) -> dict:
@@ -83,9 +83,8 @@ def main(argv=None) -> dict:
     else:
         result, videos = evaluate(args.checkpoint, args.overrides, args.sampler, args.num_clips, args.batch_size,
                                   args.captions, args.seconds, args.speed, args.context, args.use_ema, args.split)
-    result = {"checkpoint": args.checkpoint, "use_ema": args.use_ema, "sampler": args.sampler,
-              "trajectories": args.trajectories, "overrides": args.overrides, "seconds": args.seconds,
-              "speed": args.speed, "context": args.context, "split": args.split, **result}
+    asked = question(args.overrides, args.seconds, args.sampler, args.use_ema, args.context, args.speed, args.split)
+    result = {"checkpoint": args.checkpoint, "trajectories": args.trajectories, **asked, **result}
     out = Path(args.out)
     write_fidelity(out, result, videos)
     for name, s in result["by_captions"].items():

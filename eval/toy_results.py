@@ -39,7 +39,7 @@ from pathlib import Path
 
 from hiar.atomic import atomic_path
 from hiar.report import percent
-from hiar.toyfidelity import CAPTION_SETS, measured
+from hiar.toyfidelity import CAPTION_SETS, measured, question
 from hiar.toyworld import sample_clip
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository, which holds the eval programs
@@ -130,9 +130,8 @@ def evaluate(args: argparse.Namespace) -> int:
     for name, (run, overrides, _) in present.items():
         for length, clips, seconds in lengths:
             folder, checkpoint = out / "fidelity" / length.replace(" ", "") / name, weights(runs / run, args.weights)
-            question = {"overrides": overrides, "seconds": float(seconds[1]) if seconds else None, "sampler": "student",
-                        "use_ema": False, "context": 0, "speed": None, "split": "test"}
-            if args.resume and measured(folder / "results.json", checkpoint, clips, **question):
+            asked = question(overrides, float(seconds[1]) if seconds else None)
+            if args.resume and measured(folder / "results.json", checkpoint, clips, **asked):
                 print(f"== {name}, {length}: kept {folder} (--resume)")
             elif run_program("toy_fidelity", "--checkpoint", str(checkpoint), "--num_clips", str(clips),
                              "--captions", *CAPTION_SETS, *seconds, "--out", str(folder), *overrides) != 0:

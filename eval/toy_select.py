@@ -41,7 +41,7 @@ from hiar.checkpoints import CheckpointError, load_generator, save_model
 from hiar.outputs import exit_code
 from hiar.report import percent
 from hiar.runs import CHECKPOINT_GLOB
-from hiar.toyfidelity import CAPTION_SETS, evaluate, measured, write_fidelity
+from hiar.toyfidelity import CAPTION_SETS, evaluate, measured, question, write_fidelity
 
 SCORED = ("colour", "presence", "at_speed")  # averaged over CAPTION_SETS into the score
 REPORTED = (*SCORED, "direction_of_moving", "shape", "count")
@@ -115,17 +115,16 @@ def main(argv=None) -> dict:
     run = Path(args.run)
     out = Path(args.out) if args.out else run / ("selection_ema" if args.use_ema else "selection")
     found = candidates(run, args.every)
-    question = {"overrides": args.overrides, "seconds": None, "sampler": "student", "use_ema": args.use_ema,
-                "context": 0, "speed": None, "split": "validation"}
+    asked = question(args.overrides, use_ema=args.use_ema, split="validation")
 
     rows = []
     for step, checkpoint in tqdm(found, desc="checkpoints", unit="ckpt"):
         folder = out / f"step-{step:08d}"
-        if not measured(folder / "results.json", checkpoint, args.num_clips, **question):
+        if not measured(folder / "results.json", checkpoint, args.num_clips, **asked):
             result, videos = evaluate(str(checkpoint), args.overrides, "student", args.num_clips, args.batch_size,
-                                      list(CAPTION_SETS), None, None, 0, args.use_ema, "validation")
+                                      list(CAPTION_SETS), use_ema=args.use_ema, split="validation")
             # the record eval.toy_fidelity writes, which `measured` reads
-            write_fidelity(folder, {"checkpoint": str(checkpoint), **question, **result}, videos)
+            write_fidelity(folder, {"checkpoint": str(checkpoint), **asked, **result}, videos)
         rows.append(row(step, checkpoint, json.loads((folder / "results.json").read_text())))
     chosen = max(rows, key=lambda r: (r["score"], r["step"]))
 

@@ -379,10 +379,18 @@ COMPARED = {  # what `paired_difference` compares, read from a `summarise` of th
 }
 
 
+def question(overrides: list[str], seconds: float | None = None, sampler: str = "student", use_ema: bool = False,
+             context: int = 0, speed: float | None = None, split: str = "test") -> dict:
+    """What a fidelity measurement asks of its checkpoint (`evaluate`'s settings), as its results.json
+    records it and `measured` compares it."""
+    return {"overrides": overrides, "seconds": seconds, "sampler": sampler, "use_ema": use_ema, "context": context,
+            "speed": speed, "split": split}
+
+
 def measured(results: Path, checkpoint: Path, clips: int, **question) -> bool:
     """Whether an eval.toy_fidelity results.json (written atomically, so whole or absent) is what a rerun
     would measure: of the same checkpoint, not retrained since, with `clips` clips in each of CAPTION_SETS,
-    and every entry of `question` (overrides, seconds, sampler, use_ema, context, speed, split) as recorded."""
+    and every entry of `question` (`question()`) as recorded."""
     if not results.is_file() or results.stat().st_mtime < checkpoint.stat().st_mtime:
         return False
     try:

@@ -551,8 +551,8 @@ def test_toy_select_chooses_the_best_checkpoint_on_validation_clips_and_exports_
                     "step": step, "config": config_to_dict(cfg)}, folder / "model.pt")
     sampled = []
 
-    def sample(checkpoint, overrides, sampler, num_clips, batch_size, caption_sets, *rest):
-        assert rest[-1] == "validation" and sampler == "student"
+    def sample(checkpoint, overrides, sampler, num_clips, batch_size, caption_sets, use_ema, split):
+        assert split == "validation" and sampler == "student"
         sampled.append(checkpoint)
         colour, presence, at_speed = shares[int(Path(checkpoint).parent.name.removeprefix("step-"))]
         speeds = {"in_range": at_speed, "faster": 1 - at_speed, "slower": 0.0, "unseen": 0.0}
