@@ -13,8 +13,8 @@ Derived values are computed from the frozen fields, never written in a preset: `
 The distillation lengths left at 0 are resolved at validation and stored, so saved configs say them.
 
 Paths: a relative path in a config (runtime.base_model, runtime.prompts, runtime.checkpoint,
-train.output_dir, train.deepspeed, ode.teacher, ode.prompts, ode.output_dir, distill.generator,
-distill.teacher, distill.critic, distill.prompts, distill.teacher_model) is taken from the repository
+train.output_dir, train.deepspeed, train.init_weights, ode.teacher, ode.prompts, ode.output_dir,
+distill.generator, distill.teacher, distill.critic, distill.prompts, distill.teacher_model) is taken from the repository
 root, wherever the program runs: `repo_path` resolves it. Paths given as command-line flags
 (--config_path, --data_path, --checkpoint_path, --output_folder, ...) are the user's, taken from the
 current directory; a preset's `base:` is looked up beside the preset first.
@@ -248,6 +248,10 @@ class TrainConfig:
     # others one level: the case in which only the caption says which way the objects go next, the one
     # case that teaches the direction word (docs/toy_prompts.md, "The direction word, learnt")
     context_noise: float = 0.0
+    # teacher: in those samples the other frames' level, drawn as every sample's, is mapped into [this, 1]:
+    # the higher, the less of the motion is legible in them, so the more the caption alone has to say
+    # (0: drawn exactly as every other sample's)
+    context_noise_min: float = 0.0
     negative_prompt: str = ""
     guidance_scale: float = 3.0  # teacher samples and ODE trajectories
     sample_steps: int = 48  # Euler steps of teacher sampling
@@ -256,6 +260,9 @@ class TrainConfig:
     # EMA is what samples and model.safetensors hold (distillation has its own distill.ema_*)
     ema_decay: float = 0.0
     ema_start: int = 0
+    # teacher: start from these weights (a teacher's model.safetensors of the same architecture) instead of
+    # random ones, to train an existing teacher further on other settings ("": from scratch)
+    init_weights: str = ""
 
 
 @dataclass(frozen=True)
@@ -526,6 +533,9 @@ def check_train(t: TrainConfig) -> None:
     if not 0 <= t.context_noise <= 1 - t.frame_noise:
         raise ConfigError(f"train.context_noise={t.context_noise} must lie in [0, 1 - train.frame_noise] (the "
                           "share of samples with a nearly clean first latent frame; the shares add up)")
+    if not 0 <= t.context_noise_min < 1:
+        raise ConfigError(f"train.context_noise_min={t.context_noise_min} must lie in [0, 1) (the lowest level of "
+                          "the other frames of a sample with a nearly clean first latent frame)")
 
 
 def resolved_lengths(d: DistillConfig, num_latent_frames: int) -> DistillConfig:

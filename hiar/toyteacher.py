@@ -1,22 +1,28 @@
-"""The toy world's teacher training (train/teacher.py): batches of rendered clips, the flow-matching
-loss, caption dropout for classifier-free guidance, and teacher sample videos. Full scale starts from
-the published Wan2.1 teacher instead, so nothing here runs there."""
+"""The toy world's teacher training (train/teacher.py): its loop (`train_teacher`), batches of rendered
+clips, the flow-matching loss, caption dropout for classifier-free guidance, and teacher sample videos.
+Full scale starts from the published Wan2.1 teacher instead, so nothing here runs there."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from hiar.codecs import Codec, rendered_frames
-from hiar.config import Config
-from hiar.data import toy_caption
+from hiar import distributed
+from hiar.checkpoints import load_generator
+from hiar.codecs import Codec, build_codec, rendered_frames
+from hiar.config import Config, repo_path
+from hiar.data import load_prompts, toy_caption
 from hiar.flow import FlowMatching
 from hiar.models import AttentionMode, Bidirectional, WanModel
+from hiar.order import ShuffledOrder
 from hiar.sampling import guided, teacher_ode
 from hiar.text import PromptBank
 from hiar.toyworld import ToyClip, clip_to_video, sample_clip
+from hiar.training import EMA, Trainer, seed_step
+
+Batch = Callable[[Sequence[int]], tuple[torch.Tensor, list[str]]]  # clip indices -> latents (CPU), captions
 
 
 def toy_batch(cfg: Config, codec: Codec, indices: Sequence[int]) -> tuple[torch.Tensor, list[str]]:
@@ -35,9 +41,9 @@ def encode_clips(codec: Codec, clips: Sequence[ToyClip], frames: int) -> torch.T
 
 def flow_matching_loss(model: torch.nn.Module, x0: torch.Tensor, text: torch.Tensor, flow: FlowMatching,
                        attention: AttentionMode = Bidirectional(), frame_noise: float = 0.0,
-                       context_noise: float = 0.0) -> torch.Tensor:
+                       context_noise: float = 0.0, context_noise_min: float = 0.0) -> torch.Tensor:
     """MSE between the predicted and the true flow at shifted-uniform noise levels (`noise_levels`)."""
-    sigma = noise_levels(flow, x0.shape[0], x0.shape[1], frame_noise, context_noise).to(x0.device)
+    sigma = noise_levels(flow, x0.shape[0], x0.shape[1], frame_noise, context_noise, context_noise_min).to(x0.device)
     return flow_errors(model, x0, text, flow, sigma, torch.randn_like(x0), attention).mean()
 
 
@@ -46,16 +52,18 @@ CONTEXT_LEVEL = 0.05  # the level of given context frames when probing (hiar.toy
 
 
 def noise_levels(flow: FlowMatching, batch: int, frames: int, frame_noise: float = 0.0,
-                 context_noise: float = 0.0) -> torch.Tensor:
+                 context_noise: float = 0.0, context_noise_min: float = 0.0) -> torch.Tensor:
     """Levels sigma [B, F], shifted-uniform: one a sample; or with probability `frame_noise` one a latent
     frame of that sample (diffusion forcing; train.frame_noise); or with probability `context_noise` one
-    for all frames but the first, which is nearly clean (train.context_noise)."""
+    for all frames but the first, which is nearly clean (train.context_noise), that one mapped into
+    [context_noise_min, 1] (train.context_noise_min)."""
     sigma = flow.shifted(torch.rand(batch))[:, None].repeat(1, frames)
     kind = torch.rand(batch)
     per_frame = kind < frame_noise
     sigma[per_frame] = flow.shifted(torch.rand(int(per_frame.sum()), frames))
     if context_noise:  # draws nothing otherwise, so runs without it keep their levels
         context = (kind >= frame_noise) & (kind < frame_noise + context_noise)
+        sigma[context, 1:] = context_noise_min + (1 - context_noise_min) * sigma[context, 1:]
         sigma[context, 0] = CONTEXT_TRAINING_LEVEL * torch.rand(int(context.sum()))
     return sigma
 
@@ -112,3 +120,54 @@ def write_teacher_samples(model: WanModel, codec: Codec, bank: PromptBank, cfg: 
         with VideoWriter(paths[-1], cfg.video.fps, cfg.video.height, cfg.video.width) as w:
             w.write(video)
     return paths
+
+
+def train_teacher(cfg: Config, resume: bool = False, batch: Batch | None = None,
+                  on_sample: Callable[[torch.nn.Module, int], None] | None = None) -> torch.nn.Module | None:
+    """Train a bidirectional teacher by flow matching under train.output_dir (train/teacher.py) and
+    return the weights it samples with (the EMA with train.ema_decay; None on ranks that hold none).
+
+    `batch(indices)` gives the latents and captions of training clips `indices` (default: the toy
+    world's, `toy_batch`); `on_sample(model, step)` runs every train.sample_every steps (default: sample
+    videos of the first two runtime.prompts). A diagnostic that trains on a world of its own passes both
+    (scripts/direction_word_diagnostic.py) and gets this loop, its checkpoints and --resume with them."""
+    t = cfg.train
+    world = distributed.init()
+    codec, bank = build_codec(cfg, world.device), PromptBank.for_config(cfg, world.device)
+    flow = FlowMatching(t.timestep_shift)
+    seed_step(t.seed, step=-1, rank=0)  # the initial weights, identical on every rank and run
+    ema = EMA(t.ema_decay, t.ema_start, keep=world.is_main) if t.ema_decay else None
+    model = load_generator(repo_path(t.init_weights), cfg)[0] if t.init_weights else WanModel(cfg.model)
+    trainer = Trainer(cfg, model, resume=resume, extra={"ema": ema} if ema else None, world=world)
+    clips = ShuffledOrder(None, t.seed, world.size, world.rank)  # the toy world is an endless stream of clips
+    batch = batch or (lambda indices: toy_batch(cfg, codec, indices))
+    if on_sample is None:
+        prompts = load_prompts(repo_path(cfg.runtime.prompts))[:2]
+
+        def on_sample(model: torch.nn.Module, step: int) -> None:
+            paths = write_teacher_samples(model, codec, bank, cfg, prompts, trainer.out / "samples",
+                                          f"step-{step:08d}", write=world.is_main)
+            for path in paths:
+                trainer.log(f"sample: {path}")
+
+    def micro_loss(step: int, micro: int) -> torch.Tensor:
+        x0, captions = batch(clips.draw(step * trainer.accumulation + micro, t.batch_size))
+        text = bank(drop_captions(captions, t.caption_dropout, t.negative_prompt))
+        return flow_matching_loss(trainer.engine, x0.to(world.device), text, flow, frame_noise=t.frame_noise,
+                                  context_noise=t.context_noise, context_noise_min=t.context_noise_min)
+
+    def step_fn(step: int) -> dict[str, float]:
+        metrics = trainer.update(lambda micro: micro_loss(step, micro))
+        if ema is not None:
+            ema.update(trainer.model, step)
+        return metrics
+
+    def sample(step: int) -> None:
+        model = trainer.sampling_module(ema=ema)
+        if model is not None:
+            on_sample(model, step)
+
+    trainer.fit(step_fn, sample)
+    if trainer.step >= t.steps:
+        trainer.log(f"model: {trainer.export(ema=ema)}")
+    return trainer.sampling_module(ema=ema)

@@ -2,111 +2,104 @@
 
 A world stripped to the one thing the word decides: a white circle (half-extent 7) on black, at 2.5 px
 a frame, from a random position, moving one of the four directions; the caption names only the
-direction ("a white circle moving left on a black background"). The `toy` teacher (6 latent frames of
-the DCT codec, 1x1-latent tokens; 4 layers, dim 128) trains from scratch on it by flow matching, batch
-8, lr 3e-4, caption dropout 0.1, in one of two ways:
+direction ("a white circle moving left on a black background"). The toy teacher (6 latent frames of
+the DCT codec, 1x1-latent tokens; 4 layers, dim 128) trains from scratch on it by flow matching
+(`hiar.toyteacher.train_teacher`: configs/toy/teacher.yaml, batch 8, lr 3e-4, caption dropout 0.1, no
+warm-up or decay), in one of two ways:
 
   frame_noise   half the samples with a noise level per latent frame (train.frame_noise=0.5)
-  context       half the samples with the first latent frame nearly clean (a level in [0, 0.2]) and the
-                others at one level in [0.7, 1] (what train.context_noise does, with the others' level
-                drawn as for every other sample)
+  context       half the samples with the first latent frame nearly clean (train.context_noise=0.5:
+                a level in [0, 0.2], the others at one level drawn as for every other sample)
+  context_high  the same with the others' level mapped into [0.7, 1] (train.context_noise_min=0.7), so
+                that their motion is barely legible and the caption has to say it
 
 Every 250 steps it prints how much worse the flow error of frames 1-5 gets, with frame 0 given at level
 0.05 and the others at 0.3, 0.6 and 0.9, when each caption's direction is reversed (48 fixed clips):
 +0% means the word is ignored. At the end it samples 24 clips (each direction 6 times) with the
 teacher's ODE (48 steps, shift 8, CFG 3): from pure noise, and continuing 24 rendered first frames
-(`hiar.toyteacher.teacher_samples` with context), and reports the direction the tracker reads.
+(`hiar.toyteacher.teacher_samples` with context), and reports the direction the tracker reads. The run
+keeps its checkpoints under --out (default runs/diagnostic/direction_MODE); --resume continues it.
 
     .venv/bin/python scripts/direction_word_diagnostic.py context 2000        # about 20 min on one thread
 """
 
 from __future__ import annotations
 
+import argparse
 import random
-import sys
-import time
+from collections.abc import Sequence
 
 import torch
 
 from hiar.codecs import build_codec, rendered_frames
 from hiar.config import load_config
 from hiar.flow import FlowMatching
-from hiar.models import WanModel
 from hiar.text import PromptBank
 from hiar.toyfidelity import prompt_fidelity, summarise
-from hiar.toyteacher import encode_clips, flow_errors, flow_matching_loss, teacher_samples
+from hiar.toyteacher import encode_clips, flow_errors, teacher_samples, train_teacher
 from hiar.toyworld import ToyClip, ToyObject
 from hiar.video import to_uint8
 
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+MODES = {"frame_noise": ["train.frame_noise=0.5"], "context": ["train.context_noise=0.5"],
+         "context_high": ["train.context_noise=0.5", "train.context_noise_min=0.7"]}
+REPORT_EVERY = 250
 
 
 def caption(direction: str) -> str:
     return f"a white circle moving {direction} on a black background"
 
 
-def clips(rng: random.Random, n: int) -> list[ToyClip]:
-    drawn = []
-    for _ in range(n):
-        direction = rng.choice(list(OPPOSITE))
-        drawn.append(ToyClip("black", (ToyObject("circle", "white", 7.0, rng.uniform(7, 57), rng.uniform(7, 57),
-                                                  direction, 2.5),)))
-    return drawn
+def circle(index: int) -> ToyClip:
+    """Clip `index` of the stripped world, a function of the index alone (so a resumed run draws the same)."""
+    rng = random.Random(index)
+    direction = rng.choice(list(OPPOSITE))
+    x, y = rng.uniform(7, 57), rng.uniform(7, 57)
+    return ToyClip("black", (ToyObject("circle", "white", 7.0, x, y, direction, 2.5),))
 
 
-def main(mode: str, steps: int) -> None:
-    cfg = load_config("configs/toy/teacher.yaml", ["video.num_latent_frames=6", "model.patch_size=[1,1,1]"])
-    torch.manual_seed(0)
-    random.seed(0)  # caption dropout (the run quoted in docs/toy_prompts.md left it unseeded)
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=list(MODES))
+    p.add_argument("steps", type=int)
+    p.add_argument("--out", help="the run folder (default runs/diagnostic/direction_MODE)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    args = p.parse_args(argv)
+    cfg = load_config("configs/toy/teacher.yaml", [
+        "video.num_latent_frames=6", "model.patch_size=[1,1,1]", "train.frame_noise=0", "train.context_noise=0",
+        *MODES[args.mode], f"train.steps={args.steps}", "train.warmup_steps=0", "train.decay_steps=0",
+        f"train.sample_every={REPORT_EVERY}", f"train.save_every={REPORT_EVERY}",
+        f"train.output_dir={args.out or f'runs/diagnostic/direction_{args.mode}'}"])
     codec, bank = build_codec(cfg, "cpu"), PromptBank.for_config(cfg, "cpu")
-    flow = FlowMatching(cfg.train.timestep_shift)
-    model = WanModel(cfg.model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
     frames = rendered_frames(cfg)
 
-    def batch(rng: random.Random, n: int) -> tuple[torch.Tensor, list[str]]:
-        drawn = clips(rng, n)
-        return encode_clips(codec, drawn, frames), [c.objects[0].direction for c in drawn]
+    def batch(indices: Sequence[int]) -> tuple[torch.Tensor, list[str]]:
+        drawn = [circle(i) for i in indices]
+        return encode_clips(codec, drawn, frames), [caption(c.objects[0].direction) for c in drawn]
 
-    probe_x0, probe_dirs = batch(random.Random(12345), 48)
+    probe = [circle(i) for i in range(10**6, 10**6 + 48)]  # indices a run of under 10**5 steps never draws
+    probe_x0 = encode_clips(codec, probe, frames)
+    probe_captions = [caption(c.objects[0].direction) for c in probe]
+    reversed_captions = [caption(OPPOSITE[c.objects[0].direction]) for c in probe]
     probe_noise = torch.randn(probe_x0.shape, generator=torch.Generator().manual_seed(1))
+    flow = FlowMatching(cfg.train.timestep_shift)
 
     @torch.no_grad()
-    def reversal_penalty() -> dict[float, float]:
-        out = {}
+    def report_reversal_penalty(model: torch.nn.Module, step: int) -> None:
+        penalty = {}
         for level in (0.3, 0.6, 0.9):
             sigma = torch.full(probe_x0.shape[:2], level)
             sigma[:, 0] = 0.05
-            right, wrong = (flow_errors(model, probe_x0, bank([caption(d) for d in dirs]), flow, sigma, probe_noise,
+            right, wrong = (flow_errors(model, probe_x0, bank(captions), flow, sigma, probe_noise,
                                         scored=slice(1, None)).mean().item()
-                            for dirs in (probe_dirs, [OPPOSITE[d] for d in probe_dirs]))
-            out[level] = round(100 * (wrong / right - 1), 2)
-        return out
+                            for captions in (probe_captions, reversed_captions))
+            penalty[level] = round(100 * (wrong / right - 1), 2)
+        print(f"{step}: reversed-direction penalty % {penalty}", flush=True)
 
-    rng, start = random.Random(0), time.time()
-    for step in range(1, steps + 1):
-        x0, dirs = batch(rng, 8)
-        text = bank([caption(d) if random.random() > 0.1 else "" for d in dirs])
-        if mode == "context":
-            sigma = flow.shifted(torch.rand(x0.shape[0]))[:, None].repeat(1, x0.shape[1])
-            given = torch.rand(x0.shape[0]) < 0.5
-            sigma[given, 0] = 0.2 * torch.rand(int(given.sum()))
-            sigma[given, 1:] = (0.7 + 0.3 * torch.rand(int(given.sum())))[:, None]
-            loss = flow_errors(model, x0, text, flow, sigma, torch.randn_like(x0)).mean()
-        else:
-            loss = flow_matching_loss(model, x0, text, flow, frame_noise=0.5)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if step % 250 == 0 or step == steps:
-            print(f"{step} {time.time() - start:.0f}s loss {loss.item():.4f} reversed-direction penalty % "
-                  f"{reversal_penalty()}", flush=True)
-
-    model.eval()
+    model = train_teacher(cfg, resume=args.resume, batch=batch, on_sample=report_reversal_penalty).eval()
     dirs = list(OPPOSITE) * 6
     text, negative = bank([caption(d) for d in dirs]), bank([cfg.train.negative_prompt])
-    first, _ = batch(random.Random(99), 24)
+    first, _ = batch(range(2 * 10**6, 2 * 10**6 + 24))
     for name, context in (("from noise", None), ("from a rendered first frame", first[:, :1])):
         x0 = teacher_samples(model, cfg, text, negative, seed=0, context=context)
         r = summarise([prompt_fidelity(to_uint8(v), caption(d)) for v, d in zip(codec.decode(x0), dirs)])
@@ -115,4 +108,4 @@ def main(mode: str, steps: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main()

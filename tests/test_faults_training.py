@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from train import teacher
 
 from hiar import runs
+from hiar.training import Trainer
 
 TEACHER = ["--config_path", "tiny", "train.batch_size=1", "train.log_every=1", "train.save_every=1",
            "train.sample_every=0"]
@@ -92,7 +93,7 @@ def test_a_fresh_run_refuses_a_folder_with_another_runs_checkpoints(finished, ca
 def test_a_full_disk_during_a_save_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     saves = []
-    original = teacher.Trainer.save
+    original = Trainer.save
 
     def save_then_fill_the_disk(self):
         if self.step == 2:  # the second checkpoint: DeepSpeed's write fails half-way
@@ -105,7 +106,7 @@ def test_a_full_disk_during_a_save_keeps_the_last_checkpoint(tmp_path, monkeypat
         saves.append(self.step)
         return original(self)
 
-    monkeypatch.setattr(teacher.Trainer, "save", save_then_fill_the_disk)
+    monkeypatch.setattr(Trainer, "save", save_then_fill_the_disk)
     assert run(*TEACHER, "train.steps=3", f"train.output_dir={out}") == 1
     err = capsys.readouterr().err
     assert "could not write checkpoint" in err and "No space left on device" in err and "--resume" in err

@@ -9,7 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hiar import toyteacher
 from hiar.config import ConfigError, load_config
+from hiar.models import WanModel
 from train import teacher
 
 TINY_TEACHER = ["--config_path", "tiny", "train.batch_size=2", "train.log_every=1", "train.save_every=2",
@@ -31,7 +33,7 @@ def test_teacher_resume_equals_an_uninterrupted_run(tmp_path):
     assert (ckpts / "latest").read_text() == "step-00000004"
     assert not list(ckpts.glob(".*.tmp"))  # nothing half-written left behind
     # training moved the weights
-    fresh = teacher.WanModel(teacher.load_config("tiny").model).state_dict()
+    fresh = WanModel(load_config("tiny").model).state_dict()
     assert any(not torch.equal(fresh[k], straight[k]) for k in fresh if fresh[k].shape == straight[k].shape)
 
 
@@ -40,7 +42,7 @@ def test_learning_rate_warms_up_then_decays_to_zero(tmp_path):
     the one update k uses: 1/2 at update 0 (not logged), then full, then 1/2 at the last update (5)."""
     out = tmp_path / "run"
     teacher.main([*TINY_TEACHER, "train.steps=6", "train.decay_steps=2", f"train.output_dir={out}"])
-    lr = teacher.load_config("tiny").train.lr
+    lr = load_config("tiny").train.lr
     logged = [json.loads(line)["lr"] / lr for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged == pytest.approx([1, 1, 1, 1, 0.5, 0])
 
@@ -84,9 +86,7 @@ def test_frame_noise_draws_a_level_per_frame_for_its_share_of_samples(tmp_path, 
     assert (noise_levels(flow, 50, 5, frame_noise=1.0) != 0).all()
     with pytest.raises(ConfigError, match="train.frame_noise=1.5 must lie in"):
         load_config("toy", ["train.frame_noise=1.5"])
-    from hiar import toyteacher  # the option reaches the training loop: every sample a level per frame
-
-    levels, errors = [], toyteacher.flow_errors
+    levels, errors = [], toyteacher.flow_errors  # the option reaches the training loop: a level per frame
     monkeypatch.setattr(toyteacher, "flow_errors", lambda *a, **k: levels.append(a[4]) or errors(*a, **k))
     teacher.main([*TINY_TEACHER, "train.steps=2", "train.frame_noise=1", f"train.output_dir={tmp_path}"])
     assert len(levels) == 2 and all((s != s[:, :1]).any(dim=1).all() for s in levels)
@@ -96,7 +96,6 @@ def test_context_noise_gives_its_share_of_samples_a_nearly_clean_first_frame(tmp
     """train.context_noise: that share of samples has its first latent frame at a level of at most
     CONTEXT_TRAINING_LEVEL and every other frame at one level, the case in which only the caption says
     where the objects go next; without it the levels are drawn exactly as before; shares above 1 in all are refused."""
-    from hiar import toyteacher
     from hiar.flow import FlowMatching
     from hiar.toyteacher import CONTEXT_TRAINING_LEVEL, noise_levels
 
@@ -121,8 +120,60 @@ def test_context_noise_gives_its_share_of_samples_a_nearly_clean_first_frame(tmp
     assert all((s[:, 0] <= CONTEXT_TRAINING_LEVEL).all() and (s[:, 1:] == s[:, 1:2]).all() for s in levels)
 
 
+def test_context_noise_min_lifts_the_other_frames_level_alone(tmp_path, monkeypatch):
+    """train.context_noise_min maps the level of the other frames of a context sample into [min, 1] from
+    the same draws (the first frame and which samples are context ones unchanged); 1 and above is refused."""
+    from hiar.flow import FlowMatching
+    from hiar.toyteacher import noise_levels
+
+    flow = FlowMatching(3.0)
+    draws = []
+    for floor in (0.0, 0.7):
+        torch.manual_seed(2)
+        draws.append(noise_levels(flow, 400, 5, frame_noise=0.2, context_noise=0.5, context_noise_min=floor))
+    plain, lifted = draws
+    context = torch.all(plain[:, 1:] == plain[:, 1:2], dim=1) & (plain[:, 0] != plain[:, 1])
+    assert 150 < int(context.sum()) < 250
+    assert torch.allclose(lifted[context, 1:], 0.7 + 0.3 * plain[context, 1:])
+    assert lifted[context, 1:].min() >= 0.7 and plain[context, 1:].min() < 0.5
+    assert torch.equal(lifted[:, 0], plain[:, 0]) and torch.equal(lifted[~context], plain[~context])
+    with pytest.raises(ConfigError, match="train.context_noise_min=1.0 must lie in"):
+        load_config("toy", ["train.context_noise_min=1.0"])
+    levels, errors = [], toyteacher.flow_errors  # the option reaches the training loop
+    monkeypatch.setattr(toyteacher, "flow_errors", lambda *a, **k: levels.append(a[4]) or errors(*a, **k))
+    teacher.main([*TINY_TEACHER, "train.steps=2", "train.context_noise=1", "train.context_noise_min=0.9",
+                  f"train.output_dir={tmp_path}"])
+    assert len(levels) == 2 and all((s[:, 1:] >= 0.9).all() for s in levels)
+
+
+def test_a_teacher_trains_on_from_init_weights_and_refuses_another_architecture(tmp_path):
+    """train.init_weights: the teacher starts from a saved teacher's weights (one step at a tiny rate
+    stays next to them, where a run from scratch is far off); a file of another architecture stops the
+    program before any step."""
+    from conftest import random_model
+
+    from hiar.checkpoints import CheckpointError, save_model
+
+    cfg = load_config("tiny")
+    torch.manual_seed(7)
+    start = save_model(random_model(cfg), cfg, tmp_path / "start.safetensors")
+    initial = load_file(start)
+    for name, extra in (("on", [f"train.init_weights={start}"]), ("fresh", [])):
+        teacher.main([*TINY_TEACHER, "train.steps=1", "train.lr=1e-7", *extra, f"train.output_dir={tmp_path / name}"])
+    gap = {name: max((weights(tmp_path / name)[k] - v).abs().max().item() for k, v in initial.items())
+           for name in ("on", "fresh")}
+    assert gap["on"] < 1e-5 < 1e-2 < gap["fresh"]
+    wide = load_config("tiny", ["model.ffn_dim=128"])
+    other = save_model(random_model(wide), wide, tmp_path / "other.safetensors")
+    with pytest.raises(CheckpointError, match="another architecture"):
+        teacher.main([*TINY_TEACHER, "train.steps=1", f"train.init_weights={other}",
+                      f"train.output_dir={tmp_path / 'x'}"])
+    assert not (tmp_path / "x" / "checkpoints").exists()
+
+
 def test_non_finite_losses_abort_with_a_message(tmp_path, monkeypatch):
-    monkeypatch.setattr(teacher, "flow_matching_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    nan = torch.tensor(float("nan"), requires_grad=True)
+    monkeypatch.setattr(toyteacher, "flow_matching_loss", lambda *a, **k: nan)
     with pytest.raises(SystemExit) as exit_info:
         teacher.main_guard(lambda: teacher.main([*TINY_TEACHER, "train.steps=5", "train.max_nonfinite=2",
                                                  f"train.output_dir={tmp_path}"]))
@@ -262,7 +313,7 @@ def test_ode_pairs_on_two_ranks_with_uneven_shares(tmp_path):
     from conftest import random_model
     from hiar.checkpoints import save_model
 
-    cfg = teacher.load_config("tiny")
+    cfg = load_config("tiny")
     path = save_model(random_model(cfg), cfg, tmp_path / "teacher.safetensors")
     out = tmp_path / "pairs"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train/ode_pairs.py",
