@@ -16,7 +16,8 @@
 # N variants at once with nproc/N threads each (default: one a core, at most one a variant; each logs to
 # its own file): the toy model is too small to keep many threads busy, and on the 2-core VM two
 # variants side by side on one thread each train 1.4x faster than one after the other on two
-# (docs/results_v1.md, "The whole recipe in one go").
+# (docs/results_v1.md, "The whole recipe in one go"). The choice and the evaluation run with the caller's
+# OMP_NUM_THREADS (e.g. 1, beside another run), or all cores when it is unset.
 # ROOT=DIR puts every stage under DIR instead of runs/toy (the configs' own paths), and OVERRIDES="K=V ..."
 # passes config overrides to every stage and to the evaluation: another recipe from the same presets,
 #   ROOT=runs/toy_2x2 OVERRIDES="model.patch_size=[1,2,2] sampling.stepping=sde" EVALUATE=0 bash launch/reproduce_toy.sh
@@ -39,6 +40,7 @@ read -ra overrides <<< "${OVERRIDES:-}"
 cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # the machine's, whatever threads the caller set
 variant_count=$(wc -w <<< "$variants")
 jobs=${JOBS:-$((cores < variant_count ? cores : variant_count))}
+caller_threads=${OMP_NUM_THREADS-}  # the choice and the evaluation run with the caller's setting
 runs=$root
 [ "$scale" = 1 ] || runs=$root/x$scale
 mkdir -p "$runs"
@@ -129,7 +131,7 @@ for variant in $variants; do
   while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n; done  # a failed variant stops the script (set -e)
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
-unset OMP_NUM_THREADS
+if [ -n "$caller_threads" ]; then export OMP_NUM_THREADS=$caller_threads; else unset OMP_NUM_THREADS; fi
 chosen=()  # what the evaluation measures and where it writes, the chosen weights with SELECT
 label=${scale}x results=$runs/results
 if [ "$select_every" != 0 ]; then

@@ -5,6 +5,7 @@ stages run, with which paths and overrides, in seconds. What the stages compute 
 import hashlib
 import os
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STAND_IN = r"""#!/usr/bin/env bash
 case $1 in -c) echo "400 0"; exit;; esac
 echo "$*" >> "$COMMANDS"
+echo "${OMP_NUM_THREADS:-unset} $1 $2" >> "$COMMANDS.threads"
 if [ "$1" = -m ]; then  # an evaluation program: --export writes the chosen weights
   for a in "$@"; do [ "${prev:-}" = --export ] && touch "$a"; prev=$a; done; exit
 fi
@@ -142,3 +144,22 @@ def test_select_keeps_every_checkpoint_chooses_among_them_and_evaluates_the_choi
     plain = reproduce(repo)  # without SELECT: the runs' own weights, as before
     (evaluation,) = [c for c in plain if c[:2] == ["-m", "eval.toy_results"]]
     assert "--weights" not in evaluation and evaluation[evaluation.index("--out") + 1] == "runs/toy/results"
+
+
+def test_the_evaluation_gets_the_callers_thread_setting_back(tmp_path):
+    """Variants trained side by side (JOBS=2) get their share of the cores each, and the choice and the
+    evaluation after them the caller's OMP_NUM_THREADS (one thread beside another run), or none when the
+    caller set none."""
+    repo = layout(tmp_path)
+    threads = repo / "commands.txt.threads"
+    for caller, expected in (({"OMP_NUM_THREADS": "3"}, "3"), ({}, "unset")):
+        threads.unlink(missing_ok=True)
+        for variant in ("hiar", "self_forcing"):  # trained again: the trainings are where the setting changes
+            shutil.rmtree(repo / "runs" / "toy" / variant, ignore_errors=True)
+        reproduce(repo, JOBS="2", SELECT="50", **caller)
+        lines = [line.split() for line in threads.read_text().splitlines()]
+        trained = [t for t, program, _ in lines if program == "train/distill.py"]
+        evaluated = [t for t, program, name in lines
+                     if program == "-m" and name in ("eval.toy_select", "eval.toy_results")]
+        assert len(trained) == 2 and trained[0] not in ("unset", "3")
+        assert len(evaluated) == 3 and set(evaluated) == {expected}
