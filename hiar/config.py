@@ -328,6 +328,13 @@ class DistillConfig:
     timestep_draw: Literal["clamp_after_shift", "range_before_shift"] = "clamp_after_shift"
     t_min: float = 0.02
     t_max: float = 0.98
+    # The share of DMD's samples (and of the critic's) whose first latent frame is given nearly clean
+    # (hiar.flow.CONTEXT_LEVEL) and the rest noised to the sample's level: the real score is then the
+    # teacher continuing the student's own first frame. For a teacher trained with that case (the toy
+    # teacher's train.context_noise), which draws the prompted direction more often continuing a frame
+    # than from noise (docs/toy_prompts.md, "DMD on continuations"); a base model never shown a clean
+    # first frame beside noisy ones (Wan2.1 T2V) has no such case, hence 0.
+    context_share: float = 0.0
     # Rollouts longer than the gradient window (num_rollout_frames > num_training_frames), as the
     # reference's model/base.py _run_generator runs them. rollout_length "uniform": each rollout is
     # num_training_frames ... num_rollout_frames long, in whole blocks, uniformly (a pure function of its
@@ -555,6 +562,8 @@ def check_distill(d: DistillConfig, k: int, num_steps: int) -> None:
         raise ConfigError(f"distill.min_exit_step={d.min_exit_step} must lie in [0, {num_steps - 1}]")
     if not 0 < d.t_min < d.t_max < 1:
         raise ConfigError(f"distill.t_min={d.t_min} and t_max={d.t_max} must satisfy 0 < t_min < t_max < 1")
+    if not 0 <= d.context_share <= 1:
+        raise ConfigError(f"distill.context_share={d.context_share} must lie in [0, 1] (a share of DMD's samples)")
     if d.dfake_gen_update_ratio < 1:
         raise ConfigError(f"distill.dfake_gen_update_ratio={d.dfake_gen_update_ratio} must be >= 1")
     if not 0 <= d.ema_decay < 1:

@@ -9,8 +9,8 @@ will be sampled in, plus the forward-KL regulariser on teacher ODE trajectories.
   per rollout (`rollout_blocks`) and the window's first frame re-encoded as an image, its first block
   out of the loss (`window_loss_start`).
 * `DMD`: reverse-KL gradient g = (x0_fake - x0_real) / mean|x - x0_real| at a shifted-uniform noise
-  level, applied as the loss 0.5 ||x - stopgrad(x - g)||^2; the critic learns the generator's samples
-  by flow matching.
+  level (with distill.context_share, some samples keep their first frame nearly clean), applied as the
+  loss 0.5 ||x - stopgrad(x - g)||^2; the critic learns the generator's samples by flow matching.
 * `forward_kl_loss`: the student regresses the teacher's chord x0 between consecutive stored
   trajectory points on its first K steps, which keeps the motion DMD alone loses.
 * `Distillation`: one training iteration of train/distill.py as named steps: the update's prompts, the
@@ -27,7 +27,7 @@ import torch
 from hiar.codecs import Codec, build_codec
 from hiar.config import Config
 from hiar.data import PromptSource
-from hiar.flow import NUM_TRAIN_TIMESTEPS, FlowMatching
+from hiar.flow import CONTEXT_LEVEL, NUM_TRAIN_TIMESTEPS, FlowMatching
 from hiar.models import AttentionMode, BlockCausal, BlockCausalWindow, Bidirectional, WanModel
 from hiar.order import ShuffledOrder, updates_before
 from hiar.render import render
@@ -120,6 +120,7 @@ class DMD:
         self.teacher, self.negative, self.scale = teacher, negative, d.guidance_scale
         self.flow = FlowMatching(d.timestep_shift)
         self.draw, self.t_min, self.t_max = d.timestep_draw, d.t_min, d.t_max
+        self.context_share = d.context_share
 
     def timesteps(self, batch: int) -> torch.Tensor:
         """One noise level a sample: t = 1000 shift(u), clamped to [1000 t_min, 1000 t_max], with u
@@ -130,6 +131,21 @@ class DMD:
         else:
             u = self.t_min + (self.t_max - self.t_min) * torch.rand(batch, dtype=torch.float64)
         return self.flow.timestep(self.flow.shifted(u).clamp(self.t_min, self.t_max))
+
+    def levels(self, x: torch.Tensor) -> torch.Tensor:
+        """The timesteps the samples `x` [B, F, ...] are noised to: one a sample (`timesteps`), or with
+        distill.context_share a level a frame [B, F], where that share of the samples has its first frame
+        at CONTEXT_LEVEL: the teacher and the critic then score continuations of the student's own first
+        frame, the case in which a teacher trained with a nearly clean first frame hears the direction
+        word (docs/toy_prompts.md, "DMD on continuations"). Without it no extra draw is made, so runs
+        keep their levels."""
+        t = self.timesteps(x.shape[0])
+        if not self.context_share:
+            return t
+        t = t[:, None].repeat(1, x.shape[1])
+        given = torch.rand(x.shape[0]) < self.context_share
+        t[given, 0] = self.flow.timestep(torch.tensor(CONTEXT_LEVEL, dtype=t.dtype))
+        return t
 
     def real_x0(self, xt: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """The real score: the teacher's x0 under CFG with scale s, x0_neg + s (x0_text - x0_neg), which
@@ -143,19 +159,20 @@ class DMD:
         gradient_mask, `window_loss_start`): its gradient in those frames is g / their numel. g sees
         the whole window (its normaliser too), as the reference's does."""
         with torch.no_grad():
-            t = self.timesteps(x.shape[0])
+            t = self.levels(x)
             xt = self.flow.add_noise(x, torch.randn_like(x), t)
             real_x0 = self.real_x0(xt, t, text)
             fake_x0 = self.flow.x0_from_flow(xt, critic(xt, t, text), t)
             g = dmd_gradient(x, real_x0, fake_x0)[:, loss_from:]
         kept = x[:, loss_from:].double()
         loss = 0.5 * (kept - (kept - g).detach()).square().mean()
-        return loss, {"dmd_grad_norm": g.norm().item() / g.numel() ** 0.5, "dmd_t": t.mean().item()}
+        level = t.reshape(len(t), -1)[:, -1]  # the sample's level, not its given first frame's
+        return loss, {"dmd_grad_norm": g.norm().item() / g.numel() ** 0.5, "dmd_t": level.mean().item()}
 
     def critic_loss(self, critic: WanModel, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Flow matching on the generator's (detached) samples: the critic tracks their distribution."""
         x = x.detach()
-        t = self.timesteps(x.shape[0])
+        t = self.levels(x)
         noise = torch.randn_like(x)
         pred = critic(self.flow.add_noise(x, noise, t), t, text)
         return (pred.float() - self.flow.flow_target(x, noise).float()).square().mean()

@@ -17,6 +17,10 @@ from collections.abc import Sequence
 import torch
 
 NUM_TRAIN_TIMESTEPS = 1000
+# The level of frames given as context to a model trained with a nearly clean first frame (the toy
+# teacher's train.context_noise): its samples continuing a clip, the word probe (hiar.toywords) and
+# DMD's continuation case (distill.context_share).
+CONTEXT_LEVEL = 0.05
 
 
 def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:

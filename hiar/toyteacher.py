@@ -14,7 +14,7 @@ from hiar.checkpoints import load_generator
 from hiar.codecs import Codec, build_codec, rendered_frames
 from hiar.config import Config, repo_path
 from hiar.data import load_prompts, toy_caption
-from hiar.flow import FlowMatching
+from hiar.flow import CONTEXT_LEVEL, FlowMatching
 from hiar.models import AttentionMode, Bidirectional, WanModel
 from hiar.order import ShuffledOrder
 from hiar.sampling import guided, teacher_ode
@@ -48,7 +48,6 @@ def flow_matching_loss(model: torch.nn.Module, x0: torch.Tensor, text: torch.Ten
 
 
 CONTEXT_TRAINING_LEVEL = 0.2  # train.context_noise: the first latent frame's level is drawn from [0, this]
-CONTEXT_LEVEL = 0.05  # the level of given context frames when probing (hiar.toywords) and sampling
 
 
 def noise_levels(flow: FlowMatching, batch: int, frames: int, frame_noise: float = 0.0,

@@ -31,9 +31,9 @@ import torch
 
 from hiar.captions import template_caption
 from hiar.codecs import Codec
-from hiar.flow import FlowMatching
+from hiar.flow import CONTEXT_LEVEL, FlowMatching
 from hiar.text import PromptBank
-from hiar.toyteacher import CONTEXT_LEVEL, encode_clips, flow_errors
+from hiar.toyteacher import encode_clips, flow_errors
 from hiar.toyworld import BACKGROUNDS, OBJECT_COLOURS, SHAPES, ToyClip
 
 KINDS = ("colour", "shape", "direction", "background")

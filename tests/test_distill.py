@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 from conftest import random_model
 from hiar.checkpoints import load_generator, save_model
-from hiar.config import load_config
+from hiar.config import ConfigError, load_config
 from hiar.distill import DMD, chord_x0, dmd_gradient, exit_step, forward_kl_loss, self_rollout
-from hiar.flow import FlowMatching
+from hiar.flow import CONTEXT_LEVEL, FlowMatching
 from hiar.models import Cached
 from hiar.sampling import block_noise
 
@@ -119,6 +119,58 @@ def test_dmd_pushes_nowhere_when_the_critic_is_the_teacher():
     loss, info = dmd.generator_loss(x, text, other)
     loss.backward()
     assert info["dmd_grad_norm"] > 1e-2 and x.grad.abs().max() > 1e-6
+
+
+class Recording(torch.nn.Module):
+    """A stand-in score model that keeps the timesteps it was called with and predicts zero flow."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def prompt(self, text):
+        return text
+
+    def forward(self, x, t, text, attention=None):
+        self.calls.append(t.clone())
+        return torch.zeros_like(x)
+
+
+def test_context_share_gives_the_first_frame_of_that_share_of_samples_nearly_clean():
+    """distill.context_share: that share of DMD's and the critic's samples keeps its first latent frame at
+    CONTEXT_LEVEL, the rest at the sample's own level; the models get those per-frame levels. At 0 no
+    extra draw is made, so every level and every later draw is the run's without the option."""
+    levels = {}
+    for share in (0.0, 1.0, 0.5):
+        cfg = load_config("tiny", [f"distill.context_share={share}"])
+        dmd = DMD(Recording(), torch.zeros(1, cfg.model.text_len, cfg.model.text_dim), cfg)
+        torch.manual_seed(0)
+        levels[share] = dmd.levels(torch.zeros(4000, 6, 1))
+        levels[share, "next"] = torch.rand(1)
+    t0, t1, half = levels[0.0], levels[1.0], levels[0.5]
+    torch.manual_seed(0)
+    plain = dmd.timesteps(4000), torch.rand(1)  # what a run without the option draws
+    assert t0.shape == (4000,)
+    torch.testing.assert_close((t0, levels[0.0, "next"]), plain)
+    torch.testing.assert_close(t1[:, 1:], t0[:, None].expand(-1, 5))  # the sample's level, as without the option
+    given = FlowMatching.timestep(torch.tensor(CONTEXT_LEVEL, dtype=t1.dtype))
+    assert (t1[:, 0] == given).all()
+    share = (half[:, 0] == given).double().mean().item()
+    assert 0.47 < share < 0.53 and (half[:, 1:] == t0[:, None]).all()
+    # both losses hand the models those levels
+    cfg = load_config("tiny", ["distill.context_share=1.0", "distill.guidance_scale=1.0"])
+    teacher, critic = Recording(), Recording()
+    dmd = DMD(teacher, torch.zeros(1, cfg.model.text_len, cfg.model.text_dim), cfg)
+    x, text = torch.randn(2, 6, 4), torch.randn(2, cfg.model.text_len, cfg.model.text_dim)
+    dmd.generator_loss(x, text, critic)
+    dmd.critic_loss(critic, x, text)
+    for t in teacher.calls + critic.calls:
+        assert t.shape[1:] == (6,) and (t[:, 0] == given).all() and (t[:, 1:] == t[:, -1:]).all()
+
+
+def test_context_share_is_checked_before_compute():
+    with pytest.raises(ConfigError, match="context_share"):
+        load_config("tiny", ["distill.context_share=1.5"])
 
 
 def test_chord_target_is_exact_on_known_trajectories():
