@@ -74,6 +74,8 @@ class StageGroup:
                 return self._store.get(FAILED_KEY).decode()
             self._store.compare_set(FAILED_KEY, "", fallback)
             return self._store.get(FAILED_KEY).decode()
+        except PipelineError:  # SIGTERM landed mid-read: its handler's error already names the recorded cause
+            raise
         except Exception:  # the store went down with its host: say what this stage knows
             return fallback
 

@@ -22,7 +22,7 @@ from eval import rollout as rollout_program
 from eval import toy_fidelity, toy_results, toy_videos, vbench
 from hiar import report, scoring
 from hiar.outputs import publish
-from hiar.parallel import PID_KEY, PipelineError, StageGroup, _alive
+from hiar.parallel import FAILED_KEY, PID_KEY, PipelineError, StageGroup, _alive
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -430,6 +430,41 @@ def test_sigterm_blames_a_dead_stage_else_itself_else_nobody_known():
         stage(store, 0, 2)._on_sigterm(signal.SIGTERM, None)  # recorded for the others
     with pytest.raises(PipelineError, match=r"pipeline stage 1 stopped: rank 0 \(it was sent SIGTERM\) failed"):
         stage(store, 1, 3)._on_sigterm(signal.SIGTERM, None)  # the first cause recorded wins
+
+
+class SignalledStore:
+    """A store whose next `check` is interrupted by a SIGTERM to this process, as torchrun's stop of the
+    other workers can arrive while a stage reads the recorded cause."""
+
+    def __init__(self, store: dist.Store):
+        self._store, self.armed = store, True
+
+    def check(self, keys):
+        found = self._store.check(keys)
+        if self.armed:
+            self.armed = False
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before this returns
+        return found
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+def test_a_sigterm_during_the_read_of_the_cause_still_names_the_recorded_cause():
+    # Stage 1 sees rank 0's connection close and reads the cause rank 0 recorded; torchrun's SIGTERM lands
+    # mid-read. Its handler's error carries the recorded cause and must not be taken for a store failure
+    # (which would blame "its connection closed" instead: a CI flake of the test below, 2026-12-06).
+    store = dist.HashStore()
+    store.set(FAILED_KEY, "rank 0 (it was sent SIGTERM)")
+    group = stage(SignalledStore(store), 1, 2)
+    previous = signal.signal(signal.SIGTERM, group._on_sigterm)
+    try:
+        err = group.fail(RuntimeError("Connection closed by peer"), peer=0)
+    except PipelineError as raised:
+        err = raised
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert str(err) == "pipeline stage 1 stopped: rank 0 (it was sent SIGTERM) failed"
 
 
 def torchrun_pipeline(folder: Path) -> subprocess.Popen:
