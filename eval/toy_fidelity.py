@@ -12,9 +12,9 @@ bidirectional teacher's ODE with CFG (train.sample_steps, train.sample_shift, tr
 the checkpoint's config); with `--context N` it is given each held-out clip's first N latent frames
 and draws the rest (does it continue the clip the way the caption says?). `--sampler student`
 (default): the causal student in its config's order (trailing section.key=value overrides change it),
-one video of the config's length or of `--seconds`. `--checkpoint` may be a training checkpoint's model.pt
-(checkpoints/step-N/ of train/distill.py; keep them all with train.keep_checkpoints=0): its generator at
-that step, or with `--use_ema` its EMA.
+one video of the config's length or of `--seconds`. `--checkpoint` may be a run's training checkpoint,
+checkpoints/step-N/ or train/distill.py's model.pt in it (keep them all with train.keep_checkpoints=0): the
+model at that step, or with `--use_ema` its EMA; the teacher's too.
 `--trajectories DIR`: no model either, a set of teacher ODE trajectories (train/ode_pairs.py's folder)
 decoded with the checkpoint's codec and measured against their own captions, the first `--num_clips`:
 what the ODE initialisation is taught to draw, reported under `trajectories`.
@@ -57,14 +57,14 @@ def main(argv=None) -> dict:
                    "go is the model's)")
     p.add_argument("--trajectories", help="measure the clean ends of this set of ODE pairs against their own "
                    "captions instead of sampling held-out clips")
-    p.add_argument("--use_ema", action="store_true", help="a training checkpoint's model.pt as --checkpoint: its "
-                   "generator's EMA instead of the generator")
+    p.add_argument("--use_ema", action="store_true", help="a training checkpoint (model.pt, or a "
+                   "run's step-N/ folder) as --checkpoint: its EMA instead of the weights")
     p.add_argument("--split", choices=CLIP_SETS, default="test", help="the test clips every result is reported "
                    "on, or the validation clips a run's checkpoint is chosen on (eval.toy_select)")
     p.add_argument("--out", default="runs/toy/fidelity")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (student sampler)")
     args = p.parse_args(argv)
-    if not Path(args.checkpoint).is_file():
+    if not Path(args.checkpoint).exists():  # a file, or a run's checkpoints/step-N/ folder
         raise ValueError(f"--checkpoint {args.checkpoint} does not exist: train it first (launch/reproduce_toy.sh) or "
                          "give another")
     if args.num_clips < 1 or args.batch_size < 1:

@@ -39,7 +39,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None, help="JSON file for the result (default: print only)")
     p.add_argument("--device", default="cpu", help="where the model and the text encoder run (default: cpu)")
     args = p.parse_args(argv)
-    if not Path(args.checkpoint).is_file():
+    if not Path(args.checkpoint).exists():  # a file, or a run's checkpoints/step-N/ folder
         print(f"error: --checkpoint {args.checkpoint} does not exist: train it first (launch/reproduce_toy.sh)",
               file=sys.stderr)
         sys.exit(2)

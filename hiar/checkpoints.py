@@ -7,7 +7,10 @@
   `_checkpoint_wrapped_module.`, `_orig_mod.` prefixes and use Wan's original parameter names;
 * an original Wan2.1 folder (`config.json` + `diffusion_pytorch_model*.safetensors`, e.g.
   wan_models/Wan2.1-T2V-1.3B), whose names diffusers' own `convert_wan_transformer_to_diffusers` maps;
-* a diffusers folder (Wan-AI/Wan2.1-T2V-1.3B-Diffusers, or its `transformer/` sub-folder).
+* a diffusers folder (Wan-AI/Wan2.1-T2V-1.3B-Diffusers, or its `transformer/` sub-folder);
+* a run's training checkpoint folder, `checkpoints/step-N/` (hiar.training): train/distill.py's model.pt
+  in it, or a one-model run's (train/teacher.py, train/ode_init.py) DeepSpeed weights, or with `use_ema`
+  the EMA its extra.pt carries, with the run's config.yaml: a run is measured at any step it kept.
 A model with LoRA adapters (hiar/lora.py) is saved merged, a plain model; `save_adapter` writes the
 adapter alone, with the run's config and the architecture it adapts, and `load_adapter` reads it back,
 refusing an adapter made for another architecture.
@@ -31,8 +34,10 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from hiar import lora
 from hiar.atomic import atomic_path
-from hiar.config import Config, ConfigError, LoraConfig, ModelConfig, config_from_dict, config_to_dict, repo_path
+from hiar.config import (Config, ConfigError, LoraConfig, ModelConfig, config_from_dict, config_to_dict, load_config,
+                         repo_path)
 from hiar.models import WanModel
+from hiar.runs import UnreadableCheckpointError, load_weights_only
 
 
 class CheckpointError(RuntimeError):
@@ -48,8 +53,13 @@ def save_model(model: WanModel, cfg: Config, path: str | os.PathLike, extra: dic
 
 
 def checkpoint_config(path: str | os.PathLike) -> Config:
-    """The resolved config stored in one of our checkpoints: a model.safetensors, or a training checkpoint's
-    model.pt (train/distill.py stores its config beside the weights)."""
+    """The resolved config stored in one of our checkpoints: a model.safetensors, a training checkpoint's
+    model.pt (train/distill.py stores its config beside the weights), or a run's checkpoints/step-N/ folder."""
+    if is_step_folder(Path(path)):
+        try:
+            return load_config(Path(path) / "config.yaml")
+        except ConfigError as err:
+            raise CheckpointError(f"{path}: its config.yaml is invalid: {err}") from None
     if Path(path).suffix in (".pt", ".pth"):
         return _training_checkpoint_config(Path(path))
     try:
@@ -68,6 +78,11 @@ def checkpoint_config(path: str | os.PathLike) -> Config:
         return config_from_dict(yaml.safe_load(metadata["hiar_config"]))
     except ConfigError as err:
         raise CheckpointError(f"{path}: its embedded config is invalid: {err}") from None
+
+
+def is_step_folder(path: Path) -> bool:
+    """A run's training checkpoint, checkpoints/step-N/ (hiar.training.Trainer.save writes config.yaml in it)."""
+    return path.is_dir() and (path / "config.yaml").is_file()
 
 
 def _training_checkpoint_config(path: Path) -> Config:
@@ -124,15 +139,49 @@ def _load_own(path: Path, cfg: Config | None, dtype: torch.dtype) -> tuple[WanMo
     """Our checkpoint -> (model, config): its stored config, or `cfg` (whose model section must equal the
     stored architecture) with the caller's sampling / inference settings intact."""
     stored = checkpoint_config(path)
-    if cfg is not None and dataclasses.replace(cfg.model, attention_backend=stored.model.attention_backend) != stored.model:
-        diff = [f"model.{k}: {v} in file, {getattr(cfg.model, k)} in config"
-                for k, v in vars(stored.model).items() if getattr(cfg.model, k) != v]
-        raise CheckpointError(f"{path} holds another architecture than the config asks for: {'; '.join(diff[:4])}")
+    _check_same_architecture(path, stored, cfg)
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path}: could not read its tensors ({err}); the file may be truncated") from None
     return load_weights(empty_model(stored.model), state, str(path), dtype), stored if cfg is None else cfg
+
+
+def _check_same_architecture(path: Path, stored: Config, cfg: Config | None) -> None:
+    """A given `cfg` must describe the stored model (the attention backend is a choice of the run, not of the file)."""
+    if cfg is None:
+        return
+    if dataclasses.replace(cfg.model, attention_backend=stored.model.attention_backend) != stored.model:
+        diff = [f"model.{k}: {v} in file, {getattr(cfg.model, k)} in config"
+                for k, v in vars(stored.model).items() if getattr(cfg.model, k) != v]
+        raise CheckpointError(f"{path} holds another architecture than the config asks for: {'; '.join(diff[:4])}")
+
+
+def _read_step_folder(folder: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], Config]:
+    """A one-model run's checkpoint folder (hiar.training.Trainer.save; train/teacher.py, train/ode_init.py):
+    the weights in its DeepSpeed folder `model/`, or with `use_ema` the EMA extra.pt carries, and the run's
+    config.yaml. Read with weights-only unpickling, as a resume reads them (hiar.runs)."""
+    cfg = checkpoint_config(folder)
+    try:
+        if use_ema:
+            extra = load_weights_only(folder / "extra.pt") if (folder / "extra.pt").is_file() else {}
+            shadow = extra.get("ema", {}).get("shadow")
+            if shadow is not None:
+                return shadow, cfg
+            warnings.warn(f"{folder} has no EMA weights (extra.pt); --use_ema falls back to the model's own",
+                          stacklevel=3)
+        states = folder / "model" / "mp_rank_00_model_states.pt"
+        if not states.is_file():
+            raise CheckpointError(f"{folder}: a training checkpoint without model.pt (train/distill.py's) or "
+                                  "model/mp_rank_00_model_states.pt (a one-model run's DeepSpeed weights)")
+        blob = load_weights_only(states, map_location="cpu")
+    except UnreadableCheckpointError as err:
+        raise CheckpointError(str(err)) from None
+    if blob.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0) == 3:
+        raise CheckpointError(f"{states}: ZeRO-3 partitioned the weights across ranks, so this file holds none of "
+                              "them; load the run's model.safetensors, or gather the step's weights with the "
+                              "zero_to_fp32.py DeepSpeed writes beside its checkpoints")
+    return blob["module"], cfg
 
 
 # -- LoRA adapters ----------------------------------------------------------------------------------
@@ -344,6 +393,13 @@ def load_generator(path: str | os.PathLike, cfg: Config | None = None, use_ema: 
     """
     path = Path(path)
     check_checkpoint_path(path)
+    if is_step_folder(path):
+        if (path / "model.pt").is_file():
+            path = path / "model.pt"  # train/distill.py's: the generator, its EMA and the config
+        else:
+            state, stored = _read_step_folder(path, use_ema)
+            _check_same_architecture(path, stored, cfg)
+            return load_weights(empty_model(stored.model), clean_keys(state), str(path), dtype), cfg or stored
     if path.is_file() and path.suffix == ".safetensors":
         if use_ema:
             warnings.warn(f"{path} holds one set of weights; --use_ema has nothing to choose", stacklevel=2)

@@ -239,6 +239,8 @@ def test_distill_trains_checkpoints_and_resumes_exactly(inputs, tmp_path):
     ema, cfg = load_generator(ckpt, use_ema=True)
     assert torch.equal(ema.state_dict()["proj_out.weight"], blob["generator_ema"]["proj_out.weight"])
     assert all(torch.equal(a[k], blob["generator_ema"][k].to(a[k].dtype)) for k in a)  # the export is the EMA
+    folder, _ = load_generator(ckpt.parent, use_ema=True)  # the step's folder names the same checkpoint
+    assert all(torch.equal(v, ema.state_dict()[k]) for k, v in folder.state_dict().items())
     # model.pt holds the checkpoint's only EMA, and the resumed run above read it back (a == b)
     assert "ema" not in torch.load(ckpt.parent / "extra.pt", weights_only=True)
 

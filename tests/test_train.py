@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from hiar import toyteacher
+from hiar.checkpoints import CheckpointError, checkpoint_config, load_generator
 from hiar.config import ConfigError, load_config
 from hiar.models import WanModel
 from train import teacher
@@ -47,21 +49,57 @@ def test_learning_rate_warms_up_then_decays_to_zero(tmp_path):
     assert logged == pytest.approx([1, 1, 1, 1, 0.5, 0])
 
 
-def test_teacher_ema_is_exported_and_resumes(tmp_path):
+EMA = ["train.ema_decay=0.5", "train.ema_start=0"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """Tiny teacher runs: plain1 and plain2 (1 and 2 steps), ema (2 steps with EMA); each keeps step 2's checkpoint."""
+    root = tmp_path_factory.mktemp("runs")
+    for steps in (1, 2):
+        teacher.main([*TINY_TEACHER, f"train.steps={steps}", f"train.output_dir={root / f'plain{steps}'}"])
+    teacher.main([*TINY_TEACHER, *EMA, "train.steps=2", f"train.output_dir={root / 'ema'}"])
+    return root
+
+
+def test_teacher_ema_is_exported_and_resumes(runs, tmp_path):
     """With train.ema_decay the exported teacher is the EMA of the weights after each update (decay
     0.5 from step 0: half the first update's weights, half the second's), and resuming restores it."""
-    for steps in (1, 2):
-        teacher.main([*TINY_TEACHER, f"train.steps={steps}", f"train.output_dir={tmp_path / f'plain{steps}'}"])
-    ema = ["train.ema_decay=0.5", "train.ema_start=0"]
-    teacher.main([*TINY_TEACHER, *ema, "train.steps=2", f"train.output_dir={tmp_path / 'ema'}"])
-    w1, w2, averaged = weights(tmp_path / "plain1"), weights(tmp_path / "plain2"), weights(tmp_path / "ema")
+    w1, w2, averaged = weights(runs / "plain1"), weights(runs / "plain2"), weights(runs / "ema")
     assert any(not torch.equal(w1[k], w2[k]) for k in w1)
     for k in w1:
         torch.testing.assert_close(averaged[k], (w1[k] + w2[k]) / 2, atol=1e-7, rtol=0)
-    teacher.main([*TINY_TEACHER, *ema, "train.steps=1", "train.save_every=1", f"train.output_dir={tmp_path / 'split'}"])
-    teacher.main([*TINY_TEACHER, *ema, "train.steps=2", f"train.output_dir={tmp_path / 'split'}", "--resume"])
+    teacher.main([*TINY_TEACHER, *EMA, "train.steps=1", "train.save_every=1", f"train.output_dir={tmp_path / 'split'}"])
+    teacher.main([*TINY_TEACHER, *EMA, "train.steps=2", f"train.output_dir={tmp_path / 'split'}", "--resume"])
     split = weights(tmp_path / "split")
     assert all(torch.equal(split[k], averaged[k]) for k in averaged)
+
+
+def test_a_step_checkpoint_loads_as_the_weights_of_that_step(runs, tmp_path):
+    """A one-model run's checkpoints/step-N/ (DeepSpeed weights, extra.pt, config.yaml) is a checkpoint every
+    program takes: the weights at step N, or with use_ema its EMA, and the run's config. ZeRO-3's, which
+    holds no whole weights, is refused naming what to load instead."""
+    step = tmp_path / "step-00000002"
+    shutil.copytree(runs / "ema" / "checkpoints" / step.name, step)  # this test rewrites it
+    model, cfg = load_generator(step)
+    assert cfg.train.ema_decay == 0.5 and checkpoint_config(step).train.ema_decay == 0.5
+    plain, averaged = weights(runs / "plain2"), weights(runs / "ema")  # exported: plain2's own, ema's EMA
+    assert any(not torch.equal(plain[k], averaged[k]) for k in plain)
+    assert all(torch.equal(v, plain[k]) for k, v in model.state_dict().items())
+    model, _ = load_generator(step, use_ema=True)
+    assert all(torch.equal(v, averaged[k]) for k, v in model.state_dict().items())
+    with pytest.warns(UserWarning, match="no EMA weights"):
+        model, _ = load_generator(runs / "plain2" / "checkpoints" / "step-00000002", use_ema=True)
+    assert all(torch.equal(v, plain[k]) for k, v in model.state_dict().items())
+    with pytest.raises(CheckpointError, match="another architecture"):
+        load_generator(step, load_config("tiny", ["model.num_layers=3"]))
+
+    states = step / "model" / "mp_rank_00_model_states.pt"
+    blob = torch.load(states, weights_only=False)
+    blob["ds_config"]["zero_optimization"] = {"stage": 3}
+    torch.save(blob, states)
+    with pytest.raises(CheckpointError, match="ZeRO-3 partitioned the weights"):
+        load_generator(step)
 
 
 def test_teacher_writes_samples(tmp_path):
