@@ -174,7 +174,8 @@ def _read_step_folder(folder: Path, use_ema: bool) -> tuple[dict[str, torch.Tens
         if not states.is_file():
             raise CheckpointError(f"{folder}: a training checkpoint without model.pt (train/distill.py's) or "
                                   "model/mp_rank_00_model_states.pt (a one-model run's DeepSpeed weights)")
-        blob = load_weights_only(states, map_location="cpu")
+        # memory-mapped: under ZeRO-0 the file holds the optimizer's states too, never read here
+        blob = load_weights_only(states, map_location="cpu", mmap=True)
     except UnreadableCheckpointError as err:
         raise CheckpointError(str(err)) from None
     if blob.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0) == 3:
