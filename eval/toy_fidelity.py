@@ -43,7 +43,7 @@ from hiar.toyfidelity import (CAPTION_SETS, CLIP_SETS, SAMPLERS, evaluate, evalu
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="runs/toy/teacher/model.safetensors")
+    p.add_argument("--checkpoint", default="runs/toy/teacher_long/model.safetensors")
     p.add_argument("--num_clips", type=int, default=40)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--sampler", choices=SAMPLERS, default="student")

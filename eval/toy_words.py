@@ -2,7 +2,7 @@
 clips under their own captions and under captions with the colours, shapes, directions or background
 changed (hiar/toywords.py).
 
-    python -m eval.toy_words --checkpoint runs/toy/teacher/model.safetensors --out runs/toy/teacher/words.json
+    python -m eval.toy_words --checkpoint runs/toy/teacher_long/model.safetensors --out runs/toy/teacher_long/words.json
 
 Prints, per kind of word, how much worse the clips' flow is predicted with that word changed (+0%: the
 model ignores the word; beside it, no caption at all, and the frames shuffled: does the model know time)
@@ -31,7 +31,7 @@ from hiar.toywords import word_use
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="runs/toy/teacher/model.safetensors")
+    p.add_argument("--checkpoint", default="runs/toy/teacher_long/model.safetensors")
     p.add_argument("--num_clips", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--context", type=int, default=0,

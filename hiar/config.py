@@ -270,7 +270,7 @@ class ODEConfig:
     """Teacher ODE trajectories (for ODE initialisation and the forward-KL regulariser). Relative paths
     (teacher, prompts, output_dir) are taken from the repository root (module docstring)."""
 
-    teacher: str = "runs/toy/teacher/model.safetensors"
+    teacher: str = "runs/toy/teacher_long/model.safetensors"
     prompts: str = "toyworld"  # "toyworld" (captions of the world's clips) or a prompt file
     num_trajectories: int = 1000
     steps: int = 48  # Euler steps of the teacher
@@ -302,7 +302,7 @@ class DistillConfig:
     prompts, a teacher_model file) are taken from the repository root (module docstring)."""
 
     generator: str = "runs/toy/ode_init/model.safetensors"  # the student's initialisation
-    teacher: str = "runs/toy/teacher/model.safetensors"  # real score, frozen
+    teacher: str = "runs/toy/teacher_long/model.safetensors"  # real score, frozen
     # A preset (a name such as wan14b, or a YAML file) whose `model` section is the teacher's
     # (`teacher_model_config`); "": the student's.
     teacher_model: str = ""
@@ -310,7 +310,7 @@ class DistillConfig:
     # sharded over the ranks by a DeepSpeed ZeRO-3 engine without optimizer (zero3_offload: parameters
     # on the host, streamed in layer by layer). A 14B teacher needs zero3 on 80 GB cards.
     teacher_sharding: Literal["replicated", "zero3", "zero3_offload"] = "replicated"
-    critic: str = "runs/toy/teacher/model.safetensors"  # fake score's initialisation (the base model)
+    critic: str = "runs/toy/teacher_long/model.safetensors"  # fake score's initialisation (the base model)
     prompts: str = "toyworld"  # "toyworld" (captions of the world's clips) or a prompt file
     num_training_frames: int = 0  # the gradient window, the last frames of the rollout (0: video.num_latent_frames)
     num_rollout_frames: int = 0  # longer than the window: earlier blocks are context only (0: the window)

@@ -22,6 +22,7 @@ import random
 import shutil
 import signal
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -449,6 +450,11 @@ def gathered(module: torch.nn.Module):
     return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
 
 
+def native_cpu_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively, as oneDNN (which runs CPU autocast's matmuls) says."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def apply_cpu_speedups(model: torch.nn.Module, t: TrainConfig) -> None:
     """train.compile_blocks and train.autocast on a model that training runs, in place. Autocast wraps the
     model's forward alone, so data and prompts are made in float32 as before (the toy codec's encode
@@ -456,6 +462,11 @@ def apply_cpu_speedups(model: torch.nn.Module, t: TrainConfig) -> None:
     if t.compile_blocks:
         compile_blocks(model)
     if t.autocast:
+        if not torch.cuda.is_available() and not native_cpu_bfloat16():
+            warnings.warn("train.autocast on a CPU without native bfloat16 (no AVX512-BF16 or AMX): its bfloat16 "
+                          "matmuls are emulated, and the toy teacher's step took 10x float32's on such a CPU "
+                          "(docs/training.md, \"Training on CPU cores\"); leave train.autocast off here",
+                          stacklevel=2)
         forward = model.forward
 
         @functools.wraps(forward)

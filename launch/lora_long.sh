@@ -4,7 +4,7 @@
 # (lora.rank=0, train.lr=$FULL_LR); then rollouts of $LENGTHS seconds of the two and of the untuned
 # student from the same noise, their drift (eval.rollout, eval.report), and a table of drift, toy
 # presence, peak training memory and the size of what each run ships (eval.lora_long).
-#   bash launch/lora_long.sh          # needs runs/toy/teacher and runs/toy/ode_pairs,
+#   bash launch/lora_long.sh          # needs runs/toy/teacher_long and runs/toy/ode_pairs,
 #                                     # launch/reproduce_toy.sh's first stages
 #   STEPS=40 LENGTHS=60 PROMPTS=data/toy_prompts.txt OUT=runs/lora_small bash launch/lora_long.sh \
 #       distill.teacher=runs/lora_small/teacher/model.safetensors \

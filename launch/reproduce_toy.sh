@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole toy recipe on a CPU: teacher -> ODE pairs -> ODE initialisation -> the distillation variants
+# The whole toy recipe on a CPU: teacher (three runs) -> ODE pairs -> ODE initialisation -> the distillation variants
 # -> short-clip fidelity and long rollouts of every variant -> the table in docs/results.md.
 #   bash launch/reproduce_toy.sh            # every stage; rerun after a crash to continue
 #   VARIANTS="hiar self_forcing" bash launch/reproduce_toy.sh
@@ -22,11 +22,13 @@
 # passes config overrides to every stage and to the evaluation: another recipe from the same presets,
 #   ROOT=runs/toy_2x2 OVERRIDES="model.patch_size=[1,2,2] sampling.stepping=sde" EVALUATE=0 bash launch/reproduce_toy.sh
 # (the previous recipe, whose tables docs/results_v2.md holds). TEACHER=FILE starts from a trained teacher
-# instead of training one (its stage is then skipped), e.g. the shipped one, checkpoints/toy_teacher.safetensors.
+# instead of training one (its stages are then skipped), e.g. the shipped one, checkpoints/toy_teacher.safetensors,
+# which the three teacher stages make (configs/toy/teacher.yaml, teacher_further.yaml, teacher_long.yaml).
 # SELECT=N chooses each variant's checkpoint on validation clips: its training keeps one every N iterations
 # (train.save_every=N train.keep_checkpoints=0), eval.toy_select chooses among them into
 # <variant>/selected.safetensors, and the evaluation measures the chosen weights (the ODE initialisation's
-# as they are) into <runs>/results_chosen and docs/results.md's "<N>x-chosen" section. The embedded default:
+# as they are) into <runs>/results_chosen and docs/results.md's "<N>x-chosen" section. The embedded default's
+# recipe (it was made from the previous teacher, docs/toy_prompts.md, "The shipped teacher trained on to step 4000"):
 #   TEACHER=checkpoints/toy_teacher.safetensors VARIANTS=hiar SCALE=2 SELECT=50 bash launch/reproduce_toy.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,14 +69,29 @@ stage() {  # stage NAME OUTPUT COMMAND...
   timed "$name" $((SECONDS - start))
 }
 
-teacher=${TEACHER:-$root/teacher/model.safetensors}
+copy_latest() {  # copy_latest FROM TO: the run in TO resumes (--resume) where the one in FROM finished
+  mkdir -p "$2/checkpoints"
+  cp -r "$1/checkpoints/$(cat "$1/checkpoints/latest")" "$1/checkpoints/latest" "$2/checkpoints/"
+  cp "$1/metrics.jsonl" "$2/"
+}
+
+teacher=${TEACHER:-$root/teacher_long/model.safetensors}
 if [ ! -e "$teacher" ] && [ -n "${TEACHER:-}" ]; then
   echo "TEACHER=$TEACHER: no such file" >&2
   exit 2
 fi
+if [ -z "${TEACHER:-}" ]; then  # the teacher in three runs, as the shipped one was made (configs/toy/teacher_long.yaml)
+  stage teacher "$root/teacher/model.safetensors" $py train/teacher.py --config_path configs/toy/teacher.yaml \
+    --resume "train.output_dir=$root/teacher" "${overrides[@]}"
+  stage teacher_further "$root/teacher_further/model.safetensors" $py train/teacher.py \
+    --config_path configs/toy/teacher_further.yaml --resume "train.init_weights=$root/teacher/model.safetensors" \
+    "train.output_dir=$root/teacher_further" "${overrides[@]}"
+  [ -e "$root/teacher_long/checkpoints/latest" ] || copy_latest "$root/teacher_further" "$root/teacher_long"
+  stage teacher_long "$teacher" $py train/teacher.py --config_path configs/toy/teacher_long.yaml --resume \
+    "train.init_weights=$root/teacher_further/model.safetensors" "train.output_dir=$root/teacher_long" \
+    "${overrides[@]}"
+fi
 pairs=("ode.teacher=$teacher" "ode.output_dir=$root/ode_pairs")  # where the ODE stages read and write
-stage teacher "$teacher" $py train/teacher.py --config_path configs/toy/teacher.yaml --resume \
-  "train.output_dir=$root/teacher" "${overrides[@]}"
 stage ode_pairs "$root/ode_pairs/manifest.json" $py train/ode_pairs.py --config_path configs/toy/ode_pairs.yaml \
   "${pairs[@]}" "${overrides[@]}"
 stage ode_init "$root/ode_init/model.safetensors" \
@@ -92,9 +109,7 @@ continue_shorter() {  # continue_shorter VARIANT: a longer run starts from the e
     dir=$root; [ "$length" = 1 ] || dir=$root/x$length
     [ -e "$dir/$1/model.safetensors" ] || continue
     echo "== $1 (${scale}x): continues $dir/$1 ($(cat "$dir/$1/checkpoints/latest"))"
-    mkdir -p "$runs/$1/checkpoints"
-    cp -r "$dir/$1/checkpoints/$(cat "$dir/$1/checkpoints/latest")" "$dir/$1/checkpoints/latest" "$runs/$1/checkpoints/"
-    cp "$dir/$1/metrics.jsonl" "$runs/$1/"
+    copy_latest "$dir/$1" "$runs/$1"
     return 0
   done
 }

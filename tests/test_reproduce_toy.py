@@ -14,7 +14,8 @@ from hiar.config import load_config
 ROOT = Path(__file__).resolve().parent.parent
 
 # Records its arguments; answers the script's config query (train.steps, train.decay_steps); a training
-# stage writes its model, checkpoint and metrics under train.output_dir, the ODE pairs their manifest.
+# stage notes whether it found a checkpoint to resume from and writes its model, checkpoint and metrics
+# under train.output_dir, the ODE pairs their manifest.
 STAND_IN = r"""#!/usr/bin/env bash
 case $1 in -c) echo "400 0"; exit;; esac
 echo "$*" >> "$COMMANDS"
@@ -24,6 +25,7 @@ if [ "$1" = -m ]; then  # an evaluation program: --export writes the chosen weig
 fi
 for a in "$@"; do case $a in train.output_dir=*) out=${a#*=};; ode.output_dir=*) pairs=${a#*=};; esac; done
 if [ "$1" = train/ode_pairs.py ]; then mkdir -p "$pairs" && touch "$pairs/manifest.json"; exit; fi
+if [ -e "$out/checkpoints/latest" ]; then echo "$out" >> "$COMMANDS.resumed"; fi
 mkdir -p "$out/checkpoints/step-00000001" && touch "$out/model.safetensors" "$out/metrics.jsonl"
 echo step-00000001 > "$out/checkpoints/latest"
 """
@@ -47,6 +49,7 @@ def reproduce(repo: Path, **env: str) -> list[list[str]]:
     """One run of the script: the commands it gave python, each split into words."""
     log = repo / "commands.txt"
     log.unlink(missing_ok=True)
+    (repo / "commands.txt.resumed").unlink(missing_ok=True)
     proc = subprocess.run(["bash", "launch/reproduce_toy.sh"], cwd=repo, capture_output=True, text=True, timeout=60,
                           env={"PATH": os.environ["PATH"], "COMMANDS": str(log), "VARIANTS": "hiar self_forcing",
                                "JOBS": "1", **env})
@@ -67,29 +70,34 @@ def test_every_stage_reads_and_writes_under_root_with_the_overrides(tmp_path):
     extra = ["model.patch_size=[1,1,1]", "train.seed=7"]
     commands = reproduce(repo, ROOT="runs/p1", OVERRIDES=" ".join(extra))
     trained = [c for c in commands if c[0].startswith("train/")]
-    assert [c[0] for c in trained] == ["train/teacher.py", "train/ode_pairs.py", "train/ode_init.py",
-                                       "train/distill.py", "train/distill.py"]
+    assert [c[0] for c in trained] == ["train/teacher.py"] * 3 + ["train/ode_pairs.py", "train/ode_init.py",
+                                                                  "train/distill.py", "train/distill.py"]
     for command in trained:
         assert command[-len(extra):] == extra, command
         paths = [v for k, v in settings(command).items()
-                 if k.endswith(("output_dir", "teacher", "critic", "generator"))]
+                 if k.endswith(("output_dir", "teacher", "critic", "generator", "init_weights"))]
         assert paths and all(p.startswith("runs/p1/") for p in paths), command
+    # the shipped teacher's three runs: each starts from the one before, the last resuming where it finished
+    assert [settings(c).get("train.init_weights") for c in trained[:3]] == [
+        None, "runs/p1/teacher/model.safetensors", "runs/p1/teacher_further/model.safetensors"]
+    assert (repo / "commands.txt.resumed").read_text().splitlines() == ["runs/p1/teacher_long"]
     hiar = settings(stage(commands, "train/distill.py")[0])
     assert hiar == {**hiar, "train.output_dir": "runs/p1/hiar", "ode.output_dir": "runs/p1/ode_pairs",
                     "distill.generator": "runs/p1/ode_init/model.safetensors",
-                    "distill.teacher": "runs/p1/teacher/model.safetensors",
-                    "distill.critic": "runs/p1/teacher/model.safetensors"}
+                    "distill.teacher": "runs/p1/teacher_long/model.safetensors",
+                    "distill.critic": "runs/p1/teacher_long/model.safetensors"}
     (evaluation,) = [c for c in commands if c[:2] == ["-m", "eval.toy_results"]]
     assert evaluation[evaluation.index("--runs") + 1] == "runs/p1" and evaluation[-len(extra):] == extra
     timings = (repo / "runs/p1/timings.tsv").read_text()
     assert [line.split("\t")[1] for line in timings.splitlines()] == [
-        "teacher", "ode_pairs", "ode_init", "hiar (1x)", "self_forcing (1x)", "evaluation (1x)", "whole script (1x)"]
+        "teacher", "teacher_further", "teacher_long", "ode_pairs", "ode_init", "hiar (1x)", "self_forcing (1x)",
+        "evaluation (1x)", "whole script (1x)"]
     assert not (repo / "runs/toy").exists()
 
     # 10x continues each variant from its 1x run under the same root; nothing before it runs again
     commands = reproduce(repo, ROOT="runs/p1", OVERRIDES=" ".join(extra), SCALE="10")
     assert [c[0] for c in commands if c[0].startswith("train/")] == ["train/distill.py"] * 2
-    assert (repo / "runs/p1/x10/hiar/checkpoints/step-00000001").is_dir()
+    assert (repo / "commands.txt.resumed").read_text().splitlines() == ["runs/p1/x10/hiar", "runs/p1/x10/self_forcing"]
     assert settings(stage(commands, "train/distill.py")[0])["train.output_dir"] == "runs/p1/x10/hiar"
 
 
