@@ -22,13 +22,14 @@
 # passes config overrides to every stage and to the evaluation: another recipe from the same presets,
 #   ROOT=runs/toy_2x2 OVERRIDES="model.patch_size=[1,2,2] sampling.stepping=sde" EVALUATE=0 bash launch/reproduce_toy.sh
 # (the previous recipe, whose tables docs/results_v2.md holds). TEACHER=FILE starts from a trained teacher
-# instead of training one (its stages are then skipped), e.g. the shipped one, checkpoints/toy_teacher.safetensors,
-# which the three teacher stages make (configs/toy/teacher.yaml, teacher_further.yaml, teacher_long.yaml).
+# instead of training one (its three stages are then skipped), e.g. the shipped one,
+# checkpoints/toy_teacher.safetensors: the first stage's (configs/toy/teacher.yaml), before the two that train
+# it further (teacher_further.yaml, teacher_long.yaml); copied to ROOT/teacher/model.safetensors, it skips that
+# first stage alone.
 # SELECT=N chooses each variant's checkpoint on validation clips: its training keeps one every N iterations
 # (train.save_every=N train.keep_checkpoints=0), eval.toy_select chooses among them into
 # <variant>/selected.safetensors, and the evaluation measures the chosen weights (the ODE initialisation's
-# as they are) into <runs>/results_chosen and docs/results.md's "<N>x-chosen" section. The embedded default's
-# recipe (it was made from the previous teacher, docs/toy_prompts.md, "The shipped teacher trained on to step 4000"):
+# as they are) into <runs>/results_chosen and docs/results.md's "<N>x-chosen" section. The embedded default:
 #   TEACHER=checkpoints/toy_teacher.safetensors VARIANTS=hiar SCALE=2 SELECT=50 bash launch/reproduce_toy.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -80,7 +81,7 @@ if [ ! -e "$teacher" ] && [ -n "${TEACHER:-}" ]; then
   echo "TEACHER=$TEACHER: no such file" >&2
   exit 2
 fi
-if [ -z "${TEACHER:-}" ]; then  # the teacher in three runs, as the shipped one was made (configs/toy/teacher_long.yaml)
+if [ -z "${TEACHER:-}" ]; then  # the teacher in three runs, as the step-4000 one was made (configs/toy/teacher_long.yaml)
   stage teacher "$root/teacher/model.safetensors" $py train/teacher.py --config_path configs/toy/teacher.yaml \
     --resume "train.output_dir=$root/teacher" "${overrides[@]}"
   stage teacher_further "$root/teacher_further/model.safetensors" $py train/teacher.py \
