@@ -77,7 +77,8 @@ def test_every_stage_reads_and_writes_under_root_with_the_overrides(tmp_path):
         paths = [v for k, v in settings(command).items()
                  if k.endswith(("output_dir", "teacher", "critic", "generator", "init_weights"))]
         assert paths and all(p.startswith("runs/p1/") for p in paths), command
-    # the shipped teacher's three runs: each starts from the one before, the last resuming where it finished
+    # the teacher's three runs (the last one's is shipped): each starts from the one before, the last
+    # resuming where it finished
     assert [settings(c).get("train.init_weights") for c in trained[:3]] == [
         None, "runs/p1/teacher/model.safetensors", "runs/p1/teacher_further/model.safetensors"]
     assert (repo / "commands.txt.resumed").read_text().splitlines() == ["runs/p1/teacher_long"]
