@@ -23,10 +23,8 @@
 #   ROOT=runs/toy_2x2 OVERRIDES="model.patch_size=[1,2,2] sampling.stepping=sde" EVALUATE=0 bash launch/reproduce_toy.sh
 # (the previous recipe, whose tables docs/results_v2.md holds). TEACHER=FILE starts from a trained teacher
 # instead of training one (its three stages are then skipped), e.g. the shipped one,
-# checkpoints/toy_teacher.safetensors, the last stage's (teacher_long.yaml). The first stage's
-# (configs/toy/teacher.yaml), which made docs/results.md's tables and the embedded default, shipped until
-# 2026-12-07 (git show aa7bfde:checkpoints/toy_teacher.safetensors); copied to ROOT/teacher/model.safetensors,
-# it skips that first stage alone.
+# checkpoints/toy_teacher.safetensors, the last stage's (teacher_long.yaml). A first stage's teacher copied
+# to ROOT/teacher/model.safetensors skips that stage alone (the one docs/results.md names).
 # SELECT=N chooses each variant's checkpoint on validation clips: its training keeps one every N iterations
 # (train.save_every=N train.keep_checkpoints=0), eval.toy_select chooses among them into
 # <variant>/selected.safetensors, and the evaluation measures the chosen weights (the ODE initialisation's
