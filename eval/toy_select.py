@@ -15,9 +15,9 @@ the held-out phrasings): colour and presence, what the prompt names drawn for th
 objects moving at the world's speeds, what distillation is for: the ODE initialisation draws its objects
 but moves most of them too fast, and DMD brings them to the teacher's speeds, so a score of colour and
 presence alone prefers the least distilled checkpoint (docs/toy_prompts.md, "Choosing the checkpoint on
-clips of its own"). Direction and shape are reported but not scored: a third of the objects move the
-prompted way at best, and shape is near 0 for every toy student so far, so on a few dozen clips either
-would choose by chance. Ties go to the later checkpoint.
+clips of its own"). Direction and shape are reported but not scored: the direction is a share of the
+few dozen objects that move, good to about 13 points, wider than the swing it would choose among, and
+shape is at most 15% for every toy student so far, so either would choose by the clips' luck. Ties go to the later checkpoint.
 
 A run keeps every checkpoint with train.keep_checkpoints=0 (train/distill.py; a checkpoints/step-N/ folder
 every train.save_every iterations). --every N measures only the iterations that are multiples of N. A

@@ -20,24 +20,23 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_embedded_default_draws_its_prompts_in_any_phrasing():
     """48 held-out clips, captioned in the template and in phrasings no stage trained on, from the same
-    noise. Measured (docs/toy_prompts.md, "Choosing the checkpoint on clips of its own"; README,
-    "Generate"): colour 83% of template objects and 85% held-out, present in 80% / 84% of frames, every
-    background right, and the prompted direction for 37% of the objects that move, both sets together
-    (chance 25%; the 2x2-latent-token default of two defaults ago draws 22% of them on these clips and
-    fails). The bars leave room for another machine's arithmetic; the held-out
-    one is the issue's target (within 10 points of the template), which the first recipe's default,
-    trained on the template alone, missed (82% against 30%). Shapes are not drawn yet (3-5%), so not
-    checked."""
+    noise. Measured (docs/toy_prompts.md, "The default from the step-4000 teacher"; README, "Generate"):
+    colour 87% of template objects and 89% held-out, present in 87% / 90% of frames, every background right,
+    and the prompted direction for 65% of the objects that move, both sets together (chance 25%; the
+    default before it, distilled from the first teacher, draws 37% of them on these clips and fails). The
+    bars leave room for another machine's arithmetic; the held-out one is the issue's target (within 10
+    points of the template), which the first recipe's default, trained on the template alone, missed (82%
+    against 30%). Shapes are drawn for 7% of the objects, too few to check yet."""
     cfg = load_config(ROOT / "configs/toy/hiar.yaml")
     path = ROOT / cfg.runtime.checkpoint
     assert path.is_file() and path.stat().st_size < 8 * 2**20  # a few MB: the repository stays small
     result, _ = evaluate(str(path), [], "student", 48, 24, ["template", "held_out"])
     template, held_out = (result["by_captions"][c] for c in ("template", "held_out"))
-    assert template["colour"] >= 0.75 and held_out["colour"] >= template["colour"] - 0.10, result["by_captions"]
-    assert min(template["presence"], held_out["presence"]) >= 0.75
+    assert template["colour"] >= 0.80 and held_out["colour"] >= template["colour"] - 0.10, result["by_captions"]
+    assert min(template["presence"], held_out["presence"]) >= 0.80
     assert min(template["background"], held_out["background"]) >= 0.95
     moving = [o for s in (template, held_out) for c in s["per_clip"] for o in c["prompted"] if o["moves"]]
-    assert len(moving) >= 40 and sum(o["direction_ok"] for o in moving) / len(moving) >= 0.30
+    assert len(moving) >= 40 and sum(o["direction_ok"] for o in moving) / len(moving) >= 0.50
 
 
 def test_inference_without_arguments_uses_the_default(tmp_path, capsys):
