@@ -17,7 +17,8 @@ but moves most of them too fast, and DMD brings them to the teacher's speeds, so
 presence alone prefers the least distilled checkpoint (docs/toy_prompts.md, "Choosing the checkpoint on
 clips of its own"). Direction and shape are reported but not scored: the direction is a share of the
 few dozen objects that move, good to about 13 points, wider than the swing it would choose among, and
-shape is at most 15% for every toy student so far, so either would choose by the clips' luck. Ties go to the later checkpoint.
+shape is at most 15% for every toy student so far, so either would choose by the clips' luck. Ties go
+to the later checkpoint.
 
 A run keeps every checkpoint with train.keep_checkpoints=0 (train/distill.py; a checkpoints/step-N/ folder
 every train.save_every iterations). --every N measures only the iterations that are multiples of N. A
