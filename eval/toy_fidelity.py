@@ -21,7 +21,8 @@ what the ODE initialisation is taught to draw, reported under `trajectories`.
 `--split validation`: other clips and other noise than the test clips every result is reported on, for
 choosing a run's checkpoint (eval.toy_select) without scoring the choice on the clips that made it.
 `--captions`: how the held-out clips are phrased, the training template and/or the held-out
-phrasings (hiar/captions.py), each reported on its own. Per prompted object: colour, shape, direction,
+phrasings (hiar/captions.py), each reported on its own; `varied`: as training phrases its clips (other
+scenes, so other captions, in the same forms). Per prompted object: colour, shape, direction,
 speed, presence over time; per clip: background and count (hiar/toyfidelity.py). Writes results.json
 (every set's summary under by_captions, the first set's colour fidelity and moving at the top, as
 eval.toy_results reads them) and contact_sheet.png (six frames of the first eight clips of the first
@@ -37,7 +38,7 @@ from pathlib import Path
 from hiar.checkpoints import CheckpointError
 from hiar.outputs import exit_code
 from hiar.report import percent
-from hiar.toyfidelity import (CAPTION_SETS, CLIP_SETS, SAMPLERS, evaluate, evaluation_config, question,
+from hiar.toyfidelity import (CAPTION_CHOICES, CLIP_SETS, SAMPLERS, evaluate, evaluation_config, question,
                               trajectory_fidelity, write_fidelity)
 
 
@@ -47,7 +48,7 @@ def main(argv=None) -> dict:
     p.add_argument("--num_clips", type=int, default=40)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--sampler", choices=SAMPLERS, default="student")
-    p.add_argument("--captions", nargs="+", choices=CAPTION_SETS, default=["template"],
+    p.add_argument("--captions", nargs="+", choices=CAPTION_CHOICES, default=["template"],
                    help="caption sets, each reported on its own (the first also at the top of results.json)")
     p.add_argument("--seconds", type=float, help="video length (student, codec; default: the config's)")
     p.add_argument("--speed", type=float, help="codec sampler: every object moves this many px a frame "
@@ -94,6 +95,10 @@ def main(argv=None) -> dict:
               f"{percent(s['presence'])} (last fifth {percent(s['presence_by_segment'][-1])}) of {s['objects']} "
               f"objects in {s['clips']} clips; colour fidelity {percent(s['colour_fidelity'])}, "
               f"moving {percent(s['moving'])}")
+        scenes = s["direction_by_scene"]
+        print(f"  direction of moving objects: alone {percent(scenes['one_object'])}, two going the same way "
+              f"{percent(scenes['two_same_way'])}, two going two ways {percent(scenes['two_ways'])} (of those wrong, "
+              f"{percent(scenes['other_objects_way'])} the other object's way; chance 33%)")
     psnr = f"PSNR {result['psnr']:.2f} dB; " if "psnr" in result else ""
     print(f"{psnr}wrote {out / 'results.json'} and {out / 'contact_sheet.png'}")
     return result

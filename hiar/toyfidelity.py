@@ -48,7 +48,10 @@ HELD_OUT_SEED = 424242  # captions of clips the teacher never trained on
 # videos from 515151).
 CLIP_SETS = {"test": (HELD_OUT_SEED, 0), "validation": (616161, 1)}
 SAMPLERS = ("student", "teacher", "codec")
-CAPTION_SETS = ("template", "held_out")
+CAPTION_SETS = ("template", "held_out")  # the sets every result reports
+# and the training's varied phrasings of the same held-out scenes, on request: whether a model draws less for a
+# held-out phrasing than for a phrasing of the kind it trained on, or for the template than for either
+CAPTION_CHOICES = CAPTION_SETS + ("varied",)
 SEGMENTS = 5  # presence and axis of motion by fifth of the video
 COUNT_CORE = 3  # px of core (hiar.toyworld.core_area) from which an object colour counts as an object: the
 # rims a blurred border leaves in a blended colour have none (measured on codec round trips), so they are
@@ -194,6 +197,27 @@ def _by_segment(objects: list[dict], key: str) -> list[float]:
             for i in range(len(objects[0][key]))] if objects else []
 
 
+def direction_by_scene(clips: list[dict]) -> dict:
+    """The direction of moving objects by what the caption asks of them: a lone object, two that go the same
+    way, two that go different ways (`two_ways`); and of the wrong ones among those last, the share that went
+    the other object's way (`other_objects_way`, 1/3 by chance): a model that hears the directions but not
+    whose each is moves both objects alike."""
+    lone, same, two_ways, other_way = [], [], [], []
+    for c in clips:
+        prompted = c["prompted"]
+        if len(prompted) == 1:
+            lone += [o["direction_ok"] for o in prompted if o["moves"]]
+            continue
+        for o, other in zip(prompted, reversed(prompted)):  # the toy world's scenes hold one or two objects
+            if not o["moves"]:
+                continue
+            (same if o["direction"] == other["direction"] else two_ways).append(o["direction_ok"])
+            if o["direction"] != other["direction"] and not o["direction_ok"]:
+                other_way.append(o["direction_measured"] == other["direction"])
+    return {"one_object": _rate(lone), "two_same_way": _rate(same), "two_ways": _rate(two_ways),
+            "other_objects_way": _rate(other_way)}
+
+
 def summarise(clips: list[dict]) -> dict:
     """The fractions a table reports, over the prompted objects (colour, shape, direction, presence) or
     the clips (background, count, and `fidelity_verdict`'s colour_fidelity and moving)."""
@@ -207,6 +231,7 @@ def summarise(clips: list[dict]) -> dict:
             "shape_iou": _rate([o["shape_iou"] for o in seen]),
             "direction": _rate([o["direction_ok"] for o in objects]),
             "direction_of_moving": _rate([o["direction_ok"] for o in moving]),
+            "direction_by_scene": direction_by_scene(clips),
             "moving_objects": _rate([o["moves"] for o in objects]),
             "axis_by_segment": _by_segment(objects, "axis_ok_by_segment"),
             "direction_by_segment": _by_segment(objects, "direction_ok_by_segment"),
@@ -374,7 +399,8 @@ def write_fidelity(out: Path, result: dict, videos: list[np.ndarray]) -> None:
 
 COMPARED = {  # what `paired_difference` compares, read from a `summarise` of the clips
     "colour": lambda s: s["colour"], "shape": lambda s: s["shape"],
-    "direction_of_moving": lambda s: s["direction_of_moving"], "count": lambda s: s["count"],
+    "direction_of_moving": lambda s: s["direction_of_moving"],
+    "direction_two_ways": lambda s: s["direction_by_scene"]["two_ways"], "count": lambda s: s["count"],
     "presence": lambda s: s["presence"], "presence_last_fifth": lambda s: s["presence_by_segment"][-1],
 }
 

@@ -257,6 +257,26 @@ def test_results_report_what_the_prompts_say_per_length_and_phrasing(tmp_path, m
     assert "](metrics.png)" in report and (tmp_path / "doc" / "1x" / "metrics.png").exists()
 
 
+def test_direction_by_scene_tells_a_lone_object_from_two_and_sees_them_move_alike():
+    """Two objects prompted two ways, one of them drawn moving the other's way, the other right; a lone
+    object right; two prompted the same way, one wrong; and objects that do not move, left out."""
+    from hiar.toyfidelity import direction_by_scene
+
+    def thing(direction, measured, moves=True):
+        return {"direction": direction, "direction_measured": measured, "direction_ok": direction == measured,
+                "moves": moves}
+
+    clips = [{"prompted": [thing("left", "right"), thing("right", "right")]},  # the first moves the other's way
+             {"prompted": [thing("up", "left"), thing("down", "down", moves=False)]},  # wrong, not the other's way
+             {"prompted": [thing("up", "up")]},
+             {"prompted": [thing("left", "left"), thing("left", "down")]},
+             {"prompted": [thing("down", None, moves=False)]}]
+    scenes = direction_by_scene(clips)
+    assert scenes["one_object"] == 1.0 and scenes["two_same_way"] == 0.5
+    assert scenes["two_ways"] == pytest.approx(1 / 3) and scenes["other_objects_way"] == 0.5
+    assert all(math.isnan(v) for v in direction_by_scene([]).values())
+
+
 def test_toy_fidelity_of_the_codec_ceiling_passes_every_clip(tmp_path):
     """Held-out clips through the toy codec pass both checks: the measurement is not what fails a model.
     With --speed every object moves at that speed, and the measurement reads it back."""
@@ -282,6 +302,11 @@ def test_toy_fidelity_of_the_codec_ceiling_passes_every_clip(tmp_path):
         assert fixed["moving"] == (1.0 if speed else 0.0)
     with pytest.raises(ValueError, match="for the codec sampler only"):
         toy_fidelity.main(["--checkpoint", str(path), "--sampler", "teacher", "--speed", "1"])
+    # the same scenes phrased as training phrases its clips: read back as well, in other words than the template
+    phrased = toy_fidelity.main([*common, "--captions", "varied", "template", "--out", str(tmp_path / "varied")])
+    varied, template = (phrased["by_captions"][s] for s in ("varied", "template"))
+    assert varied["colour"] == template["colour"] == 1.0 and varied["direction_of_moving"] == 1.0
+    assert all(v["caption"] != c["caption"] for v, c in zip(varied["per_clip"], template["per_clip"]))
 
 
 def test_toy_fidelity_continues_held_out_clips_with_the_teacher(tmp_path, monkeypatch, capsys):
