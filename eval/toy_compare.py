@@ -6,9 +6,10 @@ the same held-out clips, compared clip by clip.
 
 For each caption set both runs measured, and each measure (colour, shape, direction of moving objects and
 of those in two-object scenes prompted two ways, count, presence, presence in the last fifth): A, B and
-B - A with a 95% interval from resampling the clips (`hiar.toyfidelity.paired_difference`). A difference whose interval holds 0 is not told apart
-from the draw of clips: on 96 clips (146 objects) that is about +-5 points of colour, +-3 to 4 of
-presence and +-12 of direction (only 50-60 objects move).
+B - A with a 95% interval from resampling the clips (`hiar.toyfidelity.paired_difference`). A
+difference whose interval holds 0 is not told apart from the draw of clips: on 96 clips (146 objects)
+that is about +-5 points of colour, +-3 to 4 of presence and +-12 of direction (only 50-60 objects
+move; about 45 of them in two-object scenes prompted two ways).
 Both runs must measure the same clips (the same --num_clips and --captions). A missing file or runs of
 different clips end it with one line and exit code 2.
 """

@@ -312,7 +312,9 @@ def test_toy_results_resume_keeps_only_the_measurements_it_would_repeat(tmp_path
     checkpoint.write_bytes(b"")
     per_set = {"colour": 1.0, "shape": 0.5, "direction": 0.5, "direction_of_moving": 0.5, "count": 1.0,
                "presence": 1.0, "presence_by_segment": [1.0], "direction_by_segment": [0.5], "objects": 2,
-               "colour_fidelity": 1.0, "moving": 0.5}
+               "colour_fidelity": 1.0, "moving": 0.5,
+               "direction_by_scene": dict.fromkeys(("one_object", "two_same_way", "two_ways", "other_objects_way"),
+                                                   0.5)}
 
     def sample(checkpoint, overrides, sampler, num_clips, *rest):
         sets = {name: {**per_set, "clips": num_clips} for name in toy_results.CAPTION_SETS}
