@@ -57,7 +57,9 @@ def main(argv=None) -> dict:
     result["checkpoint"] = args.checkpoint
     print("flow error with the word changed, against the clip's own caption: "
           + ", ".join(f"{k} {v:+.1%}" for k, v in result["penalty"].items())
-          + " (none: no caption; shuffled: the clips' frames out of order)")
+          + " (none: no caption; shuffled: the clips' frames out of order; swapped: two objects' directions "
+          f"exchanged, and direction_two_ways: both reversed, on the {result['two_way_clips']} clips whose "
+          "objects go two ways)")
     for i, level in enumerate(result["levels"]):
         print(f"  sigma {level}: " + ", ".join(f"{name} {e[i]:.4f}" for name, e in result["error"].items()))
     if args.out:

@@ -11,7 +11,11 @@ the error pooled over noise levels: 0 means the model ignores that kind of word.
 more than no caption at all (the negative prompt, reported beside): it points the model elsewhere.
 A control asks whether the model knows frame order at all: the clip's own caption with its frames
 shuffled ("shuffled", one fixed permutation). A model that ignores the direction word but pays for
-shuffled frames knows time and does not tie it to the caption.
+shuffled frames knows time and does not tie it to the caption. A second control asks whether it knows
+whose direction is whose: in scenes of two objects going two ways, the caption with their directions
+exchanged ("swapped": the same words, bound the other way round), against the same clips' penalty for
+both directions reversed ("direction_two_ways"). A model that moves both objects by the scene's words,
+not each by its own, pays for the reversal and not for the exchange.
 
 With `context` the first latent frames are given nearly clean (level CONTEXT_LEVEL) and only the rest
 are scored: where the objects are is then known, and only the direction word (and the motion the
@@ -65,6 +69,15 @@ def changed(spec: dict, kind: str) -> dict:
     return {**spec, "objects": objects}
 
 
+def swapped(spec: dict) -> dict:
+    """The scene with its two objects' directions exchanged (unchanged for a lone object; the toy world's
+    scenes hold one or two)."""
+    if len(spec["objects"]) != 2:
+        return spec
+    a, b = spec["objects"]
+    return {**spec, "objects": [{**a, "direction": b["direction"]}, {**b, "direction": a["direction"]}]}
+
+
 def _shuffled(n: int, seed: int) -> torch.Tensor:
     """A fixed permutation of n frames, never the identity (n > 1)."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
@@ -76,15 +89,19 @@ def word_use(model: torch.nn.Module, codec: Codec, bank: PromptBank, clips: Sequ
              negative: str, levels: Sequence[float] = LEVELS, batch_size: int = 8, seed: int = 0,
              context: int = 0) -> dict:
     """Mean flow error of the clips (their first `frames` video frames) under their template captions
-    ("caption"), each kind changed, the negative prompt ("none") and with their latent frames shuffled
-    ("shuffled"), by level; and the penalty of each (module docstring). The same noise for every
-    caption, so the penalties are paired differences, not noise. With `context`, that many latent frames
-    are given at CONTEXT_LEVEL and the levels and the error are the other frames'."""
+    ("caption"), each kind changed, the negative prompt ("none"), two objects' directions exchanged
+    ("swapped") and with their latent frames shuffled ("shuffled"), by level; and the penalty of each
+    (module docstring), "swapped" and "direction_two_ways" over the clips whose exchange changes the
+    caption. The same noise for every caption, so the penalties are paired differences, not noise. With
+    `context`, that many latent frames are given at CONTEXT_LEVEL and the levels and the error are the
+    other frames'."""
     captions = {"caption": [template_caption(c.spec()) for c in clips],
                 **{kind: [template_caption(changed(c.spec(), kind)) for c in clips] for kind in KINDS},
-                "none": [negative] * len(clips)}
+                "none": [negative] * len(clips), "swapped": [template_caption(swapped(c.spec())) for c in clips]}
+    two_ways = torch.tensor([s != c for s, c in zip(captions["swapped"], captions["caption"])])
     flow = FlowMatching(1.0)  # the levels are given: no shift
     sums = {name: torch.zeros(len(levels), dtype=torch.float64) for name in [*captions, "shuffled"]}
+    two_way_sums = {name: torch.zeros((), dtype=torch.float64) for name in ("caption", "direction", "swapped")}
     generator, device = torch.Generator().manual_seed(seed), next(model.parameters()).device
     for start in range(0, len(clips), batch_size):
         x0 = encode_clips(codec, clips[start:start + batch_size], frames).to(device)
@@ -95,9 +112,16 @@ def word_use(model: torch.nn.Module, codec: Codec, bank: PromptBank, clips: Sequ
             sigma = torch.full(x0.shape[:2], float(level), device=device)
             sigma[:, :context] = CONTEXT_LEVEL
             for name, (x, text) in inputs.items():
-                errors = flow_errors(model, x, text, flow, sigma, noise, scored=slice(context, None))
-                sums[name][i] += errors.double().sum().cpu()
+                errors = flow_errors(model, x, text, flow, sigma, noise, scored=slice(context, None)).double().cpu()
+                sums[name][i] += errors.sum()
+                if name in two_way_sums:
+                    two_way_sums[name] += errors[two_ways[start:start + batch_size]].sum()
     error = {name: (s / len(clips)).tolist() for name, s in sums.items()}
     pooled = {name: sum(e) for name, e in error.items()}
-    return {"levels": list(levels), "context": context, "clips": len(clips), "error": error,
-            "penalty": {name: pooled[name] / pooled["caption"] - 1 for name in [*KINDS, "none", "shuffled"]}}
+    penalty = {name: pooled[name] / pooled["caption"] - 1 for name in [*KINDS, "none", "shuffled"]}
+    if two_ways.any():
+        base = float(two_way_sums["caption"])
+        penalty |= {"swapped": float(two_way_sums["swapped"]) / base - 1,
+                    "direction_two_ways": float(two_way_sums["direction"]) / base - 1}
+    return {"levels": list(levels), "context": context, "clips": len(clips), "two_way_clips": int(two_ways.sum()),
+            "error": error, "penalty": penalty}

@@ -13,7 +13,7 @@ from hiar.config import load_config
 from hiar.text import PromptBank
 from hiar.toyfidelity import held_out_clips
 from hiar.toyworld import BACKGROUNDS, OBJECT_COLOURS, SHAPES, sample_clip
-from hiar.toywords import KINDS, OPPOSITE, changed, word_use
+from hiar.toywords import KINDS, OPPOSITE, changed, swapped, word_use
 from conftest import random_model
 
 
@@ -40,6 +40,23 @@ def test_a_changed_caption_changes_every_word_of_its_kind_and_nothing_else(kind)
             assert all(o["direction"] == OPPOSITE[old["direction"]] for old, o in zip(spec["objects"], new["objects"]))
 
 
+def test_swapped_exchanges_two_objects_directions_and_nothing_else():
+    exchanged = 0
+    for i in range(60):
+        spec = sample_clip(7, i).spec()
+        new = swapped(spec)
+        assert parse_caption(template_caption(new)) == new
+        if len(spec["objects"]) == 1 or spec["objects"][0]["direction"] == spec["objects"][1]["direction"]:
+            assert new == spec
+            continue
+        exchanged += 1
+        (a, b), (a2, b2) = spec["objects"], new["objects"]
+        assert (a2["direction"], b2["direction"]) == (b["direction"], a["direction"])
+        assert {k: v for k, v in a2.items() if k != "direction"} == {k: v for k, v in a.items() if k != "direction"}
+        assert sorted(template_caption(new).split()) == sorted(template_caption(spec).split())  # the same words
+    assert exchanged > 10
+
+
 class Blind(torch.nn.Module):
     """A model that never reads its caption."""
 
@@ -54,14 +71,16 @@ class Blind(torch.nn.Module):
 def test_a_model_that_ignores_its_caption_pays_nothing_for_a_changed_word():
     cfg = load_config("tiny", ["model.text_len=32"])  # tiny's 8 tokens would cut the background off
     codec, bank = build_codec(cfg, "cpu"), PromptBank.for_config(cfg, torch.device("cpu"))
-    clips = held_out_clips(4, cfg.video.height, cfg.video.width)
+    clips = held_out_clips(6, cfg.video.height, cfg.video.width)  # two of them: two objects going two ways
     model = random_model(cfg)
     args = (codec, bank, clips, rendered_frames(cfg), "", (0.3, 0.8))
-    blind = word_use(Blind(model), *args, batch_size=3)
-    assert all(blind["penalty"][k] == 0.0 for k in [*KINDS, "none"])  # the same noise: errors equal to the bit
+    blind = word_use(Blind(model), *args, batch_size=4)
+    assert blind["two_way_clips"] == 2
+    ignored = [*KINDS, "none", "swapped", "direction_two_ways"]
+    assert all(blind["penalty"][k] == 0.0 for k in ignored)  # the same noise: errors equal to the bit
     assert blind["penalty"]["shuffled"] != 0.0  # frame order is not a word: a blind model still sees it
-    reading = word_use(model, *args, batch_size=3)  # a model that reads its caption: each word moves its error
-    assert all(reading["penalty"][k] != 0.0 for k in KINDS)
+    reading = word_use(model, *args, batch_size=4)  # a model that reads its caption: each word moves its error
+    assert all(reading["penalty"][k] != 0.0 for k in [*KINDS, "swapped", "direction_two_ways"])
 
 
 class WrongOnContext(torch.nn.Module):
@@ -101,7 +120,7 @@ def test_the_program_writes_its_result_and_refuses_a_missing_checkpoint(tmp_path
     result = toy_words.main(["--checkpoint", str(path), "--num_clips", "2", "--out", str(tmp_path / "words.json"),
                              "--device", "cpu"])
     assert json.loads((tmp_path / "words.json").read_text())["penalty"] == result["penalty"]
-    assert set(result["error"]) == {"caption", *KINDS, "none", "shuffled"} and result["clips"] == 2
+    assert set(result["error"]) == {"caption", *KINDS, "none", "swapped", "shuffled"} and result["clips"] == 2
     with pytest.raises(SystemExit) as exit_info:
         toy_words.main(["--checkpoint", str(tmp_path / "nothing.safetensors")])
     assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
