@@ -211,8 +211,11 @@ def direction_by_scene(clips: list[dict]) -> dict:
         for o, other in zip(prompted, reversed(prompted)):  # the toy world's scenes hold one or two objects
             if not o["moves"]:
                 continue
-            (same if o["direction"] == other["direction"] else two_ways).append(o["direction_ok"])
-            if o["direction"] != other["direction"] and not o["direction_ok"]:
+            if o["direction"] == other["direction"]:
+                same.append(o["direction_ok"])
+                continue
+            two_ways.append(o["direction_ok"])
+            if not o["direction_ok"]:
                 other_way.append(o["direction_measured"] == other["direction"])
     return {"one_object": _rate(lone), "two_same_way": _rate(same), "two_ways": _rate(two_ways),
             "other_objects_way": _rate(other_way)}

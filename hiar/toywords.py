@@ -100,8 +100,7 @@ def word_use(model: torch.nn.Module, codec: Codec, bank: PromptBank, clips: Sequ
                 "none": [negative] * len(clips), "swapped": [template_caption(swapped(c.spec())) for c in clips]}
     two_ways = torch.tensor([s != c for s, c in zip(captions["swapped"], captions["caption"])])
     flow = FlowMatching(1.0)  # the levels are given: no shift
-    sums = {name: torch.zeros(len(levels), dtype=torch.float64) for name in [*captions, "shuffled"]}
-    two_way_sums = {name: torch.zeros((), dtype=torch.float64) for name in ("caption", "direction", "swapped")}
+    per_clip = {name: torch.zeros(len(clips), len(levels), dtype=torch.float64) for name in [*captions, "shuffled"]}
     generator, device = torch.Generator().manual_seed(seed), next(model.parameters()).device
     for start in range(0, len(clips), batch_size):
         x0 = encode_clips(codec, clips[start:start + batch_size], frames).to(device)
@@ -112,16 +111,16 @@ def word_use(model: torch.nn.Module, codec: Codec, bank: PromptBank, clips: Sequ
             sigma = torch.full(x0.shape[:2], float(level), device=device)
             sigma[:, :context] = CONTEXT_LEVEL
             for name, (x, text) in inputs.items():
-                errors = flow_errors(model, x, text, flow, sigma, noise, scored=slice(context, None)).double().cpu()
-                sums[name][i] += errors.sum()
-                if name in two_way_sums:
-                    two_way_sums[name] += errors[two_ways[start:start + batch_size]].sum()
-    error = {name: (s / len(clips)).tolist() for name, s in sums.items()}
-    pooled = {name: sum(e) for name, e in error.items()}
-    penalty = {name: pooled[name] / pooled["caption"] - 1 for name in [*KINDS, "none", "shuffled"]}
+                errors = flow_errors(model, x, text, flow, sigma, noise, scored=slice(context, None))
+                per_clip[name][start:start + batch_size, i] = errors.double().cpu()
+    error = {name: e.mean(0).tolist() for name, e in per_clip.items()}
+
+    def pooled(name: str, among: torch.Tensor | slice = slice(None)) -> float:  # over levels and the clips `among`
+        return float(per_clip[name][among].sum())
+
+    penalty = {name: pooled(name) / pooled("caption") - 1 for name in [*KINDS, "none", "shuffled"]}
     if two_ways.any():
-        base = float(two_way_sums["caption"])
-        penalty |= {"swapped": float(two_way_sums["swapped"]) / base - 1,
-                    "direction_two_ways": float(two_way_sums["direction"]) / base - 1}
+        penalty |= {"swapped": pooled("swapped", two_ways) / pooled("caption", two_ways) - 1,
+                    "direction_two_ways": pooled("direction", two_ways) / pooled("caption", two_ways) - 1}
     return {"levels": list(levels), "context": context, "clips": len(clips), "two_way_clips": int(two_ways.sum()),
             "error": error, "penalty": penalty}
