@@ -173,6 +173,23 @@ _LEXICON = {tuple(word.split()): (kind, name)
 _LONGEST = max(len(k) for k in _LEXICON)
 
 
+def phrase_spans(caption: str) -> list[tuple[str, str, int, int]]:
+    """The world's phrases in a caption, in order: (kind, canonical name, start, end) with the phrase at
+    caption[start:end]; case and punctuation ignored, the longest match first."""
+    words = [(m.group(), m.start(), m.end()) for m in re.finditer(r"[a-z]+", caption.lower())]
+    found, i = [], 0
+    while i < len(words):
+        for n in range(min(_LONGEST, len(words) - i), 0, -1):
+            hit = _LEXICON.get(tuple(w for w, _, _ in words[i:i + n]))
+            if hit:
+                found.append((*hit, words[i][1], words[i + n - 1][2]))
+                i += n
+                break
+        else:
+            i += 1
+    return found
+
+
 def parse_caption(caption: str) -> dict | None:
     """Any phrasing of a toy scene -> its spec, or None when the caption does not name one.
 
@@ -181,20 +198,26 @@ def parse_caption(caption: str) -> dict | None:
     object's words before the next object's, "respectively" included). A caption names a scene when it
     has exactly one background and as many colours and directions as shapes (at least one).
     """
-    tokens = re.sub(r"[^a-z]+", " ", caption.lower()).split()
     found: dict[str, list[str]] = {"colour": [], "background": [], "shape": [], "direction": []}
-    i = 0
-    while i < len(tokens):
-        for n in range(min(_LONGEST, len(tokens) - i), 0, -1):
-            hit = _LEXICON.get(tuple(tokens[i:i + n]))
-            if hit:
-                found[hit[0]].append(hit[1])
-                i += n
-                break
-        else:
-            i += 1
+    for kind, name, _, _ in phrase_spans(caption):
+        found[kind].append(name)
     colours, shapes, directions = found["colour"], found["shape"], found["direction"]
     if len(found["background"]) != 1 or not shapes or not len(colours) == len(directions) == len(shapes):
         return None
     return {"background": found["background"][0],
             "objects": [{"colour": c, "shape": s, "direction": d} for c, s, d in zip(colours, shapes, directions)]}
+
+
+def redirected(caption: str, directions: list[str]) -> str:
+    """The caption with its i-th direction phrase naming directions[i] instead, in the same synonym slot
+    ("to the left" -> "to the right", "leftward" -> "rightward") and every other character kept: captions
+    that differ in whose direction is whose and in nothing else, whatever the phrasing (the binding
+    probes of scripts/direction_word_diagnostic.py)."""
+    spans = [(name, start, end) for kind, name, start, end in phrase_spans(caption) if kind == "direction"]
+    if len(spans) != len(directions):
+        raise ValueError(f"{caption!r} names {len(spans)} directions, not {len(directions)}")
+    for (name, start, end), new in reversed(list(zip(spans, directions))):  # from the end: spans stay valid
+        old = " ".join(caption[start:end].lower().split())
+        word = DIRECTION_WORDS[new][DIRECTION_WORDS[name].index(old)]
+        caption = caption[:start] + (word.capitalize() if caption[start].isupper() else word) + caption[end:]
+    return caption

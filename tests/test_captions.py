@@ -7,7 +7,7 @@ import re
 import pytest
 
 from hiar.captions import (BACKGROUND_WORDS, COLOUR_WORDS, DIRECTION_WORDS, HELD_OUT_VERBS, SHAPE_WORDS, parse_caption,
-                           phrase)
+                           phrase, redirected)
 from hiar.toyworld import BACKGROUNDS, DIRECTIONS, OBJECT_COLOURS, SHAPES, ToyClip, ToyObject, sample_clip
 
 TABLES = {"colour": COLOUR_WORDS, "background": BACKGROUND_WORDS, "shape": SHAPE_WORDS, "direction": DIRECTION_WORDS}
@@ -91,3 +91,18 @@ def test_free_text_parses_when_it_names_a_scene():
     assert parse_caption("a blue wedge moving to the top over deep blue")["background"] == "dark blue"
     clip = ToyClip("dark purple", (ToyObject("triangle", "white", 6, 30, 30, "right", 1.0),))
     assert parse_caption(clip.caption) == clip.spec()
+
+
+@pytest.mark.parametrize("style", ["template", "varied", "held_out"])
+def test_redirected_changes_the_directions_and_no_other_word(style):
+    for i in range(300):
+        spec = sample_clip(12, i).spec()
+        caption = phrase(spec, style, i)
+        new = [d for d in DIRECTIONS if d not in {o["direction"] for o in spec["objects"]}][:len(spec["objects"])]
+        moved = redirected(caption, new)
+        objects = [{**o, "direction": d} for o, d in zip(spec["objects"], new)]
+        assert parse_caption(moved) == {**spec, "objects": objects}
+        kept = words(caption) - {w for ws in DIRECTION_WORDS.values() for p in ws for w in p.split()}
+        assert kept <= words(moved) and redirected(moved, [o["direction"] for o in spec["objects"]]) == caption
+    with pytest.raises(ValueError, match="names 1 directions, not 2"):
+        redirected("a red circle moving left on a black background", ["up", "down"])
