@@ -127,3 +127,36 @@ def test_the_program_writes_its_result_and_refuses_a_missing_checkpoint(tmp_path
     with pytest.raises(SystemExit) as exit_info:
         toy_words.main(["--checkpoint", str(path), "--context", str(cfg.video.num_latent_frames)])
     assert exit_info.value.code == 2 and "at least one must be scored" in capsys.readouterr().err
+
+
+def test_the_encoder_probe_tells_bound_states_from_a_set():
+    """scripts/encoder_binding_probe.py: on made-up word states that carry their own object's direction
+    the probe names it; on states that carry both objects' directions alike it names each half the time.
+    And on MiniLM's real states it reads one state per object's word, each caption's own."""
+    from scripts.encoder_binding_probe import NAMES, binding, two_way_scenes, word_states
+
+    generator = torch.Generator().manual_seed(0)
+
+    def states(specs: list[dict], bound: bool) -> list[dict]:
+        def onehot(direction: str) -> torch.Tensor:
+            return torch.eye(4)[NAMES["direction"].index(direction)]
+
+        out = []
+        for spec in specs:
+            a, b = (onehot(o["direction"]) for o in spec["objects"])
+            words = [a, b] if bound else [a + b, a + b]
+            out.append({"colour": [w + 0.1 * torch.randn(4, generator=generator) for w in words]})
+        return out
+
+    train, test = two_way_scenes(400, 0), two_way_scenes(200, 1)
+    own, other = binding((train, states(train, True)), (test, states(test, True)), "colour", "direction")
+    assert own > 0.95 and other < 0.05
+    own, other = binding((train, states(train, False)), (test, states(test, False)), "colour", "direction")
+    assert 0.3 < own < 0.7 and 0.3 < other < 0.7 and own + other > 0.95
+
+    captions = ["a red circle moving left and a blue square moving up on a black background",
+                "a blue square moving up and a red circle moving left on a black background"]
+    read = word_states(captions, layer=-1)
+    assert all(len(read[i][kind]) == 2 for i in range(2) for kind in ("colour", "shape", "direction"))
+    # the same words in another order and context: the red word's state changes with it
+    assert not torch.allclose(read[0]["colour"][0], read[1]["colour"][1], atol=1e-3)
