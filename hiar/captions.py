@@ -217,7 +217,7 @@ def redirected(caption: str, directions: list[str]) -> str:
     if len(spans) != len(directions):
         raise ValueError(f"{caption!r} names {len(spans)} directions, not {len(directions)}")
     for (name, start, end), new in reversed(list(zip(spans, directions))):  # from the end: spans stay valid
-        old = " ".join(caption[start:end].lower().split())
+        old = " ".join(re.findall(r"[a-z]+", caption[start:end].lower()))  # "To-the left" -> "to the left"
         word = DIRECTION_WORDS[new][DIRECTION_WORDS[name].index(old)]
         caption = caption[:start] + (word.capitalize() if caption[start].isupper() else word) + caption[end:]
     return caption

@@ -104,5 +104,6 @@ def test_redirected_changes_the_directions_and_no_other_word(style):
         assert parse_caption(moved) == {**spec, "objects": objects}
         kept = words(caption) - {w for ws in DIRECTION_WORDS.values() for p in ws for w in p.split()}
         assert kept <= words(moved) and redirected(moved, [o["direction"] for o in spec["objects"]]) == caption
+    assert redirected("A red ball going to-the left, on navy", ["down"]) == "A red ball going downward, on navy"
     with pytest.raises(ValueError, match="names 1 directions, not 2"):
         redirected("a red circle moving left on a black background", ["up", "down"])
