@@ -52,10 +52,10 @@ from hiar.flow import FlowMatching
 from hiar.text import PromptBank
 from hiar.toyfidelity import prompt_fidelity, summarise
 from hiar.toyteacher import encode_clips, flow_errors, teacher_samples, train_teacher
+from hiar.toywords import OPPOSITE, changed, swapped
 from hiar.toyworld import OBJECT_COLOURS, ToyClip, ToyObject
 from hiar.video import to_uint8
 
-OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 MODES = {"frame_noise": ["train.frame_noise=0.5"], "context": ["train.context_noise=0.5"],
          "context_high": ["train.context_noise=0.5", "train.context_noise_min=0.7"]}
 REPORT_EVERY = 250
@@ -118,17 +118,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     probe_indices = range(10**6, 10**6 + 48)  # indices a run of under 10**5 steps never draws
     probe_x0, probe_captions = batch(probe_indices)
     specs = [world(i).spec() for i in probe_indices]
-    changed = {"reversed": [redirected(c, [OPPOSITE[o["direction"]] for o in s["objects"]])
-                            for c, s in zip(probe_captions, specs)]}
-    if args.world == "pair":
-        changed["swapped"] = [redirected(c, [o["direction"] for o in reversed(s["objects"])])
-                              for c, s in zip(probe_captions, specs)]
+    # the probe's captions with the scene's directions changed as eval.toy_words changes them, and no other word
+    variants = {"reversed": lambda spec: changed(spec, "direction"), "swapped": swapped}
+    altered = {name: [redirected(c, [o["direction"] for o in variant(s)["objects"]])
+                      for c, s in zip(probe_captions, specs)]
+               for name, variant in variants.items() if name == "reversed" or args.world == "pair"}
     probe_noise = torch.randn(probe_x0.shape, generator=torch.Generator().manual_seed(1))
     flow = FlowMatching(cfg.train.timestep_shift)
 
     @torch.no_grad()
     def report_penalties(model: torch.nn.Module, step: int) -> None:
-        penalty = {name: {} for name in changed}
+        penalty = {name: {} for name in altered}
         for level in (0.3, 0.6, 0.9):
             sigma = torch.full(probe_x0.shape[:2], level)
             sigma[:, 0] = 0.05
@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                    scored=slice(1, None)).mean().item()
 
             right = error(probe_captions)
-            for name, captions in changed.items():
+            for name, captions in altered.items():
                 penalty[name][level] = round(100 * (error(captions) / right - 1), 2)
         print(f"{step}: " + "; ".join(f"{name}-direction penalty % {p}" for name, p in penalty.items()), flush=True)
 

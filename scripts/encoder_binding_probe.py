@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hiar.captions import phrase, phrase_spans  # noqa: E402
+from hiar.text import MiniLMEncoder  # noqa: E402
 from hiar.toyworld import BACKGROUNDS, DIRECTIONS, OBJECT_COLOURS, SHAPES  # noqa: E402
 
 # (the word whose state is read, the attribute of its own object the probe names)
@@ -48,12 +49,10 @@ def two_way_scenes(n: int, seed: int) -> list[dict]:
 
 
 @torch.no_grad()
-def word_states(captions: Sequence[str], layer: int, batch_size: int = 64) -> list[dict[str, list[torch.Tensor]]]:
+def word_states(encoder: MiniLMEncoder, captions: Sequence[str], layer: int,
+                batch_size: int = 64) -> list[dict[str, list[torch.Tensor]]]:
     """For each caption, each kind of word -> the states [D] of its phrases in order (object i's is the
     i-th), read from MiniLM's hidden states after `layer` (-1: the last, what the toy models hear)."""
-    from hiar.text import MiniLMEncoder
-
-    encoder = MiniLMEncoder(text_len=64)
     out = []
     for start in range(0, len(captions), batch_size):
         chunk = list(captions[start:start + batch_size])
@@ -118,12 +117,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--train", type=int, default=1500, help="training captions (two objects each)")
     p.add_argument("--test", type=int, default=500, help="test captions, other scenes and phrasings")
     args = p.parse_args(argv)
+    encoder = MiniLMEncoder(text_len=64)
     for style in args.styles:
         sets = []
         for seed, n in ((0, args.train), (1, args.test)):
             specs = two_way_scenes(n, seed)
-            sets.append((specs, word_states([phrase(s, style, f"probe/{seed}/{i}") for i, s in enumerate(specs)],
-                                            args.layer)))
+            captions = [phrase(s, style, f"probe/{seed}/{i}") for i, s in enumerate(specs)]
+            sets.append((specs, word_states(encoder, captions, args.layer)))
         for word, attribute in PROBES:
             own, other = binding(*sets, word, attribute)
             print(f"{style:9s} layer {args.layer}: the {word} word's state names its object's {attribute} {own:.1%}, "

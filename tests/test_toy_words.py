@@ -10,7 +10,7 @@ from hiar.captions import parse_caption, template_caption
 from hiar.checkpoints import save_model
 from hiar.codecs import build_codec, rendered_frames
 from hiar.config import load_config
-from hiar.text import PromptBank
+from hiar.text import MiniLMEncoder, PromptBank
 from hiar.toyfidelity import held_out_clips
 from hiar.toyworld import BACKGROUNDS, OBJECT_COLOURS, SHAPES, sample_clip
 from hiar.toywords import KINDS, OPPOSITE, changed, swapped, word_use
@@ -156,7 +156,7 @@ def test_the_encoder_probe_tells_bound_states_from_a_set():
 
     captions = ["a red circle moving left and a blue square moving up on a black background",
                 "a blue square moving up and a red circle moving left on a black background"]
-    read = word_states(captions, layer=-1)
+    read = word_states(MiniLMEncoder(text_len=64), captions, layer=-1)
     assert all(len(read[i][kind]) == 2 for i in range(2) for kind in ("colour", "shape", "direction"))
     # the same words in another order and context: the red word's state changes with it
     assert not torch.allclose(read[0]["colour"][0], read[1]["colour"][1], atol=1e-3)
