@@ -171,12 +171,13 @@ _LEXICON = {tuple(word.split()): (kind, name)
                                 ("direction", DIRECTION_WORDS))
             for name, words in table.items() for word in words}
 _LONGEST = max(len(k) for k in _LEXICON)
+_WORD = re.compile(r"[a-z]+")  # a caption's words, lower-cased: punctuation and hyphens split them
 
 
 def phrase_spans(caption: str) -> list[tuple[str, str, int, int]]:
     """The world's phrases in a caption, in order: (kind, canonical name, start, end) with the phrase at
     caption[start:end]; case and punctuation ignored, the longest match first."""
-    words = [(m.group(), m.start(), m.end()) for m in re.finditer(r"[a-z]+", caption.lower())]
+    words = [(m.group(), m.start(), m.end()) for m in _WORD.finditer(caption.lower())]
     found, i = [], 0
     while i < len(words):
         for n in range(min(_LONGEST, len(words) - i), 0, -1):
@@ -217,7 +218,7 @@ def redirected(caption: str, directions: list[str]) -> str:
     if len(spans) != len(directions):
         raise ValueError(f"{caption!r} names {len(spans)} directions, not {len(directions)}")
     for (name, start, end), new in reversed(list(zip(spans, directions))):  # from the end: spans stay valid
-        old = " ".join(re.findall(r"[a-z]+", caption[start:end].lower()))  # "To-the left" -> "to the left"
+        old = " ".join(_WORD.findall(caption[start:end].lower()))  # "To-the left" -> "to the left"
         word = DIRECTION_WORDS[new][DIRECTION_WORDS[name].index(old)]
         caption = caption[:start] + (word.capitalize() if caption[start].isupper() else word) + caption[end:]
     return caption

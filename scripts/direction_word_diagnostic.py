@@ -119,10 +119,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     probe_x0, probe_captions = batch(probe_indices)
     specs = [world(i).spec() for i in probe_indices]
     # the probe's captions with the scene's directions changed as eval.toy_words changes them, and no other word
-    variants = {"reversed": lambda spec: changed(spec, "direction"), "swapped": swapped}
+    variants = {"reversed": lambda spec: changed(spec, "direction")}
+    if args.world == "pair":
+        variants["swapped"] = swapped
     altered = {name: [redirected(c, [o["direction"] for o in variant(s)["objects"]])
                       for c, s in zip(probe_captions, specs)]
-               for name, variant in variants.items() if name == "reversed" or args.world == "pair"}
+               for name, variant in variants.items()}
     probe_noise = torch.randn(probe_x0.shape, generator=torch.Generator().manual_seed(1))
     flow = FlowMatching(cfg.train.timestep_shift)
 
